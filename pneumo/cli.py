@@ -1,0 +1,60 @@
+"""The `pneumo` command: one verb per job, each a thin call into the module that owns it.
+
+    pneumo synth OUT --n 200          write synthetic chest-like X-rays
+    pneumo eda DATA --out DIR         describe a dataset (counts, sizes, duplicates, PNGs)
+    pneumo models                     list the registered models
+    pneumo train DATA --out DIR       train with Ray Train, export a model bundle
+    pneumo evaluate BUNDLE DATA       evaluate a bundle on a labelled split
+    pneumo score DATA --bundle B --out DIR   batch-score an archive into Parquet
+    pneumo serve BUNDLE               serve a bundle with Ray Serve
+    pneumo submit ...                 submit / follow / stop a job on a Ray cluster
+    pneumo demo --out DIR             the whole path on synthetic data
+
+Every verb's module exposes `main(argv) -> int`; verbs are imported lazily, so `pneumo synth`
+does not pay for importing Ray.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+VERBS: dict[str, tuple[str, str]] = {
+    "synth": ("pneumo.synth", "write synthetic chest-like X-rays in the labelled layout"),
+    "eda": ("pneumo.eda", "describe a dataset: counts, sizes, modes, duplicates, PNG charts"),
+    "models": ("pneumo.models", "list the registered models and their input specs"),
+    "train": ("pneumo.training", "train with Ray Train and export a model bundle"),
+    "evaluate": ("pneumo.evaluation", "evaluate a model bundle on a labelled split"),
+    "score": ("pneumo.scoring", "batch-score an archive into Parquet with Ray Data"),
+    "serve": ("pneumo.serving", "serve a model bundle with Ray Serve"),
+    "submit": ("pneumo.submit", "submit, follow, inspect or stop a job on a Ray cluster"),
+    "demo": ("pneumo.demo", "run the whole path on synthetic data on an embedded local Ray"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: pneumo VERB [options]   (pneumo VERB --help for a verb's options)", "", "verbs:"]
+    lines += [f"  {verb:<9} {text}" for verb, (_, text) in VERBS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from pneumo import __version__
+
+        print(__version__)
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"pneumo: unknown verb {verb!r}; valid: {', '.join(VERBS)}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
