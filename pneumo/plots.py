@@ -79,3 +79,172 @@ def class_balance(
     ax.margins(y=0.15)
     fig.tight_layout()
     return _save(fig, out_path)
+
+
+# ---------------------------------------------------------------- evaluation charts
+
+
+def roc_plot(
+    y_true: Sequence[int] | np.ndarray,
+    score: Sequence[float] | np.ndarray,
+    out_path: str | os.PathLike,
+    threshold: float | None = None,
+    title: str = "ROC curve",
+) -> Path:
+    """ROC curve of a positive score, with its AUC and (optionally) the operating point at `threshold`."""
+    from pneumo.metrics import binary_metrics, roc_auc, roc_curve
+
+    fpr, tpr, _ = roc_curve(y_true, score)
+    fig = Figure(figsize=(4.8, 4.6))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="chance")
+    ax.plot(fpr, tpr, lw=2, label=f"AUC = {roc_auc(y_true, score):.3f}")
+    if threshold is not None:
+        m = binary_metrics(y_true, score, threshold)
+        ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="C3", ms=8,
+                label=f"threshold {threshold:.3f}: sens {m['sensitivity']:.3f}, spec {m['specificity']:.3f}")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="1 - specificity (false positive rate)",
+           ylabel="sensitivity (true positive rate)", title=title)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def pr_plot(
+    y_true: Sequence[int] | np.ndarray,
+    score: Sequence[float] | np.ndarray,
+    out_path: str | os.PathLike,
+    threshold: float | None = None,
+    title: str = "Precision-recall curve",
+) -> Path:
+    """Precision-recall curve with average precision, the prevalence baseline and the operating point."""
+    from pneumo.metrics import average_precision, binary_metrics, pr_curve
+
+    precision, recall, _ = pr_curve(y_true, score)
+    prevalence = float(np.mean(np.asarray(y_true) == 1)) if len(y_true) else 0.0
+    fig = Figure(figsize=(4.8, 4.6))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.axhline(prevalence, ls="--", color="0.6", lw=1, label=f"prevalence {prevalence:.3f}")
+    ax.step(recall, precision, where="post", lw=2, label=f"AP = {average_precision(y_true, score):.3f}")
+    if threshold is not None:
+        m = binary_metrics(y_true, score, threshold)
+        ax.plot(m["sensitivity"], m["ppv"], "o", color="C3", ms=8,
+                label=f"threshold {threshold:.3f}: recall {m['sensitivity']:.3f}, precision {m['ppv']:.3f}")
+    ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="recall (sensitivity)", ylabel="precision (PPV)",
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def calibration_plot(
+    y_true: Sequence[int] | np.ndarray,
+    score: Sequence[float] | np.ndarray,
+    out_path: str | os.PathLike,
+    n_bins: int = 10,
+    title: str = "Reliability diagram",
+) -> Path:
+    """Reliability diagram (observed frequency vs mean predicted per bin), ECE in the title,
+    and a histogram of the scores underneath."""
+    from pneumo.metrics import calibration
+
+    cal = calibration(y_true, score, n_bins=n_bins)
+    edges = np.asarray(cal["edges"])
+    centers, width = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+    observed = np.asarray(cal["observed"], dtype=float)
+    mean_pred = np.asarray(cal["mean_predicted"], dtype=float)
+    filled = np.asarray(cal["counts"]) > 0
+    fig = Figure(figsize=(4.8, 5.6))
+    ax = fig.add_axes((0.14, 0.36, 0.8, 0.56))
+    ax.plot([0, 1], [0, 1], ls="--", color="0.6", lw=1, label="perfectly calibrated")
+    ax.bar(centers[filled], observed[filled], width=width[filled] * 0.9, color="C0", alpha=0.35,
+           edgecolor="C0", label="observed frequency")
+    ax.plot(mean_pred[filled], observed[filled], "o-", color="C0", lw=1.5, label="per bin (mean predicted)")
+    ax.set(xlim=(0, 1), ylim=(0, 1), ylabel="observed positive frequency",
+           title=f"{title}\nECE = {cal['ece']:.3f}  (MCE {cal['mce']:.3f}, Brier {cal['brier']:.3f})")
+    ax.tick_params(labelbottom=False)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=8)
+    hist = fig.add_axes((0.14, 0.09, 0.8, 0.22), sharex=ax)
+    hist.bar(centers, cal["counts"], width=width * 0.9, color="0.5")
+    hist.set(xlabel="predicted probability (positive score)", ylabel="images")
+    hist.set_yscale("symlog", linthresh=10)
+    return _save(fig, out_path)
+
+
+def confusion_plot(
+    matrix: Sequence[Sequence[int]] | np.ndarray,
+    classes: Sequence[str],
+    out_path: str | os.PathLike,
+    title: str = "Confusion matrix",
+) -> Path:
+    """Confusion matrix (rows true, columns predicted): counts and row percentages in each cell."""
+    cm = np.asarray(matrix, dtype=np.int64)
+    rows = cm.sum(axis=1, keepdims=True)
+    frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    k = len(classes)
+    fig = Figure(figsize=(1.3 * k + 2.4, 1.2 * k + 1.6))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, f"{cm[i, j]:,}\n{100 * frac[i, j]:.1f}%", ha="center", va="center", fontsize=10,
+                    color="white" if frac[i, j] > 0.6 else "black")
+    ax.set_xticks(range(k), classes)
+    ax.set_yticks(range(k), classes)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    fig.tight_layout()
+    return _save(fig, out_path)
+
+
+def _history_series(history: Sequence[Mapping[str, float]] | Mapping[str, Sequence[float]]) -> dict[str, list[float]]:
+    """Per-epoch history (a list of per-epoch dicts, or a dict of lists) as {key: values}."""
+    if isinstance(history, Mapping):
+        return {k: [float("nan") if v is None else float(v) for v in vs] for k, vs in history.items()
+                if isinstance(vs, Sequence) and not isinstance(vs, str)}
+    keys = [k for row in history for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+    return {k: [float(row[k]) if isinstance(row.get(k), int | float) else float("nan") for row in history]
+            for k in dict.fromkeys(keys)}
+
+
+def training_curves(
+    history: Sequence[Mapping[str, float]] | Mapping[str, Sequence[float]],
+    out_path: str | os.PathLike,
+    metrics: Sequence[str] = ("loss", "auc", "accuracy"),
+    title: str = "Training curves",
+) -> Path:
+    """One panel per metric (loss, AUC, accuracy), train vs val per epoch.
+
+    `history` is a list of per-epoch dicts such as `{"epoch": 1, "train_loss": .., "val_loss": ..,
+    "val_auc": ..}` (or a dict of lists). Keys `train_<m>` / `val_<m>` (or `<m>` for train) are
+    drawn; metrics with no values are skipped.
+    """
+    series = _history_series(history)
+    n = len(next(iter(series.values()), []))
+    epochs = series.get("epoch") or list(range(1, n + 1))
+    panels = []
+    for m in metrics:
+        lines = {name: series[key] for name, key in (("train", f"train_{m}"), ("train", m), ("val", f"val_{m}"))
+                 if key in series}
+        if lines:
+            panels.append((m, lines))
+    fig = Figure(figsize=(4.0 * max(1, len(panels)), 3.6))
+    fig.suptitle(title)
+    for i, (m, lines) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for name, values in lines.items():
+            ax.plot(epochs[: len(values)], values, "o-" if len(values) < 30 else "-", ms=3, label=name,
+                    color="C0" if name == "train" else "C1")
+        if "val" in lines and np.isfinite(lines["val"]).any():
+            best = int(np.nanargmin(lines["val"]) if m == "loss" else np.nanargmax(lines["val"]))
+            ax.axvline(epochs[best], ls=":", color="0.5", lw=1, label=f"best val (epoch {epochs[best]:g})")
+        ax.set(xlabel="epoch", ylabel=m, title=m)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    if not panels:
+        fig.text(0.5, 0.5, "no per-epoch history", ha="center", va="center")
+    fig.tight_layout()
+    return _save(fig, out_path)
