@@ -191,7 +191,7 @@ def render(seed: int, job: _Job, size_range: tuple[int, int]) -> Image.Image:
 
     img = img + r.normal(0.0, r.uniform(0.015, 0.03), size=img.shape).astype(np.float32)
     img = np.clip(img * r.uniform(0.95, 1.05) + r.uniform(-0.03, 0.03), 0, 1) ** g["gamma"]
-    small = Image.fromarray((img * 255 + 0.5).astype(np.uint8), mode="L")
+    small = Image.fromarray((img * 255 + 0.5).astype(np.uint8))
     return small.resize((W, H), Image.BICUBIC)
 
 
