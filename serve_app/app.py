@@ -1,0 +1,13 @@
+"""The Serve application: `serve run serve_app/config.yaml` or `serve deploy serve_app/config.yaml`.
+
+    serve run serve_app.app:build_app bundle=runs/demo/bundle         # ad hoc, from the repo root
+    serve run serve_app/config.yaml                                    # autoscaling, user_config
+    pneumo serve runs/demo/bundle --port 8000                          # the same app via the CLI
+
+`build_app(args: ServeArgs)` is the typed builder: Serve validates the config's `args:` against
+`pneumo.serving.ServeArgs` (unknown keys rejected) before calling it.
+"""
+
+from pneumo.serving import PneumoIngress, PneumoModel, ServeArgs, build_app
+
+__all__ = ["build_app", "ServeArgs", "PneumoIngress", "PneumoModel"]
