@@ -1,0 +1,124 @@
+"""Ray Data ingest for training and evaluation: records -> preprocessed `uint8[S, S]` rows.
+
+    records = labelled_splits(root, "binary", val_frac, test_frac, seed)
+    data = build_datasets(records, spec, classes)      # Ingest
+    data.datasets["train"], data.datasets["val"], data.errors
+
+Each split is `ray.data.from_items(records)` followed by one `map_batches` that reads the bytes
+(local or S3) and calls the shared `pneumo.preprocess.load_image`; rows are
+`{image: uint8[S, S], label: int, path: str}` and are materialised in the object store (the
+224 px data set is ~5k x 50 KB). Files that cannot be read or decoded are **not** silently
+dropped: they are counted, listed in `Ingest.errors` and logged, then left out of training.
+Augmentation and normalisation happen later, in the Ray Train worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pneumo.data import ImageRecord, resolve_filesystem
+from pneumo.preprocess import DecodeError, InputSpec, load_image
+
+log = logging.getLogger(__name__)
+
+_FS_CACHE: dict[tuple[bool, str | None], Any] = {}
+
+
+def _read(path: str, s3_endpoint: str | None) -> bytes:
+    """Bytes of one local or s3:// file, reusing one filesystem object per process."""
+    key = (path.startswith("s3://"), s3_endpoint)
+    fs, inner = resolve_filesystem(path, s3_endpoint) if key not in _FS_CACHE else (_FS_CACHE[key], None)
+    _FS_CACHE[key] = fs
+    if inner is None:
+        inner = path[len("s3://"):] if key[0] else path
+    with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
+def load_batch(batch: dict[str, np.ndarray], spec: dict, s3_endpoint: str | None = None) -> dict[str, np.ndarray]:
+    """`map_batches` function: {path, label} -> {image, label, path, error} (error "" when fine)."""
+    input_spec = InputSpec.from_dict(spec)
+    n = len(batch["path"])
+    images = np.zeros((n, input_spec.size, input_spec.size), dtype=np.uint8)
+    errors = []
+    for i, path in enumerate(batch["path"]):
+        path = str(path)
+        try:
+            images[i] = load_image(_read(path, s3_endpoint), path, input_spec)
+            errors.append("")
+        except DecodeError as exc:
+            errors.append(f"{exc.kind}: {exc.reason}")
+        except OSError as exc:
+            errors.append(f"unreadable: {exc}")
+    return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64),
+            "path": np.asarray(batch["path"]), "error": np.asarray(errors)}
+
+
+@dataclass
+class Ingest:
+    """The preprocessed splits plus what could not be used."""
+
+    datasets: dict[str, Any]  # split -> materialised ray.data.Dataset of {image, label, path}
+    counts: dict[str, dict[str, int]]  # split -> class -> usable images
+    errors: list[dict[str, str]] = field(default_factory=list)  # {path, split, error}
+
+
+def read_split(records: list[ImageRecord], classes: list[str], spec: InputSpec, s3_endpoint: str | None = None):
+    """One split as a materialised Ray Dataset with an `error` column (see `build_datasets`)."""
+    import ray.data
+
+    items = [{"path": r.path, "label": classes.index(r.label)} for r in records]
+    blocks = max(1, min(32, len(items) // 32))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    return ds.map_batches(load_batch, batch_size=32, fn_kwargs={"spec": spec.to_dict(), "s3_endpoint": s3_endpoint}).materialize()
+
+
+def build_datasets(
+    records: list[ImageRecord], classes: list[str], spec: InputSpec, s3_endpoint: str | None = None
+) -> Ingest:
+    """Preprocess every split of `records`; bad files are reported in `.errors` and logged."""
+    out: dict[str, Any] = {}
+    counts: dict[str, dict[str, int]] = {}
+    errors: list[dict[str, str]] = []
+    for split in ("train", "val", "test"):
+        recs = [r for r in records if r.split == split]
+        if not recs:
+            continue
+        ds = read_split(recs, classes, spec, s3_endpoint)
+        bad = ds.filter(lambda row: row["error"] != "").select_columns(["path", "error"]).take_all()
+        errors += [{"path": str(b["path"]), "split": split, "error": str(b["error"])} for b in bad]
+        if bad:
+            ds = ds.filter(lambda row: row["error"] == "").materialize()
+        bad_paths = {str(b["path"]) for b in bad}
+        counts[split] = {c: sum(1 for r in recs if r.label == c and r.path not in bad_paths) for c in classes}
+        out[split] = ds.drop_columns(["error"])
+    if errors:
+        log.warning("%d file(s) could not be decoded and are left out: %s", len(errors),
+                    "; ".join(f"{e['path']} ({e['error']})" for e in errors[:20]))
+    return Ingest(out, counts, errors)
+
+
+def oversample(ds: Any, counts: dict[str, int], classes: list[str]) -> Any:
+    """Repeat minority-class rows so every class has about as many rows as the largest one."""
+    biggest = max(counts.values()) if counts else 0
+    parts = []
+    for c, n in counts.items():
+        extra = round(biggest / n) - 1 if n else 0
+        if extra > 0:
+            idx = classes.index(c)
+            minority = ds.filter(lambda row, idx=idx: row["label"] == idx)
+            parts += [minority] * extra
+    return ds.union(*parts) if parts else ds
+
+
+def to_numpy(ds: Any) -> dict[str, np.ndarray]:
+    """A (small) dataset pulled to the driver: {image: uint8[N, S, S], label: int[N], path: str[N]}."""
+    chunks: dict[str, list[np.ndarray]] = {"image": [], "label": [], "path": []}
+    for batch in ds.iter_batches(batch_size=256, batch_format="numpy"):
+        for k in chunks:
+            chunks[k].append(batch[k])
+    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in chunks.items()}
