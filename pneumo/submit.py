@@ -1,0 +1,207 @@
+"""`pneumo submit`: submit, follow, inspect or stop a job on a Ray cluster (the Ray Jobs API).
+
+A thin wrapper over `ray.job_submission.JobSubmissionClient`; the cluster address is the
+dashboard's HTTP address (`--address`, else `$RAY_ADDRESS`, else http://127.0.0.1:8265, e.g.
+after `kubectl port-forward svc/pneumo-head-svc 8265`). Everything after `--` is the entrypoint,
+run on the cluster from the uploaded working directory:
+
+    pneumo submit submit --working-dir . --env-from AWS_REGION --follow -- \\
+        python ray_jobs/batch_score.py s3://xrays/archive --bundle s3://models/seed --out s3://scores
+    pneumo submit status JOB_ID
+    pneumo submit logs JOB_ID [--follow]
+    pneumo submit stop JOB_ID
+    pneumo submit list
+
+The runtime environment is built from flags: `working_dir` (files ignored by .gitignore are
+not uploaded), `pip`, `py_modules`, `env_vars` (`--env KEY=VALUE`, or `--env-from NAME` to copy a
+variable from this shell), and `image_uri`. With `--follow`, `submit` and `logs` stream the
+job's logs until it ends and exit 0 only when it SUCCEEDED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from pneumo.config import ConfigError, parse_config
+
+ACTIONS = ("submit", "status", "logs", "stop", "list")
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+@dataclass
+class SubmitConfig:
+    """Submit, follow, inspect or stop a job on a Ray cluster (Ray Jobs API)."""
+
+    action: str = field(default="submit", metadata={
+        "positional": True, "choices": list(ACTIONS), "help": "what to do"})
+    job_id: str | None = field(default=None, metadata={
+        "positional": True, "help": "submission id (status, logs, stop)"})
+    address: str | None = field(default=None, metadata={
+        "help": f"Ray dashboard address (default: $RAY_ADDRESS or {DEFAULT_ADDRESS})"})
+    working_dir: str | None = field(default=".", metadata={
+        "help": "local folder uploaded as the job's working_dir (empty = none)"})
+    excludes: list[str] = field(default_factory=list, metadata={
+        "help": "extra patterns left out of the upload (on top of .gitignore)"})
+    pip: list[str] = field(default_factory=list, metadata={"help": "pip requirements installed for the job"})
+    py_modules: list[str] = field(default_factory=list, metadata={
+        "help": "local packages or wheels shipped to every worker"})
+    env: list[str] = field(default_factory=list, metadata={"help": "env_vars for the job: KEY=VALUE,..."})
+    env_from: list[str] = field(default_factory=list, metadata={
+        "help": "names of variables copied from this shell into env_vars (e.g. AWS_REGION)"})
+    image_uri: str | None = field(default=None, metadata={
+        "help": "container image for the job's workers (runtime_env image_uri)"})
+    submission_id: str | None = field(default=None, metadata={"help": "id to give the job (default: Ray's)"})
+    entrypoint_num_cpus: float = field(default=0.0, metadata={"help": "CPUs reserved for the entrypoint"})
+    entrypoint_num_gpus: float = field(default=0.0, metadata={"help": "GPUs reserved for the entrypoint"})
+    follow: bool = field(default=False, metadata={"help": "stream logs until the job ends"})
+    timeout_s: float = field(default=0.0, metadata={"help": "with --follow: give up after this many seconds (0 = never)"})
+    entrypoint: str = field(default="", metadata={"help": "command run on the cluster (normally given after --)"})
+
+    def validate(self) -> None:
+        if self.action == "submit" and not self.entrypoint.strip():
+            raise ConfigError("submit: give the entrypoint after --, e.g. -- python ray_jobs/train.py --help")
+        if self.action in ("status", "logs", "stop") and not self.job_id:
+            raise ConfigError(f"{self.action}: give the JOB_ID (see `pneumo submit list`)")
+        for item in self.env:
+            if "=" not in item:
+                raise ConfigError(f"env: {item!r} is not KEY=VALUE")
+        if self.working_dir and not os.path.isdir(self.working_dir):
+            raise ConfigError(f"working_dir: {self.working_dir!r} is not a folder")
+
+
+def resolve_address(address: str | None) -> str:
+    """`--address`, else $RAY_ADDRESS, else the local default; bare host:port gets http://."""
+    addr = address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+    return addr if "://" in addr else f"http://{addr}"
+
+
+def build_runtime_env(cfg: SubmitConfig) -> dict[str, Any]:
+    """The job's runtime_env from the flags (only the keys that were asked for)."""
+    env: dict[str, Any] = {}
+    if cfg.working_dir:
+        env["working_dir"] = os.path.abspath(cfg.working_dir)
+    if cfg.excludes:
+        env["excludes"] = list(cfg.excludes)
+    if cfg.pip:
+        env["pip"] = list(cfg.pip)
+    if cfg.py_modules:
+        env["py_modules"] = [m if "://" in m else os.path.abspath(m) for m in cfg.py_modules]
+    env_vars = dict(item.split("=", 1) for item in cfg.env)
+    missing = [name for name in cfg.env_from if name not in os.environ]
+    if missing:
+        raise ConfigError(f"env_from: not set in this shell: {', '.join(missing)}")
+    env_vars.update({name: os.environ[name] for name in cfg.env_from})
+    if env_vars:
+        env["env_vars"] = env_vars
+    if cfg.image_uri:
+        env["image_uri"] = cfg.image_uri
+    return env
+
+
+def make_client(address: str | None = None):  # noqa: ANN201 - JobSubmissionClient, imported lazily
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(resolve_address(address))
+
+
+def submit(cfg: SubmitConfig, client: Any = None) -> str:
+    """Submit `cfg.entrypoint` with the runtime_env from `cfg`; returns the submission id."""
+    cfg.validate()
+    client = client or make_client(cfg.address)
+    kwargs: dict[str, Any] = {}
+    if cfg.entrypoint_num_cpus:
+        kwargs["entrypoint_num_cpus"] = cfg.entrypoint_num_cpus
+    if cfg.entrypoint_num_gpus:
+        kwargs["entrypoint_num_gpus"] = cfg.entrypoint_num_gpus
+    return client.submit_job(
+        entrypoint=cfg.entrypoint, runtime_env=build_runtime_env(cfg),
+        submission_id=cfg.submission_id, **kwargs,
+    )
+
+
+def wait(client: Any, job_id: str, timeout_s: float = 0.0, poll_s: float = 1.0) -> str:
+    """Poll until the job is SUCCEEDED, FAILED or STOPPED; returns that status (TimeoutError after timeout_s)."""
+    deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        if status in TERMINAL:
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {status} after {timeout_s:.0f}s")
+        time.sleep(poll_s)
+
+
+def follow(client: Any, job_id: str, timeout_s: float = 0.0, out: Any = None) -> str:
+    """Stream the job's logs to `out` until it ends; returns its final status."""
+    out = out or sys.stdout
+
+    async def _tail() -> None:
+        async for chunk in client.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(asyncio.wait_for(_tail(), timeout_s) if timeout_s > 0 else _tail())
+    except TimeoutError as exc:
+        raise TimeoutError(f"job {job_id}: still running after {timeout_s:.0f}s of --follow") from exc
+    return wait(client, job_id, timeout_s=30)
+
+
+def _info_dict(info: Any) -> dict[str, Any]:
+    keys = ("submission_id", "job_id", "status", "entrypoint", "message", "start_time", "end_time",
+            "driver_node_id", "driver_exit_code")
+    out = {k: getattr(info, k, None) for k in keys}
+    out["status"] = str(getattr(out["status"], "value", out["status"]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`pneumo submit ACTION [JOB_ID] [options] [-- ENTRYPOINT...]`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    entry: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, entry = argv[:cut], argv[cut + 1:]
+    if entry:
+        argv += ["--entrypoint", shlex.join(entry)]
+    cfg = parse_config(SubmitConfig, argv, prog="pneumo submit")
+    client = make_client(cfg.address)
+    if cfg.action == "submit":
+        job_id = submit(cfg, client)
+        print(f"submitted {job_id} to {resolve_address(cfg.address)}", flush=True)
+        if not cfg.follow:
+            print(f"  pneumo submit logs {job_id} --follow   |   pneumo submit stop {job_id}")
+            return 0
+        status = follow(client, job_id, cfg.timeout_s)
+        print(f"\njob {job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    if cfg.action == "status":
+        print(json.dumps(_info_dict(client.get_job_info(cfg.job_id)), indent=2, default=str))
+        return 0
+    if cfg.action == "logs":
+        if not cfg.follow:
+            sys.stdout.write(client.get_job_logs(cfg.job_id))
+            return 0
+        status = follow(client, cfg.job_id, cfg.timeout_s)
+        print(f"\njob {cfg.job_id}: {status}")
+        return 0 if status == "SUCCEEDED" else 1
+    if cfg.action == "stop":
+        stopped = client.stop_job(cfg.job_id)
+        print(f"job {cfg.job_id}: {'stop requested' if stopped else 'was not running'}")
+        return 0
+    for info in sorted(client.list_jobs(), key=lambda i: i.start_time or 0):
+        d = _info_dict(info)
+        print(f"{d['submission_id'] or d['job_id']}\t{d['status']}\t{d['entrypoint']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
