@@ -1,0 +1,496 @@
+"""Batch scoring on Ray Data: an archive of X-rays -> Parquet, one row per input file per run.
+
+    pneumo score DATA --bundle BUNDLE --out OUT [--incremental] [--explain] [--precision auto|fp32|bf16]
+    pneumo score --manifest LIST.txt --bundle BUNDLE --out s3://bucket/scores --s3-endpoint http://host:port
+
+The pipeline (shaped like the Ray Data batch-inference docs):
+
+1. the driver lists the input (`pneumo.data.list_images` or `read_manifest`) into records
+   (path, size, mtime) and, with `--incremental`, drops those already scored by the same bundle
+   in earlier *committed* runs;
+2. `ray.data.from_items(records)` then `map_batches(read_and_preprocess)` as Ray Data tasks:
+   read the bytes, sha256 them, `pneumo.preprocess.load_image` -> uint8[S, S]. A file that
+   cannot be read or decoded becomes an error row (status=error, message, kind); no exception
+   leaves a batch and no row is dropped. (`from_items` + a reading task, not
+   `read_binary_files`, so an unreadable or missing file still has its one row.)
+3. `map_batches(BundlePredictor, compute=ActorPoolStrategy(min_size, max_size))`: each actor loads
+   the bundle once (`pneumo.predict.Predictor`) and scores ok rows in `__call__`; error rows
+   pass through with no probability. With `--explain`, Grad-CAM overlays for positives.
+4. `write_parquet` to `<out>/runs/<run_id>/part-*.parquet`; the driver reads the parts back,
+   checks exactly one row per input file, then writes `<out>/runs/<run_id>/_SUCCESS.json`
+   last. Readers (`read_results`, `--incremental`) trust only runs with that marker, so a run
+   killed halfway is ignored and its files are scored again next time.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import sys
+import time
+import uuid
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import PurePosixPath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from pneumo.config import ConfigError, parse_config, to_dict
+from pneumo.data import (
+    ImageRecord,
+    is_s3,
+    join,
+    list_images,
+    read_manifest,
+    resolve_filesystem,
+    to_location,
+    write_bytes,
+)
+from pneumo.predict import PRECISIONS
+from pneumo.preprocess import DecodeError, InputSpec, load_image
+
+SUCCESS_FILE = "_SUCCESS.json"
+RUNS_DIR = "runs"
+EXPLAIN_DIR = "explain"
+# Error kinds: DecodeError kinds, plus `read` (I/O failure, retried by --incremental) and `missing`.
+RETRY_KINDS = ("read", "missing")
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("etag_or_sha256", pa.string()),
+        ("mtime_ns", pa.int64()),
+        ("status", pa.string()),
+        ("error", pa.string()),
+        ("error_kind", pa.string()),
+        ("label", pa.string()),
+        ("probability", pa.float64()),
+        ("probabilities", pa.list_(pa.float64())),
+        ("threshold", pa.float64()),
+        ("model", pa.string()),
+        ("model_version", pa.string()),
+        ("bundle_sha256", pa.string()),
+        ("scored_at", pa.timestamp("us", tz="UTC")),
+        ("run_id", pa.string()),
+        ("explain_path", pa.string()),
+    ]
+)
+
+
+@dataclass
+class ScoreConfig:
+    """Batch-score an archive of chest X-rays into Parquet with Ray Data."""
+
+    data: str | None = field(default=None, metadata={
+        "positional": True, "help": "folder or s3:// prefix to score (any nesting); or use --manifest"})
+    bundle: str = field(default="", metadata={"help": "model bundle folder or s3:// prefix (required)"})
+    out: str = field(default="", metadata={"help": "output folder or s3:// prefix (required)"})
+    manifest: str | None = field(default=None, metadata={"help": "text file listing paths to score, one per line"})
+    s3_endpoint: str | None = field(default=None, metadata={"help": "S3-compatible endpoint URL"})
+    incremental: bool = field(default=False, metadata={
+        "help": "skip files already scored by the same bundle in earlier committed runs"})
+    explain: bool = field(default=False, metadata={"help": "write Grad-CAM overlay PNGs for positive predictions"})
+    precision: str = field(default="auto", metadata={
+        "choices": list(PRECISIONS), "help": "auto = bf16 only where the hardware runs it natively"})
+    channels_last: bool = field(default=True, metadata={"help": "channels_last memory layout for the model"})
+    batch_size: int = field(default=32, metadata={"help": "images per model call"})
+    read_batch_size: int = field(default=16, metadata={"help": "files per read+preprocess task batch"})
+    read_cpus: float = field(default=0.5, metadata={
+        "help": "CPUs per read+preprocess task (differs from --cpus-per-actor so Ray keeps them separate tasks)"})
+    min_actors: int = field(default=1, metadata={"help": "actor pool minimum size"})
+    max_actors: int = field(default=1, metadata={"help": "actor pool maximum size"})
+    cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per model actor (torch threads follow it)"})
+    gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per model actor (0 = CPU)"})
+    run_id: str | None = field(default=None, metadata={"help": "run id (default: UTC time + random suffix)"})
+
+    def validate(self) -> None:
+        if not self.bundle:
+            raise ConfigError("bundle: required (--bundle PATH)")
+        if not self.out:
+            raise ConfigError("out: required (--out FOLDER or s3://bucket/prefix)")
+        if (self.data is None) == (self.manifest is None):
+            raise ConfigError("give exactly one input: DATA (folder or s3:// prefix) or --manifest FILE")
+        if self.batch_size < 1 or self.read_batch_size < 1:
+            raise ConfigError("batch_size and read_batch_size must be >= 1")
+        if not 1 <= self.min_actors <= self.max_actors:
+            raise ConfigError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
+        if self.cpus_per_actor <= 0 or self.read_cpus <= 0 or self.gpus_per_actor < 0:
+            raise ConfigError("cpus_per_actor and read_cpus must be > 0, gpus_per_actor >= 0")
+
+
+@dataclass
+class ScoreResult:
+    """What one run did (also written, with its config, to the run's `_SUCCESS.json`)."""
+
+    run_id: str
+    run_dir: str
+    n_listed: int
+    n_skipped: int
+    n_scored: int
+    counts: dict[str, int]
+    labels: dict[str, int]
+    errors: dict[str, int]
+    wall_s: float
+    images_per_s: float
+    files: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- input
+
+
+def new_run_id() -> str:
+    """Sortable and unique: `20261123T161000Z-1a2b3c`."""
+    return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+def list_inputs(cfg: ScoreConfig) -> list[ImageRecord]:
+    """Records to score: the listed folder/prefix, or the manifest's paths (size/mtime looked up)."""
+    if cfg.data is not None:
+        return list_images(cfg.data, cfg.s3_endpoint)
+    paths = read_manifest(cfg.manifest, cfg.s3_endpoint)
+    out: list[ImageRecord] = []
+    for path in dict.fromkeys(paths):  # de-duplicate, keep order: one row per file
+        try:
+            fs, inner = resolve_filesystem(path, cfg.s3_endpoint)
+            info = fs.get_file_info(inner)
+            loc = to_location(fs, inner)
+            if info.type == pafs.FileType.File:
+                out.append(ImageRecord(loc, size=info.size or 0, mtime_ns=info.mtime_ns or -1))
+            else:
+                out.append(ImageRecord(loc))  # scored as a `missing` error row
+        except Exception:  # noqa: BLE001 - a bad manifest line is a row, not a crash
+            out.append(ImageRecord(path))
+    return out
+
+
+# ---------------------------------------------------------------- read + preprocess (Ray Data tasks)
+
+
+@lru_cache(maxsize=8)
+def _fs(location_kind: str, s3_endpoint: str | None) -> pafs.FileSystem:
+    return resolve_filesystem("s3://bucket" if location_kind == "s3" else "/", s3_endpoint)[0]
+
+
+def _read(path: str, s3_endpoint: str | None) -> bytes:
+    fs = _fs("s3" if is_s3(path) else "local", s3_endpoint)
+    inner = path[len("s3://"):] if is_s3(path) else path
+    with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
+def read_and_preprocess(batch: dict[str, np.ndarray], spec: InputSpec, s3_endpoint: str | None) -> dict[str, np.ndarray]:
+    """Ray Data task: read bytes, hash, decode+resize. Every input row gives one output row."""
+    n = len(batch["path"])
+    images = np.zeros((n, spec.size, spec.size), dtype=np.uint8)
+    sha = np.full(n, None, dtype=object)
+    status = np.full(n, "ok", dtype=object)
+    error = np.full(n, None, dtype=object)
+    kind = np.full(n, None, dtype=object)
+    for i, path in enumerate(batch["path"]):
+        path = str(path)
+        try:
+            data = _read(path, s3_endpoint)
+        except FileNotFoundError as exc:
+            status[i], kind[i], error[i] = "error", "missing", f"{path}: not found ({exc})"
+            continue
+        except Exception as exc:  # noqa: BLE001 - I/O trouble is this file's error row
+            status[i], kind[i], error[i] = "error", "read", f"{path}: cannot read ({type(exc).__name__}: {exc})"
+            continue
+        sha[i] = hashlib.sha256(data).hexdigest()
+        try:
+            images[i] = load_image(data, path, spec)
+        except DecodeError as exc:
+            status[i], kind[i], error[i] = "error", exc.kind, str(exc)
+        except Exception as exc:  # noqa: BLE001 - load_image promises DecodeError; stay safe anyway
+            status[i], kind[i], error[i] = "error", "corrupt", f"{path}: {type(exc).__name__}: {exc}"
+    return {
+        "path": np.asarray(batch["path"], dtype=object),
+        "size_bytes": np.asarray(batch["size_bytes"], dtype=np.int64),
+        "mtime_ns": np.asarray(batch["mtime_ns"], dtype=np.int64),
+        "etag_or_sha256": sha,
+        "status": status,
+        "error": error,
+        "error_kind": kind,
+        "image": images,
+    }
+
+
+# ---------------------------------------------------------------- model (Ray Data actor pool)
+
+
+def explain_name(path: str) -> str:
+    """Overlay file name for an input path: `<stem>-<8 hex of the path>.png` (unique per path)."""
+    return f"{PurePosixPath(path).stem}-{hashlib.sha256(path.encode()).hexdigest()[:8]}.png"
+
+
+class BundlePredictor:
+    """Ray Data actor: loads the bundle once in `__init__`, scores batches in `__call__`."""
+
+    def __init__(
+        self,
+        bundle: str,
+        run_id: str,
+        s3_endpoint: str | None = None,
+        precision: str = "auto",
+        channels_last: bool = True,
+        explain_dir: str | None = None,
+        num_threads: int = 1,
+    ):
+        import torch
+
+        from pneumo.predict import Predictor
+
+        torch.set_num_threads(max(1, int(num_threads)))
+        self.predictor = Predictor(bundle, s3_endpoint=s3_endpoint, precision=precision,
+                                   channels_last=channels_last)
+        self.s3_endpoint = s3_endpoint
+        self.run_id = run_id
+        self.explain_dir = explain_dir
+        m = self.predictor.manifest
+        self.meta = {"threshold": m.threshold_value, "model": m.model, "model_version": m.version,
+                     "bundle_sha256": m.sha256}
+
+    def _explain(self, path: str, image: np.ndarray) -> str:
+        from pneumo.gradcam import gradcam, overlay_png
+
+        p = self.predictor
+        heat = gradcam(p.model, p.to_input(image[None]), p.manifest.negative_index)
+        loc = join(self.explain_dir, explain_name(path))
+        write_bytes(loc, overlay_png(image, heat), self.s3_endpoint)
+        return loc
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["path"])
+        ok = np.flatnonzero(np.asarray(batch["status"]) == "ok")
+        label: list[str | None] = [None] * n
+        prob: list[float | None] = [None] * n
+        probs: list[list[float] | None] = [None] * n
+        explain: list[str | None] = [None] * n
+        if len(ok):
+            images = np.asarray(batch["image"])[ok]
+            p = self.predictor.predict(images)
+            pos = self.predictor.positive_probability(p)
+            labels = self.predictor.labels(p)
+            negative = self.predictor.classes[self.predictor.manifest.negative_index]
+            for j, i in enumerate(ok):
+                label[i], prob[i], probs[i] = labels[j], float(pos[j]), [float(v) for v in p[j]]
+                if self.explain_dir and labels[j] != negative:
+                    explain[i] = self._explain(str(batch["path"][i]), images[j])
+        now = _dt.datetime.now(_dt.UTC)
+        cols = {
+            "path": [str(v) for v in batch["path"]],
+            "size_bytes": np.asarray(batch["size_bytes"], dtype=np.int64),
+            "etag_or_sha256": list(batch["etag_or_sha256"]),
+            "mtime_ns": np.asarray(batch["mtime_ns"], dtype=np.int64),
+            "status": list(batch["status"]),
+            "error": list(batch["error"]),
+            "error_kind": list(batch["error_kind"]),
+            "label": label,
+            "probability": prob,
+            "probabilities": probs,
+            "threshold": [self.meta["threshold"]] * n,
+            "model": [self.meta["model"]] * n,
+            "model_version": [self.meta["model_version"]] * n,
+            "bundle_sha256": [self.meta["bundle_sha256"]] * n,
+            "scored_at": [now] * n,
+            "run_id": [self.run_id] * n,
+            "explain_path": explain,
+        }
+        return pa.table({name: pa.array(cols[name], type=OUTPUT_SCHEMA.field(name).type) for name in OUTPUT_SCHEMA.names},
+                        schema=OUTPUT_SCHEMA)
+
+
+# ---------------------------------------------------------------- committed runs
+
+
+def _part_names():  # noqa: ANN202 - a Ray FilenameProvider, imported lazily
+    from ray.data.datasource import FilenameProvider
+
+    class PartNames(FilenameProvider):
+        def get_filename_for_task(self, write_uuid: str, task_index: int) -> str:
+            return f"part-{task_index:05d}-{write_uuid}.parquet"
+
+    return PartNames(file_format="parquet")
+
+
+def committed_runs(out: str, s3_endpoint: str | None = None) -> list[dict[str, Any]]:
+    """The `_SUCCESS.json` markers of every committed run under `<out>/runs/`, oldest first."""
+    fs, root = resolve_filesystem(join(out, RUNS_DIR), s3_endpoint)
+    info = fs.get_file_info(root)
+    if info.type != pafs.FileType.Directory:
+        return []
+    markers = []
+    for fi in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
+        if fi.type != pafs.FileType.Directory:
+            continue
+        marker = fi.path + "/" + SUCCESS_FILE
+        if fs.get_file_info(marker).type != pafs.FileType.File:
+            continue  # not committed: killed or still running
+        with fs.open_input_stream(marker) as f:
+            markers.append(json.loads(f.read()))
+    return sorted(markers, key=lambda m: (m["finished_at"], m["run_id"]))
+
+
+def _read_parts(out: str, run_id: str, files: list[str], s3_endpoint: str | None) -> pa.Table:
+    fs, run_dir = resolve_filesystem(join(out, RUNS_DIR, run_id), s3_endpoint)
+    tables = [pq.read_table(f"{run_dir}/{name}", filesystem=fs, schema=OUTPUT_SCHEMA) for name in files]
+    return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
+
+
+def read_committed(out: str, s3_endpoint: str | None = None) -> pa.Table:
+    """Every row of every committed run (a path may appear once per run)."""
+    runs = committed_runs(out, s3_endpoint)
+    tables = [_read_parts(out, m["run_id"], m["files"], s3_endpoint) for m in runs]
+    return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
+
+
+def read_results(out: str, s3_endpoint: str | None = None):  # noqa: ANN201 - pandas.DataFrame
+    """Committed results as a pandas DataFrame: the latest row per path (by scored_at, then run_id)."""
+    df = read_committed(out, s3_endpoint).to_pandas()
+    if df.empty:
+        return df
+    df = df.sort_values(["scored_at", "run_id"], kind="stable")
+    return df.drop_duplicates("path", keep="last").sort_values("path").reset_index(drop=True)
+
+
+def already_scored(out: str, bundle_sha256: str, s3_endpoint: str | None = None) -> set[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of files that committed runs scored with this bundle (retryable errors excluded)."""
+    t = read_committed(out, s3_endpoint)
+    keys = set()
+    for row in t.select(["path", "size_bytes", "mtime_ns", "bundle_sha256", "error_kind"]).to_pylist():
+        if row["bundle_sha256"] == bundle_sha256 and row["error_kind"] not in RETRY_KINDS:
+            keys.add((row["path"], row["size_bytes"], row["mtime_ns"]))
+    return keys
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="milliseconds")
+
+
+def _list_parts(run_dir: str, s3_endpoint: str | None) -> list[str]:
+    fs, root = resolve_filesystem(run_dir, s3_endpoint)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    return sorted(fi.base_name for fi in fs.get_file_info(pafs.FileSelector(root))
+                  if fi.type == pafs.FileType.File and fi.base_name.endswith(".parquet"))
+
+
+def _ensure_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()  # RAY_ADDRESS (e.g. under `ray job submit`) or an embedded local Ray
+
+
+def run_score(cfg: ScoreConfig) -> ScoreResult:
+    """Score `cfg`'s input into `<out>/runs/<run_id>/`, verify one row per file, commit."""
+    import ray
+
+    from pneumo.bundle import read_manifest as read_bundle_manifest
+
+    cfg.validate()
+    t0 = time.perf_counter()
+    started = _now()
+    run_id = cfg.run_id or new_run_id()
+    run_dir = join(cfg.out, RUNS_DIR, run_id)
+    bundle = read_bundle_manifest(cfg.bundle, cfg.s3_endpoint)
+    if _list_parts(run_dir, cfg.s3_endpoint):
+        raise ConfigError(f"{run_dir} already holds parts; pick a new --run-id")
+
+    records = list_inputs(cfg)
+    n_listed = len(records)
+    if cfg.incremental:
+        done = already_scored(cfg.out, bundle.sha256, cfg.s3_endpoint)
+        records = [r for r in records if (r.path, r.size, r.mtime_ns) not in done]
+    n_skipped = n_listed - len(records)
+
+    files: list[str] = []
+    if records:
+        _ensure_ray()
+        items = [{"path": r.path, "size_bytes": int(r.size), "mtime_ns": int(r.mtime_ns)} for r in records]
+        n_blocks = max(1, min(len(items), -(-len(items) // cfg.read_batch_size)))
+        ds = ray.data.from_items(items, override_num_blocks=n_blocks)
+        ds = ds.map_batches(
+            read_and_preprocess,
+            fn_kwargs={"spec": bundle.input, "s3_endpoint": cfg.s3_endpoint},
+            batch_size=cfg.read_batch_size,
+            batch_format="numpy",
+            num_cpus=cfg.read_cpus,
+        )
+        ds = ds.map_batches(
+            BundlePredictor,
+            fn_constructor_kwargs={
+                "bundle": cfg.bundle, "run_id": run_id, "s3_endpoint": cfg.s3_endpoint,
+                "precision": cfg.precision, "channels_last": cfg.channels_last,
+                "explain_dir": join(run_dir, EXPLAIN_DIR) if cfg.explain else None,
+                "num_threads": max(1, round(cfg.cpus_per_actor)),
+            },
+            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            num_cpus=cfg.cpus_per_actor,
+            num_gpus=cfg.gpus_per_actor,
+        )
+        fs, inner = resolve_filesystem(run_dir, cfg.s3_endpoint)
+        ds.write_parquet(inner, filesystem=fs, filename_provider=_part_names())
+        files = _list_parts(run_dir, cfg.s3_endpoint)
+
+    # Verify before committing: exactly one row per input file.
+    table = _read_parts(cfg.out, run_id, files, cfg.s3_endpoint)
+    paths = table.column("path").to_pylist()
+    expected = {r.path for r in records}
+    if len(paths) != len(records) or set(paths) != expected:
+        missing, extra = expected - set(paths), len(paths) - len(set(paths))
+        raise RuntimeError(f"run {run_id}: {len(paths)} rows for {len(records)} files "
+                           f"({len(missing)} missing, {extra} duplicated); not committing")
+    status = Counter(table.column("status").to_pylist())
+    labels = Counter(v for v in table.column("label").to_pylist() if v is not None)
+    errors = Counter(v for v in table.column("error_kind").to_pylist() if v is not None)
+    wall = time.perf_counter() - t0
+    result = ScoreResult(
+        run_id=run_id, run_dir=run_dir, n_listed=n_listed, n_skipped=n_skipped, n_scored=len(records),
+        counts={"ok": status.get("ok", 0), "error": status.get("error", 0)},
+        labels=dict(sorted(labels.items())), errors=dict(sorted(errors.items())),
+        wall_s=round(wall, 3), images_per_s=round(len(records) / wall, 2) if wall > 0 else 0.0, files=files,
+    )
+    marker = {
+        **asdict(result), "finished_at": _now(), "started_at": started,
+        "bundle": cfg.bundle, "bundle_sha256": bundle.sha256, "model": bundle.model, "model_version": bundle.version,
+        "classes": bundle.classes, "threshold": bundle.threshold_value, "config": to_dict(cfg),
+    }
+    write_bytes(join(run_dir, SUCCESS_FILE), json.dumps(marker, indent=2, default=str).encode(), cfg.s3_endpoint)
+    return result
+
+
+def format_summary(r: ScoreResult) -> str:
+    labels = ", ".join(f"{k} {v}" for k, v in r.labels.items()) or "none"
+    errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "none"
+    return "\n".join([
+        f"run {r.run_id}: committed to {r.run_dir}",
+        f"  files listed {r.n_listed}, skipped (already scored) {r.n_skipped}, scored {r.n_scored}",
+        f"  ok {r.counts['ok']}, errors {r.counts['error']} ({errors})",
+        f"  labels: {labels}",
+        f"  wall {r.wall_s:.1f} s, {r.images_per_s:.1f} images/s",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`pneumo score`: parse flags, run, print the summary."""
+    cfg = parse_config(ScoreConfig, argv, prog="pneumo score")
+    result = run_score(cfg)
+    print(format_summary(result), file=sys.stdout, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
