@@ -187,7 +187,7 @@ def discover(location: str, label_set: str = "binary", s3_endpoint: str | None =
     root_fs, root = resolve_filesystem(location, s3_endpoint)
     out: list[ImageRecord] = []
     for rec in list_images(location, s3_endpoint):
-        _, rel_path = resolve_filesystem(rec.path, s3_endpoint)
+        rel_path = rec.path[len("s3://"):] if is_s3(rec.path) else rec.path  # no new filesystem per file
         rel = PurePosixPath(rel_path.replace(os.sep, "/")).relative_to(PurePosixPath(root.replace(os.sep, "/")))
         parts = rel.parts
         if len(parts) < 3 or parts[0] not in SPLITS:
@@ -222,7 +222,9 @@ def split_by_patient(
     strata: dict[str, list[str]] = {}
     for pid, recs in by_patient.items():
         labels = [r.label or "" for r in recs]
-        strata.setdefault(max(set(labels), key=labels.count), []).append(pid)
+        # sorted: a tie (e.g. one bacteria and one virus image) must not depend on set order,
+        # which changes with PYTHONHASHSEED from process to process
+        strata.setdefault(max(sorted(set(labels)), key=labels.count), []).append(pid)
     assignment: dict[str, str] = {}
     for _, pids in sorted(strata.items()):
         pids.sort(key=lambda p: (_unit_hash(f"{seed}:{p}"), p))
