@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from pneumo.bundle import MANIFEST_FILE, WEIGHTS_FILE, BundleError, load_bundle, read_manifest, save_bundle
+from pneumo.bundle import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    BundleError,
+    load_bundle,
+    read_manifest,
+    save_bundle,
+)
 from pneumo.models import get_model, get_spec
 from pneumo.predict import Predictor, decide, logits_to_probs
 from pneumo.preprocess import InputSpec
