@@ -113,7 +113,7 @@ def pr_curve(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def average_precision(y_true: Any, score: Any) -> float:
     """Average precision: sum over thresholds of (recall step) x precision (no interpolation)."""
     precision, recall, _ = pr_curve(y_true, score)
-    if not np.isfinite(recall).all():
+    if not np.asarray(y_true).astype(bool).any():
         return float("nan")
     return float(np.sum(np.diff(recall) * precision[1:]))
 

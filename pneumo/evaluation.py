@@ -1,0 +1,420 @@
+"""Evaluation reports: metrics with bootstrap 95% CIs, confusion matrix, calibration, PNG plots.
+
+    pneumo evaluate BUNDLE DATA --split test --out runs/demo/eval [--s3-endpoint URL]
+
+`write_report` turns labels + probabilities into `report.json`, `report.md` and PNGs (training
+calls it for its val/test splits); `evaluate_bundle` does the whole path for any bundle on any
+labelled split: list the split with the same patient-grouped carve-out training used (read from
+the bundle's manifest), preprocess with `pneumo.preprocess.load_image`, score with
+`pneumo.predict.Predictor`, and report at the bundle's own threshold. Files that cannot be
+read or decoded are listed in the report, never dropped silently.
+
+The positive score is `1 - P(NORMAL)`; a case is called pneumonia when `score >= threshold`.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import json
+import math
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pneumo import metrics as M
+from pneumo.data import (
+    LABEL_SETS,
+    SPLITS,
+    DataError,
+    ImageRecord,
+    fingerprint,
+    labelled_splits,
+    read_bytes,
+)
+
+REPORT_METRICS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
+                                   "average_precision")
+METRIC_NAMES: dict[str, str] = {
+    "auc": "AUC (ROC)", "accuracy": "Accuracy", "sensitivity": "Sensitivity (recall)",
+    "specificity": "Specificity", "ppv": "PPV (precision)", "npv": "NPV", "f1": "F1",
+    "average_precision": "Average precision",
+}
+PLOTS: dict[str, str] = {"roc": "roc.png", "pr": "pr.png", "calibration": "calibration.png",
+                         "confusion": "confusion.png", "training_curves": "training_curves.png"}
+
+
+# ---------------------------------------------------------------- report
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: numpy scalars/arrays to Python, nan/inf to None, tuples to lists."""
+    if isinstance(value, Mapping):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_clean(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _threshold_text(threshold: Mapping[str, Any], split: str) -> str:
+    method = threshold.get("method", "default")
+    value = float(threshold["value"])
+    if method == "target_sensitivity":
+        how = f"the highest threshold reaching sensitivity >= {threshold.get('target')} on the validation split"
+    elif method == "youden":
+        how = "maximising Youden's J (sensitivity + specificity - 1) on the validation split"
+    else:
+        how = f"method `{method}` (not tuned on data)"
+    chosen_on = threshold.get("chosen_on", "val" if method in M.THRESHOLD_METHODS else None)
+    text = (f"Decision threshold **{value:.4f}** on the positive score 1 - P(NORMAL) (pneumonia when "
+            f"score >= threshold), chosen by {how}. It is chosen on validation data only, never on test.")
+    if chosen_on == split:
+        text += (f"\n\n> Note: this report is on the `{split}` split, the same data the threshold was chosen on, "
+                 "so its thresholded metrics are optimistic; the `test` report is the honest one.")
+    return text
+
+
+def _markdown(report: dict[str, Any], threshold: Mapping[str, Any]) -> str:
+    split, classes = report["split"], report["classes"]
+    level = int(round(100 * report["ci_level"]))
+    lines = [f"# Evaluation: `{split}` split", ""]
+    if report.get("bundle"):
+        b = report["bundle"]
+        lines += [f"Model `{b.get('model')}`, bundle `{b.get('location')}` (version `{b.get('version')}`).", ""]
+    counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
+    lines += [f"{report['n']} images ({counts}); positive class: pneumonia (any class but NORMAL).", ""]
+    if report["n_errors"]:
+        lines += [f"**{report['n_errors']} file(s) could not be read or decoded and are not in the metrics** "
+                  "(listed below).", ""]
+    lines += ["## Metrics", "",
+              f"| metric | value | {level}% CI |", "| --- | ---: | ---: |"]
+    for key in REPORT_METRICS:
+        ci = report["ci"].get(key)
+        ci_text = f"{_fmt(ci[0])} - {_fmt(ci[1])}" if ci else ""
+        lines.append(f"| {METRIC_NAMES[key]} | {_fmt(report['metrics'].get(key))} | {ci_text} |")
+    lines += ["", f"CIs: {report['bootstrap']}.", "",
+              "## Threshold", "", _threshold_text(threshold, split), "",
+              "## Confusion matrix", "", "Rows: true class; columns: predicted class (at the threshold).", "",
+              "| true \\ predicted | " + " | ".join(classes) + " |",
+              "| --- |" + " ---: |" * len(classes)]
+    for name, row in zip(classes, report["confusion_matrix"]):
+        lines.append(f"| **{name}** | " + " | ".join(f"{v:,}" for v in row) + " |")
+    c = report["confusion"]
+    lines += ["", f"Pneumonia vs normal: TP {c['tp']}, FN {c['fn']}, FP {c['fp']}, TN {c['tn']}.", ""]
+    if "multiclass" in report:
+        mc = report["multiclass"]
+        lines += ["## Per class (one-vs-rest)", "", f"Class accuracy {_fmt(mc['accuracy'])}, "
+                  f"macro AUC {_fmt(mc['macro_auc'])}.", "",
+                  "| class | AUC | recall | precision | support |", "| --- | ---: | ---: | ---: | ---: |"]
+        for name, pc in mc["per_class"].items():
+            lines.append(f"| {name} | {_fmt(pc['auc'])} | {_fmt(pc['recall'])} | {_fmt(pc['precision'])} | "
+                         f"{pc['support']} |")
+        lines.append("")
+    cal = report["calibration"]
+    lines += ["## Calibration", "",
+              f"ECE {_fmt(cal['ece'])}, MCE {_fmt(cal['mce'])}, Brier score {_fmt(cal['brier'])} "
+              f"({len(cal['counts'])} equal-width bins of the positive score).", ""]
+    if report["plots"]:
+        lines += ["## Plots", ""]
+        for name, file in report["plots"].items():
+            lines += [f"![{name}]({file})", ""]
+    if report["errors"]:
+        lines += [f"## Files not evaluated ({report['n_errors']})", "", "| file | kind | reason |",
+                  "| --- | --- | --- |"]
+        for e in report["errors"]:
+            lines.append(f"| `{e['path']}` | {e['kind']} | {str(e['reason']).replace('|', '/')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    y_true: Sequence[int] | np.ndarray,
+    probs: np.ndarray,
+    classes: Sequence[str],
+    threshold: Mapping[str, Any],
+    split: str,
+    history: Sequence[Mapping[str, Any]] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    *,
+    errors: Sequence[Mapping[str, Any]] | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    alpha: float = 0.05,
+) -> dict[str, Any]:
+    """Write `report.json`, `report.md` and the PNGs for one split; returns the report dict.
+
+    `y_true`: class indices into `classes`; `probs`: float[N, len(classes)]; `threshold`: the
+    bundle's threshold dict (`value`, `method`, `target`). Metrics are pneumonia (any class but
+    NORMAL) vs NORMAL on 1 - P(NORMAL) at `threshold["value"]`, each with a stratified bootstrap
+    `1 - alpha` CI; three-class reports add per-class one-vs-rest metrics. `errors` (files not
+    evaluated, as {path, kind, reason}) are listed in the report; `extra` is stored as is.
+    """
+    from pneumo import plots
+
+    classes = list(classes)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    y_idx = np.asarray(y_true, dtype=np.int64).reshape(-1)
+    probs = np.asarray(probs, dtype=np.float64).reshape(len(y_idx), len(classes))
+    value = float(threshold["value"])
+    neg = M.negative_index(classes)
+    y, score = y_idx != neg, M.positive_score(probs, classes)
+    binary = M.binary_metrics(y, score, value)
+    multi = M.multiclass_metrics(y_idx, probs, classes, threshold=value)
+    ci = M.bootstrap_ci(y, score, value, n_boot=n_boot, seed=seed, alpha=alpha)
+    errors = [dict(e) for e in (errors or [])]
+    report: dict[str, Any] = {
+        "split": split,
+        "n": int(y.size),
+        "n_errors": len(errors),
+        "classes": classes,
+        "counts": {c: int((y_idx == i).sum()) for i, c in enumerate(classes)},
+        "positive": "any class but NORMAL; score = 1 - P(NORMAL)",
+        "threshold": dict(threshold),
+        "metrics": {k: binary[k] for k in REPORT_METRICS},
+        "ci": {k: list(v) for k, v in ci.items()},
+        "ci_level": 1 - alpha,
+        "bootstrap": f"stratified percentile bootstrap, {n_boot} resamples, seed {seed}",
+        "confusion": binary["confusion"],
+        "confusion_matrix": multi["confusion_matrix"],
+        "calibration": M.calibration(y, np.clip(score, 0.0, 1.0)),
+        "plots": {},
+        "errors": errors,
+        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    if len(classes) > 2:
+        report["multiclass"] = {k: multi[k] for k in ("accuracy", "macro_auc", "per_class")}
+    if extra:
+        report["bundle"] = extra.get("bundle")
+        report["extra"] = {k: v for k, v in extra.items() if k != "bundle"}
+    if y.size:
+        report["plots"]["roc"] = plots.roc_plot(y, score, out / PLOTS["roc"], threshold=value,
+                                                title=f"ROC, {split} split (pneumonia vs normal)").name
+        report["plots"]["pr"] = plots.pr_plot(y, score, out / PLOTS["pr"], threshold=value,
+                                              title=f"Precision-recall, {split} split").name
+        report["plots"]["calibration"] = plots.calibration_plot(
+            y, np.clip(score, 0.0, 1.0), out / PLOTS["calibration"], title=f"Reliability, {split} split").name
+        report["plots"]["confusion"] = plots.confusion_plot(
+            multi["confusion_matrix"], classes, out / PLOTS["confusion"],
+            title=f"Confusion matrix, {split} split (threshold {value:.3f})").name
+    if history:
+        report["plots"]["training_curves"] = plots.training_curves(history, out / PLOTS["training_curves"]).name
+    report = _clean(report)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(_markdown(report, threshold))
+    return report
+
+
+def summary_table(report: Mapping[str, Any]) -> str:
+    """A plain-text metric table with CIs, for the terminal."""
+    level = int(round(100 * report["ci_level"]))
+    t = report["threshold"]
+    lines = [f"[pneumo evaluate] {report['split']} split: {report['n']} images"
+             + (f", {report['n_errors']} not evaluated (unreadable/undecodable)" if report["n_errors"] else ""),
+             f"  threshold {float(t['value']):.4f} ({t.get('method', 'default')}"
+             + (f", target sensitivity {t['target']}" if t.get("target") else "") + ")",
+             f"  {'metric':<22}{'value':>8}   {level}% CI"]
+    for key in REPORT_METRICS:
+        ci = report["ci"].get(key)
+        ci_text = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
+        lines.append(f"  {METRIC_NAMES[key]:<22}{_fmt(report['metrics'].get(key)):>8}   {ci_text}")
+    c = report["confusion"]
+    lines.append(f"  confusion: TP {c['tp']}  FN {c['fn']}  FP {c['fp']}  TN {c['tn']}")
+    if "multiclass" in report:
+        lines.append(f"  class accuracy {_fmt(report['multiclass']['accuracy'])}, "
+                     f"macro AUC {_fmt(report['multiclass']['macro_auc'])}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- evaluate a bundle
+
+
+def split_parameters(
+    training: Mapping[str, Any],
+    classes: Sequence[str],
+    label_set: str | None = None,
+    val_frac: float | None = None,
+    test_frac: float | None = None,
+    seed: int | None = None,
+) -> dict[str, Any]:
+    """label_set, val_frac, test_frac, seed: explicit values, else the bundle's training config
+    (so the carve-out matches training's), else the label set matching `classes` and 0.1/0.1/0."""
+    cfg = dict(training.get("config") or {})
+    by_classes = next((name for name, cs in LABEL_SETS.items() if list(cs) == list(classes)), None)
+    out = {
+        "label_set": label_set or cfg.get("label_set") or by_classes,
+        "val_frac": float(val_frac if val_frac is not None else cfg.get("val_frac", 0.1)),
+        "test_frac": float(test_frac if test_frac is not None else cfg.get("test_frac", 0.1)),
+        "seed": int(seed if seed is not None else cfg.get("seed", 0)),
+    }
+    if out["label_set"] not in LABEL_SETS:
+        raise DataError(f"cannot tell the label set for classes {list(classes)}; pass label_set "
+                        f"(valid: {', '.join(LABEL_SETS)})")
+    missing = set(LABEL_SETS[out["label_set"]]) - set(classes)
+    if missing:
+        raise DataError(f"label set {out['label_set']!r} has classes {sorted(missing)} the bundle does not "
+                        f"predict (bundle classes: {list(classes)})")
+    return out
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _load(record: ImageRecord, spec: Any, s3_endpoint: str | None) -> np.ndarray | dict[str, str]:
+    """uint8[S, S] for a record, or an error row {path, kind, reason}."""
+    from pneumo.preprocess import DecodeError, load_image
+
+    try:
+        return load_image(read_bytes(record.path, s3_endpoint), record.path, spec)
+    except DecodeError as exc:
+        return {"path": record.path, "kind": exc.kind, "reason": exc.reason}
+    except OSError as exc:
+        return {"path": record.path, "kind": "unreadable", "reason": str(exc)}
+
+
+def evaluate_bundle(
+    bundle: str,
+    data: str,
+    split: str = "test",
+    out: str | os.PathLike = "eval",
+    s3_endpoint: str | None = None,
+    batch_size: int = 64,
+    label_set: str | None = None,
+    val_frac: float | None = None,
+    test_frac: float | None = None,
+    seed: int | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    workers: int = 4,
+    n_boot: int = 1000,
+) -> dict[str, Any]:
+    """Evaluate `bundle` on `split` of the labelled dataset at `data`; writes the report to `out`.
+
+    The split is carved exactly as in training (parameters from the bundle's manifest unless
+    given). Writes `predictions.csv` (path, label, score, predicted, per-class probabilities)
+    next to the report. Returns the report dict.
+    """
+    from pneumo.predict import Predictor, decide
+
+    if split not in SPLITS:
+        raise DataError(f"split {split!r}; valid: {', '.join(SPLITS)}")
+    predictor = Predictor(bundle, s3_endpoint=s3_endpoint, device=device, precision=precision, max_batch=batch_size)
+    manifest, classes = predictor.manifest, list(predictor.classes)
+    params = split_parameters(manifest.training, classes, label_set, val_frac, test_frac, seed)
+    records = labelled_splits(data, s3_endpoint=s3_endpoint, **params)
+    chosen = [r for r in records if r.split == split]
+    if not chosen:
+        present = sorted({r.split for r in records if r.split})
+        raise DataError(f"{data}: no images in split {split!r} (splits present: {', '.join(present)}; "
+                        f"carve-out val_frac={params['val_frac']}, test_frac={params['test_frac']})")
+    rows: list[tuple[ImageRecord, np.ndarray]] = []
+    errors: list[dict[str, str]] = []
+    spec = predictor.spec
+    probs_parts = []
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for chunk in _chunks(chosen, max(batch_size, 1) * 4):
+            batch = []
+            for rec, result in zip(chunk, pool.map(lambda r: _load(r, spec, s3_endpoint), chunk)):
+                if isinstance(result, dict):
+                    errors.append(result)
+                else:
+                    batch.append((rec, result))
+            if batch:
+                probs_parts.append(predictor.predict(np.stack([img for _, img in batch])))
+                rows.extend(batch)
+    probs = np.concatenate(probs_parts) if probs_parts else np.zeros((0, len(classes)), np.float32)
+    y_idx = np.array([classes.index(rec.label) for rec, _ in rows], dtype=np.int64)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    predicted = decide(probs, classes, predictor.threshold, manifest.negative_index) if len(probs) else []
+    score = M.positive_score(probs, classes)
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "score", "predicted", *[f"p_{c}" for c in classes]])
+        for (rec, _), s, p, pr in zip(rows, score, predicted, probs):
+            w.writerow([rec.path, rec.label, f"{s:.6f}", p, *[f"{v:.6f}" for v in pr]])
+    trained_on = manifest.training.get("data_fingerprint")
+    extra = {
+        "bundle": {"location": str(bundle), "model": manifest.model, "version": manifest.version,
+                   "sha256": manifest.sha256},
+        "data": str(data),
+        "split_parameters": params,
+        "data_fingerprint": fingerprint(records),
+        "same_data_as_training": (fingerprint(records) == trained_on) if trained_on else None,
+        "predictions": "predictions.csv",
+        "precision": predictor.precision,
+        "device": str(predictor.device),
+    }
+    history = manifest.training.get("history") or None
+    return write_report(out, y_idx, probs, classes, manifest.threshold, split, history, extra,
+                        errors=errors, n_boot=n_boot)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluate a model bundle on a labelled split: metrics with bootstrap 95% CIs, report and plots."""
+
+    bundle: str = field(metadata={"positional": True, "help": "model bundle folder or s3:// prefix"})
+    data: str = field(metadata={"positional": True, "help": "labelled dataset root (folder or s3:// prefix)"})
+    split: str = field(default="test", metadata={"choices": list(SPLITS), "help": "split to evaluate"})
+    out: str = field(default="eval", metadata={"help": "output folder for report.json, report.md and PNGs"})
+    s3_endpoint: str | None = field(default=None, metadata={"help": "S3-compatible endpoint, e.g. http://host:8333"})
+    batch_size: int = field(default=64, metadata={"help": "images per forward pass"})
+    label_set: str | None = field(default=None, metadata={"choices": list(LABEL_SETS),
+                                                          "help": "default: the bundle's training label set"})
+    val_frac: float | None = field(default=None, metadata={"help": "carve-out; default: as in training"})
+    test_frac: float | None = field(default=None, metadata={"help": "carve-out; default: as in training"})
+    seed: int | None = field(default=None, metadata={"help": "carve-out seed; default: as in training"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
+    workers: int = field(default=4, metadata={"help": "threads reading and decoding images"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the CIs"})
+
+    def validate(self) -> None:
+        from pneumo.config import ConfigError
+
+        if self.batch_size < 1 or self.workers < 1 or self.n_boot < 1:
+            raise ConfigError("batch_size, workers and n_boot must be >= 1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`pneumo evaluate BUNDLE DATA --split test --out DIR [--s3-endpoint URL]`."""
+    from pneumo.bundle import BundleError
+    from pneumo.config import parse_config
+
+    cfg = parse_config(EvaluateConfig, argv, prog="pneumo evaluate")
+    try:
+        report = evaluate_bundle(
+            cfg.bundle, cfg.data, split=cfg.split, out=cfg.out, s3_endpoint=cfg.s3_endpoint,
+            batch_size=cfg.batch_size, label_set=cfg.label_set, val_frac=cfg.val_frac, test_frac=cfg.test_frac,
+            seed=cfg.seed, device=cfg.device, precision=cfg.precision, workers=cfg.workers, n_boot=cfg.n_boot,
+        )
+    except (DataError, BundleError) as exc:
+        print(f"pneumo evaluate: error: {exc}", file=sys.stderr)
+        return 2
+    print(summary_table(report))
+    print(f"  report: {Path(cfg.out) / 'report.md'} (+ report.json, predictions.csv, "
+          f"{', '.join(report['plots'].values())})")
+    return 0
