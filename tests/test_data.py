@@ -259,7 +259,7 @@ def test_split_by_patient_is_the_same_in_every_process() -> None:
     import sys
 
     prints = set()
-    for hash_seed in ("1", "2", "3"):
+    for hash_seed in ("1", "2"):  # these two order {"BACTERIA", "VIRUS"} differently
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
         out = subprocess.run([sys.executable, "-c", _TIED_SPLIT], env=env, capture_output=True, text=True, check=True)
         prints.add(out.stdout.strip())
