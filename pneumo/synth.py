@@ -233,6 +233,7 @@ def synthesize(
 
     The same arguments always give the same files, byte for byte. With several `splits`,
     patients (never single images) are shared out over them, 70/15/15 for train/val/test.
+    Files already in `out` under other names are left alone: use an empty folder.
     """
     if n < 1:
         raise ValueError(f"n={n}: need at least one image")

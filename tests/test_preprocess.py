@@ -95,6 +95,7 @@ def _kinds() -> dict[str, tuple[bytes, str, bool]]:
         "png_L": (encode(Image.fromarray(g), "PNG"), "a.png", True),
         "png_RGB": (encode(rgb, "PNG"), "a.png", True),
         "png_RGBA": (encode(_rgba(g), "PNG"), "a.png", True),
+        "png_LA": (encode(Image.fromarray(np.dstack([g, np.full_like(g, 255)])), "PNG"), "a.png", True),
         "png_P": (encode(_palette(g), "PNG"), "a.png", True),
         "png_I16": (encode(_i16(g), "PNG"), "a.png", True),
         "dicom_mono2": (dicom_bytes(ramp12), "a.dcm", True),
@@ -108,7 +109,7 @@ KINDS = _kinds()
 def test_source_modes_are_what_the_table_says() -> None:
     modes = {name: Image.open(io.BytesIO(data)).mode for name, (data, _, _) in KINDS.items() if "dicom" not in name}
     assert modes == {"jpeg_gray": "L", "jpeg_rgb": "RGB", "jpeg_cmyk": "CMYK", "png_L": "L", "png_RGB": "RGB",
-                     "png_RGBA": "RGBA", "png_P": "P", "png_I16": "I;16"}
+                     "png_RGBA": "RGBA", "png_LA": "LA", "png_P": "P", "png_I16": "I;16"}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
