@@ -148,12 +148,17 @@ def test_eda_three_class(synth_data: Path) -> None:
 
 @pytest.fixture
 def messy_copy(synth_data: Path, tmp_path: Path) -> Path:
-    """A copy of the synthetic set plus one duplicate (under another patient) and one corrupt file."""
+    """The synthetic set plus a duplicate (under another patient), a corrupt JPEG, an RGB PNG and a DICOM."""
+    from test_preprocess import dicom_bytes
+
     root = tmp_path / "messy"
     shutil.copytree(synth_data, root)
     normal = sorted((root / "train" / "NORMAL").iterdir())
     shutil.copyfile(normal[0], root / "train" / "NORMAL" / "IM-9999-0001.jpeg")
     (root / "train" / "PNEUMONIA" / "person9999_virus_9999.jpeg").write_bytes(b"\xff\xd8\xff" + b"\0" * 100)
+    Image.new("RGB", (500, 300), (90, 90, 90)).save(root / "train" / "NORMAL" / "IM-9998-0001.png")
+    pixels = np.tile(np.arange(600, dtype=np.uint16), (700, 1))
+    (root / "train" / "PNEUMONIA" / "person9998_bacteria_9998.dcm").write_bytes(dicom_bytes(pixels, "MONOCHROME1"))
     return root
 
 
@@ -169,7 +174,11 @@ def test_eda_reports_duplicates_and_unreadable_files(messy_copy: Path, tmp_path:
     (group,) = report["duplicates"]
     assert [Path(p).name for p in group["paths"]] == [first, "IM-9999-0001.jpeg"]
     assert group["cross_patient"] and not group["cross_split"]
-    assert report["counts"]["train"] == {"NORMAL": 49, "PNEUMONIA": 73}
+    assert report["counts"]["train"] == {"NORMAL": 50, "PNEUMONIA": 74}
+    assert report["formats"] == {"JPEG": 121, "PNG": 1, "DICOM": 1}
+    assert report["modes"] == {"L": 121, "RGB": 1, "MONOCHROME1 12-bit": 1}
+    assert report["width"]["min"] == 256 and report["width"]["max"] == 600  # the DICOM is 600 wide
+    assert report["height"]["max"] == 700
     assert (out / "sample_grid.png").exists()  # the corrupt file is skipped, not fatal
 
 
