@@ -167,7 +167,7 @@ def test_evaluate_bundle_end_to_end_reports_corrupt_file(tiny, tmp_path):
     p = Predictor(str(tiny["bundle"]), device="cpu")
     row = rows[0]
     img = load_image(Path(row["path"]).read_bytes(), row["path"], p.spec)
-    assert float(row["score"]) == pytest.approx(float(p.positive_probability(p.predict(img[None]))[0]), abs=1e-5)
+    assert float(row["score"]) == pytest.approx(float(p.positive_probability(p.predict(np.array(img[None])))[0]), abs=1e-5)
     assert report["bundle"]["model"] == "seed_cnn" and report["extra"]["split_parameters"] == TRAIN_SPLIT
     for name in ("roc.png", "pr.png", "calibration.png", "confusion.png", "training_curves.png", "report.json"):
         assert (out / name).is_file(), name
