@@ -156,7 +156,8 @@ def build_parser(cls: type, prog: str | None = None, description: str | None = N
             kwargs["choices"] = meta["choices"]
         if meta.get("positional"):
             kwargs.pop("help")
-            parser.add_argument(name, metavar=name.upper(), help=help_text, **({"nargs": "?"} if f.default is not dataclasses.MISSING else {}))
+            # optional on the command line: a YAML file may give it; `from_dict` reports it missing
+            parser.add_argument(name, metavar=name.upper(), help=help_text, nargs="?")
             continue
         flag = "--" + name.replace("_", "-")
         if inner is bool:

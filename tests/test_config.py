@@ -146,3 +146,21 @@ def test_yaml_must_be_a_mapping(tmp_path) -> None:  # noqa: ANN001
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_yaml(path)
+
+
+def test_positional_may_come_from_yaml(tmp_path) -> None:
+    from dataclasses import dataclass, field
+
+    from pneumo.config import parse_config
+
+    @dataclass
+    class _Job:
+        data: str = field(metadata={"positional": True})
+        n: int = 3
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: /from/yaml\nn: 4\n")
+    assert parse_config(_Job, ["--config", str(recipe)]) == _Job("/from/yaml", 4)
+    assert parse_config(_Job, ["/cli", "--config", str(recipe)]).data == "/cli"
+    with pytest.raises(SystemExit):
+        parse_config(_Job, [])
