@@ -138,7 +138,8 @@ def _markdown(report: dict[str, Any], threshold: Mapping[str, Any]) -> str:
         lines += [f"## Files not evaluated ({report['n_errors']})", "", "| file | kind | reason |",
                   "| --- | --- | --- |"]
         for e in report["errors"]:
-            lines.append(f"| `{e['path']}` | {e['kind']} | {str(e['reason']).replace('|', '/')} |")
+            reason = str(e.get("reason", e.get("error", ""))).replace("|", "/")
+            lines.append(f"| `{e.get('path', '?')}` | {e.get('kind', '')} | {reason} |")
         lines.append("")
     return "\n".join(lines)
 
