@@ -82,6 +82,8 @@ class ServeArgs(BaseModel):
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(2, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(30.0, ge=0)
     model_num_cpus: float = Field(1.0, ge=0, description="CPUs reserved per model replica")
     ingress_num_cpus: float = Field(0.25, ge=0, description="CPUs reserved per ingress replica")
 
@@ -373,7 +375,9 @@ async def _form(request: Request, body: bytes, max_files: int) -> Any:
     try:
         return await replay.form(max_files=max_files, max_fields=max_files + 8)
     except StarletteHTTPException as exc:
-        raise ApiError(413 if "many" in str(exc.detail).lower() else 400, "invalid_request", str(exc.detail)) from None
+        too_many = "too many" in str(exc.detail).lower()
+        raise ApiError(413 if too_many else 400, "too_large" if too_many else "invalid_request",
+                       str(exc.detail)) from None
     except Exception as exc:
         raise ApiError(400, "invalid_request", f"malformed multipart body ({type(exc).__name__})") from None
 
@@ -526,6 +530,8 @@ def build_app(args: ServeArgs) -> serve.Application:
             "initial_replicas": max(args.min_replicas, 1),
             "max_replicas": args.max_replicas,
             "target_ongoing_requests": args.target_ongoing_requests,
+            "upscale_delay_s": args.upscale_delay_s,
+            "downscale_delay_s": args.downscale_delay_s,
         },
         max_ongoing_requests=max(64, 4 * args.max_batch_size),
         ray_actor_options={"num_cpus": args.model_num_cpus},

@@ -1,0 +1,452 @@
+"""The Ray Serve endpoint over real HTTP: API contract, every error code, API key, batch endpoint,
+a live reconfigure (new bundle + batch settings) under load, Prometheus metrics, and the upload
+page in real headless Chromium.
+
+Serve starts once for this module on a free port, from `serve_app/config.yaml` through the same
+call `serve run serve_app/config.yaml` makes (`deploy_apps` with the file's ServeDeploySchema),
+with two applications: `pneumo` at `/` and `secured` (API key required) at `/secured`. Bundles
+are tiny random-weight seed_cnn models. Serve is shut down at module teardown.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = REPO / "serve_app" / "config.yaml"
+SPEC_KW = {"size": 64, "channels": 1, "mean": (0.0,), "std": (1.0,)}
+MAX_UPLOAD = 200_000
+MAX_PIXELS = 4_000_000
+API_KEY = "s3cret-token-for-tests"
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(h: int = 96, w: int = 80, seed: int = 0) -> bytes:
+    arr = (np.random.default_rng(seed).random((h, w)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(seed: int = 1) -> bytes:
+    arr = (np.random.default_rng(seed).random((120, 100, 3)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="RGB").save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _dicom() -> bytes:
+    import pydicom
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PhotometricInterpretation = "CR", "MONOCHROME2"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 70, 60, 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PixelData = (np.random.default_rng(2).random((70, 60)) * 4095).astype(np.uint16).tobytes()
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def _bomb() -> bytes:
+    """A tiny PNG that decodes to 3000 x 3000 = 9 M pixels (> MAX_PIXELS)."""
+    buf = io.BytesIO()
+    Image.new("L", (3000, 3000), 0).save(buf, format="PNG", optimize=True)
+    return buf.getvalue()
+
+
+def _make_bundle(out: Path, seed: int) -> str:
+    import torch
+
+    from pneumo.bundle import save_bundle
+    from pneumo.models import get_model
+    from pneumo.preprocess import InputSpec
+
+    torch.manual_seed(seed)
+    spec = InputSpec(**SPEC_KW)
+    model = get_model("seed_cnn", 2, input_spec=spec)
+    return save_bundle(model, str(out), "seed_cnn", ["NORMAL", "PNEUMONIA"], spec).sha256
+
+
+def _deploy_config(bundle: str, api_key_file: str, user_config: dict | None = None) -> dict:
+    """serve_app/config.yaml, pointed at the test bundle, one replica, plus a `secured` copy."""
+    cfg = yaml.safe_load(CONFIG.read_text())
+    cfg.pop("http_options", None)
+    cfg.pop("proxy_location", None)
+    app = cfg["applications"][0]
+    app["args"].update(bundle=bundle, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS, max_batch_files=4)
+    app["runtime_env"] = {"env_vars": {"PYTHONPATH": str(REPO)}}
+    for dep in app["deployments"]:
+        dep["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
+        dep["ray_actor_options"] = {"num_cpus": 0.25}
+        if dep["name"] == "PneumoModel" and user_config is not None:
+            dep["user_config"] = user_config
+    secured = copy.deepcopy(app)
+    secured.update(name="secured", route_prefix="/secured")
+    secured["args"]["api_key_file"] = api_key_file
+    return {"applications": [app, secured]}
+
+
+def _deploy(cfg: dict, timeout: float = 240) -> None:
+    """What `serve run CONFIG` / `serve deploy CONFIG` do: apply a ServeDeploySchema (then wait)."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=False)
+    names = {a["name"] for a in cfg["applications"]}
+    deadline = time.monotonic() + timeout
+    while True:
+        apps = serve.status().applications
+        states = {n: str(apps[n].status) if n in apps else "MISSING" for n in names}
+        if all(s.endswith("RUNNING") for s in states.values()):
+            return
+        assert time.monotonic() < deadline, f"Serve apps not running after {timeout} s: {states}"
+        time.sleep(0.5)
+
+
+class Served:
+    def __init__(self, url: str, root: Path, sha1: str, sha2: str, key_file: str):
+        self.url, self.root, self.sha1, self.sha2, self.key_file = url, root, sha1, sha2, key_file
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tmp_path_factory):  # noqa: ANN001
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("serve")
+    sha1 = _make_bundle(root / "b1", seed=1)
+    sha2 = _make_bundle(root / "b2", seed=2)
+    key_file = root / "api_key"
+    key_file.write_text(API_KEY + "\n")
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        _deploy(_deploy_config(str(root / "b1"), str(key_file)))
+        s = Served(f"http://127.0.0.1:{port}", root, sha1, sha2, str(key_file))
+        with s.client() as c:
+            deadline = time.monotonic() + 60
+            while c.get("/readyz").status_code != 200 or c.get("/secured/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "Serve app not ready after 60 s"
+                time.sleep(0.5)
+        yield s
+    finally:
+        serve.shutdown()
+
+
+def _assert_error(r: httpx.Response, status: int, kind: str | None = None) -> dict:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/json")
+    err = r.json()["error"]
+    assert err["status"] == status and err["message"]
+    if kind:
+        assert err["kind"] == kind, err
+    return err
+
+
+# ---------------------------------------------------------------- contract
+
+
+def test_health_ready_and_openapi(served):
+    with served.client() as c:
+        assert c.get("/healthz").json() == {"status": "ok"}
+        assert c.get("/readyz").json() == {"status": "ready"}
+        paths = c.get("/openapi.json").json()["paths"]
+        assert {"/v1/predict", "/v1/predict/batch", "/v1/model", "/healthz", "/readyz"} <= set(paths)
+        body = paths["/v1/predict"]["post"]["requestBody"]["content"]
+        assert {"multipart/form-data", "image/jpeg", "image/png", "application/dicom"} <= set(body)
+        assert c.get("/docs").status_code == 200
+
+
+def test_predict_contract_matches_predictor(served):
+    """The answer's shape, and its numbers equal the Predictor's on the same preprocessing."""
+    from pneumo.predict import Predictor
+    from pneumo.preprocess import load_image
+
+    png = _png()
+    with served.client() as c:
+        r = c.post("/v1/predict", files={"file": ("patient_name.png", png, "image/png")})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert set(d) >= {"label", "probability", "probabilities", "threshold", "model", "latency_ms"}
+    assert d["model"] == {"name": "seed_cnn", "version": served.sha1[:12], "sha256": served.sha1}
+    assert set(d["probabilities"]) == {"NORMAL", "PNEUMONIA"}
+    assert abs(sum(d["probabilities"].values()) - 1) < 1e-4
+    assert d["threshold"] == 0.5 and d["latency_ms"] > 0
+    p = Predictor(str(served.root / "b1"), device="cpu", precision="fp32")
+    probs = p.predict(load_image(png, "", p.spec)[None])
+    assert d["probability"] == pytest.approx(float(p.positive_probability(probs)[0]), abs=1e-4)
+    assert d["label"] == p.labels(probs)[0]
+    assert "explanation" not in d
+
+
+@pytest.mark.parametrize("kind", ["image/jpeg", "image/png", "application/dicom", "application/octet-stream"])
+def test_predict_raw_body_each_content_type(served, kind):
+    data = {"image/jpeg": _jpeg(), "image/png": _png(), "application/dicom": _dicom(),
+            "application/octet-stream": _png(seed=5)}[kind]
+    with served.client() as c:
+        r = c.post("/v1/predict", content=data, headers={"content-type": kind})
+    assert r.status_code == 200, r.text
+    assert r.json()["label"] in ("NORMAL", "PNEUMONIA")
+
+
+def test_explain_adds_gradcam_png(served):
+    with served.client() as c:
+        r = c.post("/v1/predict", params={"explain": "true"}, content=_png(), headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    png = base64.b64decode(r.json()["explanation"]["overlay_png_base64"])
+    img = Image.open(io.BytesIO(png))
+    assert img.format == "PNG" and img.mode == "RGB" and img.size == (SPEC_KW["size"], SPEC_KW["size"])
+
+
+def test_model_info(served):
+    with served.client() as c:
+        d = c.get("/v1/model").json()
+    assert d["model"] == "seed_cnn" and d["bundle_sha256"] == served.sha1
+    assert d["classes"] == ["NORMAL", "PNEUMONIA"] and d["input"]["size"] == SPEC_KW["size"]
+    assert d["limits"]["max_upload_bytes"] == MAX_UPLOAD
+    assert d["batching"]["max_batch_size"] >= 1
+
+
+# ---------------------------------------------------------------- errors
+
+
+def _chunks(data: bytes, n: int = 65536):
+    for i in range(0, len(data), n):
+        yield data[i : i + n]
+
+
+ERROR_CASES = {
+    "empty": (dict(content=b"", headers={"content-type": "image/png"}), 400, "empty"),
+    "corrupt": (dict(content=_png()[:60], headers={"content-type": "image/png"}), 400, "corrupt"),
+    "unsupported_bytes": (dict(content=b"GIF89a" + b"\0" * 64, headers={"content-type": "application/octet-stream"}),
+                          415, "unsupported"),
+    "unsupported_type": (dict(content=b"hello", headers={"content-type": "text/plain"}), 415, "unsupported"),
+    "no_type": (dict(content=_png()), 415, "unsupported"),
+    "missing_field": (dict(files={"image": ("x.png", _png(), "image/png")}), 422, "invalid_request"),
+    "too_large_declared": (dict(content=b"\xff\xd8\xff" + b"\0" * MAX_UPLOAD, headers={"content-type": "image/jpeg"}),
+                           413, "too_large"),
+    "too_large_multipart": (dict(files={"file": ("x.jpg", b"\xff\xd8\xff" + b"\0" * MAX_UPLOAD, "image/jpeg")}),
+                            413, "too_large"),
+    "decompression_bomb": (dict(content=_bomb(), headers={"content-type": "image/png"}), 413, "too_large"),
+}
+
+
+@pytest.mark.parametrize("case", list(ERROR_CASES))
+def test_bad_input_gets_clear_4xx(served, case):
+    kwargs, status, kind = ERROR_CASES[case]
+    with served.client() as c:
+        _assert_error(c.post("/v1/predict", **kwargs), status, kind)
+
+
+def test_too_large_without_content_length(served):
+    """A chunked body (no Content-Length) is cut off at the limit too."""
+    big = b"\xff\xd8\xff" + b"\0" * (2 * MAX_UPLOAD)
+    with served.client() as c:
+        r = c.post("/v1/predict", content=_chunks(big), headers={"content-type": "image/jpeg"})
+    assert "content-length" not in {k.lower() for k in r.request.headers}
+    _assert_error(r, 413, "too_large")
+
+
+def test_unknown_route_and_method(served):
+    with served.client() as c:
+        _assert_error(c.get("/v2/nothing"), 404)
+        _assert_error(c.get("/v1/predict"), 405)
+
+
+# ---------------------------------------------------------------- batch endpoint
+
+
+def test_batch_endpoint_per_item_errors(served):
+    files = [("files", ("a.png", _png(seed=1), "image/png")), ("files", ("b.jpg", b"not an image", "image/jpeg")),
+             ("files", ("c.jpg", _jpeg(), "image/jpeg")), ("files", ("d.png", b"", "image/png"))]
+    with served.client() as c:
+        r = c.post("/v1/predict/batch", files=files)
+        assert r.status_code == 200, r.text
+        d = r.json()
+        assert d["count"] == 4 and d["errors"] == 2
+        res = d["results"]
+        assert [x["index"] for x in res] == [0, 1, 2, 3]
+        assert res[0]["label"] in ("NORMAL", "PNEUMONIA") and res[2]["model"]["sha256"] == served.sha1
+        assert res[1]["error"]["kind"] == "unsupported" and res[1]["error"]["status"] == 415
+        assert res[3]["error"]["kind"] == "empty"
+        # the batch answer agrees with the single endpoint
+        single = c.post("/v1/predict", content=_png(seed=1), headers={"content-type": "image/png"}).json()
+        assert single["probability"] == pytest.approx(res[0]["probability"], abs=1e-5)
+        _assert_error(c.post("/v1/predict/batch", files={"file": ("a.png", _png(), "image/png")}), 422)
+        too_many = [("files", (f"{i}.png", _png(seed=i), "image/png")) for i in range(5)]
+        _assert_error(c.post("/v1/predict/batch", files=too_many), 413, "too_large")
+        _assert_error(c.post("/v1/predict/batch", content=_png(), headers={"content-type": "image/png"}), 415)
+
+
+# ---------------------------------------------------------------- API key
+
+
+def test_api_key(served):
+    png = _png()
+    with served.client() as c:
+        assert c.get("/secured/healthz").status_code == 200  # health stays open
+        assert c.get("/secured/readyz").status_code == 200
+        assert c.get("/secured/").status_code == 200  # the page itself; its requests carry the key
+        r = c.post("/secured/v1/predict", content=png, headers={"content-type": "image/png"})
+        _assert_error(r, 401, "unauthorized")
+        assert r.headers["www-authenticate"] == "Bearer"
+        bad = {"content-type": "image/png", "authorization": "Bearer wrong"}
+        _assert_error(c.post("/secured/v1/predict", content=png, headers=bad), 401)
+        _assert_error(c.get("/secured/v1/model", headers={"authorization": f"Basic {API_KEY}"}), 401)
+        ok = {"content-type": "image/png", "authorization": f"Bearer {API_KEY}"}
+        r = c.post("/secured/v1/predict", content=png, headers=ok)
+        assert r.status_code == 200 and r.json()["label"] in ("NORMAL", "PNEUMONIA")
+        # the open app answers without a key
+        assert c.post("/v1/predict", content=png, headers={"content-type": "image/png"}).status_code == 200
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_prometheus_metrics_by_status(served, ray_local):
+    """Ray exports our request counter and latency histogram, tagged by status code."""
+    node = ray_local._private.worker.global_worker.node
+    port = getattr(node, "metrics_export_port", None)
+    if not port:
+        pytest.skip("this Ray node exports no metrics port")
+    with served.client() as c:
+        for _ in range(3):
+            c.post("/v1/predict", content=b"", headers={"content-type": "image/png"})
+            c.get("/healthz")
+    deadline = time.monotonic() + 40
+    text = ""
+    while time.monotonic() < deadline:
+        try:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        except httpx.HTTPError:
+            text = ""
+        if "pneumo_http_requests" in text and 'status_code="400"' in text and "pneumo_http_latency_ms" in text:
+            break
+        time.sleep(2)
+    lines = [ln for ln in text.splitlines() if ln.startswith("ray_pneumo_http_requests") or
+             ln.startswith("pneumo_http_requests")]
+    assert any('status_code="400"' in ln and 'endpoint="/v1/predict"' in ln for ln in lines), lines[:10]
+    assert any('status_code="200"' in ln and 'endpoint="/healthz"' in ln for ln in lines), lines[:10]
+    assert "pneumo_http_latency_ms_bucket" in text
+
+
+# ---------------------------------------------------------------- reconfigure under load
+
+
+def test_reconfigure_new_bundle_and_batching_under_load(served):
+    """`serve deploy` with a new user_config (bundle + batch settings): no request fails."""
+    png = _png(seed=7)
+    stop = threading.Event()
+    seen: dict[str, int] = {}
+    failures: list[str] = []
+    lock = threading.Lock()
+    max_requests = 600
+
+    def worker() -> None:
+        with served.client() as c:
+            while not stop.is_set():
+                with lock:
+                    if sum(seen.values()) + len(failures) >= max_requests:
+                        return
+                try:
+                    r = c.post("/v1/predict", content=png, headers={"content-type": "image/png"})
+                    ok = r.status_code == 200
+                    key = r.json()["model"]["sha256"] if ok else f"{r.status_code} {r.text[:200]}"
+                except Exception as exc:  # a dropped connection is a failure too
+                    ok, key = False, repr(exc)
+                with lock:
+                    if ok:
+                        seen[key] = seen.get(key, 0) + 1
+                    else:
+                        failures.append(key)
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        new_user_config = {"max_batch_size": 4, "batch_wait_timeout_s": 0.02, "bundle": str(served.root / "b2")}
+        _deploy(_deploy_config(str(served.root / "b1"), served.key_file, user_config=new_user_config))
+        with served.client() as c:
+            deadline = time.monotonic() + 60
+            while True:
+                info = c.get("/v1/model").json()
+                if info["bundle_sha256"] == served.sha2:
+                    break
+                assert time.monotonic() < deadline, f"bundle not swapped: {info}"
+                time.sleep(0.3)
+        assert info["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.02}
+        time.sleep(1.0)  # keep the load on the new model for a moment
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+    assert failures == [], failures[:5]
+    assert seen.get(served.sha1, 0) > 0 and seen.get(served.sha2, 0) > 0, seen
+
+
+# ---------------------------------------------------------------- the web page in real Chromium
+
+
+def test_browser_upload_shows_label_and_heatmap(served, tmp_path):
+    if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
+        pytest.skip(f"Debian chromium not found at {CHROMIUM} (`make browser` installs it as root)")
+    from playwright.sync_api import sync_playwright
+
+    image = tmp_path / "xray.png"
+    image.write_bytes(_png(200, 160, seed=3))
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(
+            executable_path=CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium"),
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync"],
+        )
+        try:
+            page = browser.new_page()
+            page.goto(served.url + "/")
+            assert "pneumo" in page.title()
+            page.set_input_files("#file", str(image))
+            page.click("#submit")
+            page.wait_for_selector("#result:not([hidden])", timeout=30_000)
+            label = page.inner_text("#label").strip()
+            probability = page.inner_text("#probability").strip()
+            page.wait_for_selector("#overlay-figure:not([hidden])", timeout=10_000)
+            overlay_src = page.get_attribute("#overlay", "src") or ""
+            natural_width = page.eval_on_selector("#overlay", "img => img.naturalWidth")
+        finally:
+            browser.close()
+    assert label in ("NORMAL", "PNEUMONIA")
+    assert probability.endswith("%") and 0 <= float(probability[:-1]) <= 100
+    assert overlay_src.startswith("data:image/png;base64,") and natural_width == SPEC_KW["size"]
