@@ -364,3 +364,16 @@ def test_submit_cli_refuses_bad_input_with_a_message(capsys: pytest.CaptureFixtu
             main(argv)
         assert exc.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_runtime_env_file_is_valid_and_mirrors_pyproject_dependencies() -> None:
+    import tomllib
+
+    from ray.runtime_env import RuntimeEnv
+
+    env = yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text())
+    RuntimeEnv(**env)  # Ray's own validation of the fields
+    assert env["working_dir"] == "."
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert sorted(env["pip"]) == sorted(d for d in deps if not d.startswith("ray")), (
+        "cluster/runtime_env.yaml pip list drifted from pyproject.toml dependencies")
