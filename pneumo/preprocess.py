@@ -244,7 +244,7 @@ def load_image(data: bytes, path: str, spec: InputSpec, max_pixels: int = DEFAUL
     img = decode(data, path, draft_size=spec.size, max_pixels=max_pixels)
     try:
         img = equalize(resize(img, spec), spec.equalize)
-        return np.asarray(img, dtype=np.uint8)
+        return np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy warns on read-only)
     except Exception as exc:
         raise DecodeError(path, "corrupt", f"cannot resize ({type(exc).__name__}: {exc})") from exc
 
