@@ -102,6 +102,8 @@ class TrainConfig:
     channels_last: bool = True
     threshold_method: str = field(default="target_sensitivity", metadata={"choices": list(THRESHOLD_METHODS)})
     target_sensitivity: float = 0.95
+    cache_features: bool = field(default=False, metadata={
+        "help": "finetune=head on a timm model: compute the frozen backbone's features once, then train the head"})
     max_steps_per_epoch: int = field(default=0, metadata={"help": "cap on training steps per epoch (0: all)"})
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts allowed"})
     num_to_keep: int = field(default=2, metadata={"help": "checkpoints kept (best by val AUC)"})
@@ -120,7 +122,13 @@ class TrainConfig:
             raise ConfigError("lr and weight_decay must be >= 0")
         if self.image_size and self.image_size < 16:
             raise ConfigError(f"image_size={self.image_size}: need >= 16 (0 keeps the model's)")
-        Augment(self.rotation, self.shift, self.zoom, self.hflip)
+        if self.cache_features and (self.finetune != "head" or self.head_epochs or self.augment().enabled):
+            raise ConfigError("cache_features needs finetune=head, head_epochs=0 and no augmentation "
+                              "(rotation/shift/zoom/hflip all off): the backbone must be frozen and its input fixed")
+        if self.cache_features and get_spec(self.model).weights_source.split(":")[0] not in ("timm", "package"):
+            raise ConfigError(f"cache_features works with timm models (forward_features/forward_head); "
+                              f"{self.model} is not one")
+        self.augment()
 
     # derived ------------------------------------------------------------------
     @property
@@ -226,6 +234,8 @@ def train_one_epoch(
     start = time.perf_counter()
     for batch in batches:
         images, labels = batch["image"], batch["label"]
+        if len(labels) < 2:  # a batch of one breaks batch norm; shards are equal, so every worker skips it
+            continue
         if not isinstance(images, torch.Tensor):
             images, labels = torch.as_tensor(np.asarray(images)), torch.as_tensor(np.asarray(labels))
         if augment is not None and augment.enabled:
@@ -280,6 +290,59 @@ def evaluate(
     probs = np.concatenate(probs_out) if probs_out else np.zeros((0, num_classes), np.float32)
     labels_arr = np.concatenate(labels_out) if labels_out else np.zeros((0,), np.int64)
     return {"labels": labels_arr, "probs": probs.astype(np.float32), "loss_sum": loss_sum, "n": n}
+
+
+@torch.inference_mode()
+def backbone_features(model: nn.Module, batches: Any, spec: InputSpec, device: torch.device,
+                      precision: str = "fp32", channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled pre-logit features of a frozen timm model over `batches`: (float32[N, F], int64[N])."""
+    model.eval()
+    feats, labels = [], []
+    for batch in batches:
+        x = to_tensor(batch["image"], spec, device=device, channels_last=channels_last)
+        with _autocast(device, precision):
+            f = model.forward_head(model.forward_features(x), pre_logits=True)
+        feats.append(f.float().cpu())
+        labels.append(torch.as_tensor(batch["label"]).long().cpu())
+    if not feats:
+        return torch.zeros((0, 0)), torch.zeros((0,), dtype=torch.long)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def train_head_epoch(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
+                     loss_fn: nn.Module, num_classes: int, batch_size: int, generator: torch.Generator,
+                     dropout: float = 0.0, max_steps: int = 0) -> dict[str, float]:
+    """One epoch of the classifier head on cached features (shuffled, dropout as in the model's head)."""
+    head.train()
+    start, total, n = time.perf_counter(), 0.0, 0
+    order = torch.randperm(len(feats), generator=generator)
+    device = next(head.parameters()).device
+    steps = max(1, len(feats) // batch_size) if len(feats) > 1 else 0  # equal shards: same steps everywhere
+    for step in range(steps):
+        idx = order[step * batch_size:(step + 1) * batch_size]
+        x = nn.functional.dropout(feats[idx].to(device), p=dropout, training=True)
+        y = labels[idx].to(device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = compute_loss(loss_fn, head(x), y, num_classes)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(y)
+        n += len(y)
+        if max_steps and step + 1 >= max_steps:
+            break
+    return {"loss": total / max(1, n), "images": float(n), "seconds": time.perf_counter() - start}
+
+
+@torch.inference_mode()
+def evaluate_head(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, loss_fn: nn.Module,
+                  num_classes: int) -> dict[str, Any]:
+    """`evaluate` on cached features."""
+    head.eval()
+    device = next(head.parameters()).device
+    logits = head(feats.to(device)) if len(feats) else torch.zeros((0, 1 if num_classes == 2 else num_classes))
+    loss_sum = float(compute_loss(loss_fn, logits, labels.to(device), num_classes)) * len(labels) if len(labels) else 0.0
+    return {"labels": labels.numpy().astype(np.int64), "probs": logits_to_probs(logits, num_classes).cpu().numpy(),
+            "loss_sum": loss_sum, "n": len(labels)}
 
 
 def positive_score(probs: np.ndarray, classes: list[str]) -> np.ndarray:
@@ -342,6 +405,48 @@ def load_weights(directory: str) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(directory, WEIGHTS_FILE))
 
 
+def _ckpt_epoch(checkpoint: Any) -> int:
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{STATE_FILE}") as f:
+            return int(json.loads(f.read())["epoch"])
+    except (OSError, KeyError, ValueError):
+        return -1
+
+
+def latest_checkpoint(given: Any, storage: str | None, run_name: str, s3_endpoint: str | None = None) -> Any:
+    """The newer of Ray's `get_checkpoint()` and the newest complete `epoch_NNNN` folder this run wrote.
+
+    Ray Train restores the latest *registered* checkpoint; when a worker dies right after a report,
+    the controller can see the failure before it registers that report's checkpoint, and the group
+    would silently repeat an epoch. Our own checkpoints are named by epoch, so the run folder tells
+    us the truth.
+    """
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    best, best_epoch = given, _ckpt_epoch(given) if given is not None else -1
+    if not storage:
+        return best
+    fs, root = resolve_filesystem(storage, s3_endpoint)
+    run_dir = f"{root.rstrip('/')}/{run_name}"
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(run_dir, allow_not_found=True))
+    except OSError:
+        return best
+    names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("epoch_")), reverse=True)
+    for name in names:
+        path = f"{run_dir}/{name}"
+        files = {i.base_name for i in fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))}
+        if {WEIGHTS_FILE, STATE_FILE, OPTIM_FILE} <= files:
+            candidate = Checkpoint(path=path, filesystem=fs)
+            epoch = _ckpt_epoch(candidate)
+            if epoch > best_epoch:
+                best, best_epoch = candidate, epoch
+            break
+    return best
+
+
 # ---------------------------------------------------------------- the Ray Train loop
 
 
@@ -387,7 +492,8 @@ def train_func(config: dict[str, Any]) -> None:
 
     state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_loss": math.inf, "bad_epochs": 0,
                              "best_auc": -1.0, "best_epoch": 0, "stopped": False}
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = latest_checkpoint(ray.train.get_checkpoint(), config.get("storage"), cfg.run_name,
+                                   cfg.s3_endpoint)
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             model.load_state_dict(load_weights(d))
@@ -399,6 +505,8 @@ def train_func(config: dict[str, Any]) -> None:
         if rank == 0:
             print(f"[pneumo train] resuming after epoch {state['epoch']} from {checkpoint.path}", flush=True)
 
+    state.setdefault("starts", []).append(state["epoch"])  # where each attempt began (resume/failure audit)
+
     def stage(epoch: int) -> str:
         return "head" if epoch < cfg.head_epochs else final_mode
 
@@ -407,11 +515,16 @@ def train_func(config: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)
     current = stage(state["epoch"])
     set_finetune(model, cfg.model, current, cfg.n_blocks)
-    ddp = ray.train.torch.prepare_model(model)
+    if cfg.cache_features:  # only the head trains: DDP over its parameters alone
+        ddp = ray.train.torch.prepare_model(model.get_classifier())
+    else:
+        ddp = ray.train.torch.prepare_model(model)
     augment = cfg.augment()
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
+
+    cache: dict[str, Any] = {}
 
     for epoch in range(state["epoch"], cfg.epochs):
         if state.get("stopped"):
@@ -421,19 +534,33 @@ def train_func(config: dict[str, Any]) -> None:
             Path(cfg.fail_marker).write_text(f"worker {rank} exited at epoch {number}\n")
             print(f"[pneumo train] test failure injection: rank {rank} exits at epoch {number}", flush=True)
             os._exit(1)
-        if stage(epoch) != current:
+        if stage(epoch) != current and not cfg.cache_features:
             current = stage(epoch)
             set_finetune(model, cfg.model, current, cfg.n_blocks)
             ddp = ray.train.torch.prepare_model(model)  # re-wrap: DDP tracks the trainable set
         gen.manual_seed(cfg.seed * 1000 + rank * 100 + number)
-        set_train_mode(model)
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size, local_shuffle_buffer_size=max(4 * cfg.batch_size, 256),
-            local_shuffle_seed=cfg.seed + number, drop_last=True)
-        tr = train_one_epoch(ddp, batches, optimizer, loss_fn, spec, k, device, precision, augment, gen,
-                             cfg.max_steps_per_epoch, channels_last, scaler)
-        ev = evaluate(model, val_shard.iter_torch_batches(batch_size=max(cfg.batch_size, 64)), loss_fn, spec, k,
-                      device, precision, channels_last)
+        if cfg.cache_features:
+            if not cache:
+                t_feat = time.perf_counter()
+                for name, shard in (("train", train_shard), ("val", val_shard)):
+                    cache[name] = backbone_features(model, shard.iter_torch_batches(batch_size=64), spec, device,
+                                                    precision, channels_last)
+                if rank == 0:
+                    print(f"[pneumo train] cached backbone features of {len(cache['train'][0])} train and "
+                          f"{len(cache['val'][0])} val images per worker in {time.perf_counter() - t_feat:.0f}s",
+                          flush=True)
+            tr = train_head_epoch(ddp, *cache["train"], optimizer, loss_fn, k, cfg.batch_size, gen,
+                                  float(getattr(model, "drop_rate", 0.0)), cfg.max_steps_per_epoch)
+            ev = evaluate_head(_unwrap(ddp), *cache["val"], loss_fn, k)
+        else:
+            set_train_mode(model)
+            batches = train_shard.iter_torch_batches(
+                batch_size=cfg.batch_size, local_shuffle_buffer_size=max(4 * cfg.batch_size, 256),
+                local_shuffle_seed=cfg.seed + number)
+            tr = train_one_epoch(ddp, batches, optimizer, loss_fn, spec, k, device, precision, augment, gen,
+                                 cfg.max_steps_per_epoch, channels_last, scaler)
+            ev = evaluate(model, val_shard.iter_torch_batches(batch_size=max(cfg.batch_size, 64)), loss_fn, spec,
+                          k, device, precision, channels_last)
         parts = _gather({"labels": ev["labels"], "probs": ev["probs"], "loss_sum": ev["loss_sum"], "n": ev["n"],
                          "train": tr}, world)
         labels = np.concatenate([p["labels"] for p in parts])
@@ -512,7 +639,7 @@ def fit(cfg: TrainConfig, datasets: dict[str, Any], classes: list[str], spec: In
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"cfg": to_dict(cfg), "classes": classes, "spec": spec.to_dict(),
+        train_loop_config={"cfg": to_dict(cfg), "classes": classes, "spec": spec.to_dict(), "storage": cfg.storage,
                            "class_weights": class_weights},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
@@ -578,6 +705,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     bundle = os.path.join(out, "bundle") if not is_s3(out) else out.rstrip("/") + "/bundle"
     training_info = {"config": to_dict(cfg), "epochs_run": last_state["epoch"], "best_epoch": best_state["epoch"],
                      "early_stopped": bool(last_state.get("stopped")), "data_fingerprint": fingerprint(records),
+                     "starts": last_state.get("starts", []),
                      "history": history, "skipped_files": ingest.errors, "counts": counts}
     save_bundle(model, bundle, cfg.model, classes, spec, training=training_info, s3_endpoint=cfg.s3_endpoint)
     # threshold on validation predictions only, through the same Predictor scoring/serving use
@@ -592,7 +720,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if not is_s3(out):
         save_config(cfg, os.path.join(out, "config.yaml"))
         if cfg.report:
-            reports = write_reports(out, splits, probs, classes, threshold, history)
+            reports = write_reports(out, splits, probs, classes, threshold, history, ingest.errors)
     summary = {"bundle": bundle, "version": manifest.version, "model": cfg.model, "threshold": threshold,
                "metrics": metrics, "epochs_run": last_state["epoch"], "best_epoch": best_state["epoch"],
                "early_stopped": bool(last_state.get("stopped")), "skipped_files": len(ingest.errors),
@@ -605,14 +733,18 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def write_reports(out: str, splits: dict[str, dict[str, np.ndarray]], probs: dict[str, np.ndarray],
-                  classes: list[str], threshold: dict, history: list[dict]) -> dict[str, Any]:
+                  classes: list[str], threshold: dict, history: list[dict],
+                  skipped: list[dict] | None = None) -> dict[str, Any]:
     """The evaluation helper's JSON + Markdown + PNG report for val (and test) under `<out>/report/`."""
     from pneumo.evaluation import write_report
 
+    errors = [{"path": e["path"], "split": e["split"], "kind": e["error"].split(":")[0],
+               "reason": e["error"].partition(": ")[2]} for e in skipped or []]
     reports = {}
     for split, data in splits.items():
         reports[split] = write_report(os.path.join(out, "report", split), data["label"], probs[split], classes,
-                                      threshold, split, history, {"source": "pneumo train"})
+                                      threshold, split, history, {"source": "pneumo train"},
+                                      errors=[e for e in errors if e["split"] == split])
     return {s: os.path.join(out, "report", s) for s in reports}
 
 
