@@ -681,12 +681,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     print(f"[pneumo train] {cfg.model} {spec.channels}x{spec.size} on {cfg.num_workers} worker(s); data "
           + ", ".join(f"{s}: " + "/".join(f"{c} {n}" for c, n in counts[s].items()) for s in counts)
           + (f"; {len(ingest.errors)} undecodable file(s) left out" if ingest.errors else ""), flush=True)
+    # materialised here, so the workers' shards need no CPU tasks while the workers hold every CPU
     train_ds = ingest.datasets["train"].select_columns(["image", "label"])
     if cfg.balance == "oversample":
-        train_ds = oversample(train_ds, counts["train"], classes).materialize()
+        train_ds = oversample(train_ds, counts["train"], classes)
+    train_ds = train_ds.materialize()
+    val_ds = ingest.datasets["val"].select_columns(["image", "label"]).materialize()
     weights = class_weights_for(counts["train"], classes)
-    result = fit(cfg, {"train": train_ds, "val": ingest.datasets["val"].select_columns(["image", "label"])},
-                 classes, spec, weights)
+    result = fit(cfg, {"train": train_ds, "val": val_ds}, classes, spec, weights)
     if result.error is not None:
         raise RuntimeError(f"training failed: {result.error}") from result.error
     latest = result.checkpoint
