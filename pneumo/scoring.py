@@ -108,6 +108,8 @@ class ScoreConfig:
     max_actors: int = field(default=1, metadata={"help": "actor pool maximum size"})
     cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per model actor (torch threads follow it)"})
     gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per model actor (0 = CPU)"})
+    torch_threads: int = field(default=0, metadata={
+        "help": "torch threads per actor; 0 = the actor's CPUs (OMP_NUM_THREADS, which Ray sets to them)"})
     run_id: str | None = field(default=None, metadata={"help": "run id (default: UTC time + random suffix)"})
 
     def validate(self) -> None:
@@ -121,6 +123,8 @@ class ScoreConfig:
             raise ConfigError("batch_size and read_batch_size must be >= 1")
         if not 1 <= self.min_actors <= self.max_actors:
             raise ConfigError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
+        if self.torch_threads < 0:
+            raise ConfigError(f"torch_threads must be >= 0 (0 = the actor's CPUs), got {self.torch_threads}")
         if self.cpus_per_actor <= 0 or self.read_cpus <= 0 or self.gpus_per_actor < 0:
             raise ConfigError("cpus_per_actor and read_cpus must be > 0, gpus_per_actor >= 0")
 
@@ -230,6 +234,11 @@ def explain_name(path: str) -> str:
     return f"{PurePosixPath(path).stem}-{hashlib.sha256(path.encode()).hexdigest()[:8]}.png"
 
 
+def _strings(values: np.ndarray) -> list[str | None]:
+    """A string column back from Ray's numpy batches: an all-null column arrives as NaN floats."""
+    return [v if isinstance(v, str) else None for v in values]
+
+
 class BundlePredictor:
     """Ray Data actor: loads the bundle once in `__init__`, scores batches in `__call__`."""
 
@@ -287,11 +296,11 @@ class BundlePredictor:
         cols = {
             "path": [str(v) for v in batch["path"]],
             "size_bytes": np.asarray(batch["size_bytes"], dtype=np.int64),
-            "etag_or_sha256": list(batch["etag_or_sha256"]),
+            "etag_or_sha256": _strings(batch["etag_or_sha256"]),
             "mtime_ns": np.asarray(batch["mtime_ns"], dtype=np.int64),
-            "status": list(batch["status"]),
-            "error": list(batch["error"]),
-            "error_kind": list(batch["error_kind"]),
+            "status": _strings(batch["status"]),
+            "error": _strings(batch["error"]),
+            "error_kind": _strings(batch["error_kind"]),
             "label": label,
             "probability": prob,
             "probabilities": probs,
@@ -433,7 +442,7 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
                 "bundle": cfg.bundle, "run_id": run_id, "s3_endpoint": cfg.s3_endpoint,
                 "precision": cfg.precision, "channels_last": cfg.channels_last,
                 "explain_dir": join(run_dir, EXPLAIN_DIR) if cfg.explain else None,
-                "num_threads": max(1, round(cfg.cpus_per_actor)),
+                "num_threads": cfg.torch_threads or max(1, round(cfg.cpus_per_actor)),
             },
             compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
             batch_size=cfg.batch_size,

@@ -1,0 +1,271 @@
+"""Batch scoring (pneumo.scoring) on the real local Ray, real files and the real weed S3 server.
+
+One scoring run of a mixed folder (module fixture) serves the row/status, explain and schema
+tests; incremental, killed-run and S3 tests make their own small runs. Tiny bundle: seed_cnn at
+64 px, 1 channel, random weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from test_preprocess import dicom_bytes  # the lead's pydicom writer (tests/ is on sys.path)
+
+from pneumo.bundle import save_bundle
+from pneumo.config import parse_config
+from pneumo.models import get_model
+from pneumo.preprocess import InputSpec
+from pneumo.scoring import (
+    OUTPUT_SCHEMA,
+    SUCCESS_FILE,
+    ScoreConfig,
+    committed_runs,
+    read_committed,
+    read_results,
+    run_score,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SPEC = InputSpec(size=64, channels=1, mean=(0.0,), std=(1.0,))
+FAST = ["--batch-size", "8", "--read-batch-size", "4"]
+
+
+def _jpeg(seed: int, size: tuple[int, int] = (80, 96), level: int | None = None) -> bytes:
+    rng = np.random.default_rng(seed)
+    px = rng.integers(0, 255, size[::-1], dtype=np.uint8)
+    if level is not None:
+        px = np.clip(px // 4 + level, 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def _png(seed: int, level: int | None = None) -> bytes:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(seed)
+    px = rng.integers(0, 255, (70, 70), dtype=np.uint8)
+    if level is not None:
+        px = np.clip(px // 4 + level, 0, 255).astype(np.uint8)
+    Image.fromarray(px).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _nn(value):  # noqa: ANN001, ANN202 - pandas reads a null string as None or NaN
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
+
+
+def _score(data: str | None, bundle: Path | str, out: Path | str, *extra: str):
+    argv = ([data] if data is not None else []) + ["--bundle", str(bundle), "--out", str(out), *FAST, *extra]
+    return run_score(parse_config(ScoreConfig, argv))
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    """A random-weight seed_cnn bundle whose threshold splits bright from dark images."""
+    import torch
+
+    from pneumo.predict import Predictor
+
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("bundle")
+    model = get_model("seed_cnn", 2, input_spec=SPEC)
+    save_bundle(model, str(root / "b0"), "seed_cnn", ["NORMAL", "PNEUMONIA"], SPEC)
+    p = Predictor(str(root / "b0"), precision="fp32")
+    dark, bright = np.full((1, 64, 64), 10, np.uint8), np.full((1, 64, 64), 240, np.uint8)
+    lo, hi = sorted(float(p.positive_probability(p.predict(x))[0]) for x in (dark, bright))
+    assert hi - lo > 1e-4, "random model should tell a dark from a bright image"
+    save_bundle(model, str(root / "b"), "seed_cnn", ["NORMAL", "PNEUMONIA"], SPEC,
+                threshold={"value": (lo + hi) / 2, "method": "test", "target": None})
+    return root / "b"
+
+
+# ---------------------------------------------------------------- one mixed run (rows, explain, schema)
+
+EXPECTED = {  # relative path -> (status, error_kind)
+    "a/b/c/good1.jpeg": ("ok", None),
+    "a/b/good2.jpg": ("ok", None),
+    "a/dark.jpeg": ("ok", None),
+    "a/bright.jpeg": ("ok", None),
+    "good3.png": ("ok", None),
+    "bright.png": ("ok", None),
+    "scan.dcm": ("ok", None),
+    "corrupt.jpeg": ("error", "corrupt"),
+    "empty.png": ("error", "empty"),
+    "notes.jpeg": ("error", "unsupported"),
+    "truncated.jpeg": ("error", "corrupt"),
+    "broken.dcm": ("error", "corrupt"),
+}
+
+
+@pytest.fixture(scope="module")
+def mixed_run(ray_local, bundle, tmp_path_factory):  # noqa: ANN001, ANN201
+    root = tmp_path_factory.mktemp("mixed")
+    data = root / "data"
+    good = _jpeg(1)
+    files = {
+        "a/b/c/good1.jpeg": good,
+        "a/b/good2.jpg": _jpeg(2),
+        "a/dark.jpeg": _jpeg(3, level=0),
+        "a/bright.jpeg": _jpeg(4, level=190),
+        "good3.png": _png(5),
+        "bright.png": _png(6, level=190),
+        "scan.dcm": dicom_bytes((np.arange(60 * 50).reshape(60, 50) % 4096).astype(np.uint16)),
+        "corrupt.jpeg": b"\xff\xd8\xff" + bytes(range(256)) * 4,
+        "empty.png": b"",
+        "notes.jpeg": b"patient notes, not an image\n",
+        "truncated.jpeg": good[: len(good) // 2],
+        "broken.dcm": b"\0" * 128 + b"DICM" + b"\x01\x02" * 100,
+        "readme.txt": b"not listed: wrong extension",
+    }
+    for rel, blob in files.items():
+        (data / rel).parent.mkdir(parents=True, exist_ok=True)
+        (data / rel).write_bytes(blob)
+    out = root / "out"
+    result = _score(str(data), bundle, out, "--explain")
+    return {"data": data, "out": out, "result": result, "df": read_results(str(out))}
+
+
+def test_mixed_inputs_give_one_row_each_with_status(mixed_run) -> None:  # noqa: ANN001
+    df, data, result = mixed_run["df"], mixed_run["data"], mixed_run["result"]
+    got = {str(Path(p).relative_to(data)): (s, _nn(k)) for p, s, k in zip(df.path, df.status, df.error_kind)}
+    assert got == EXPECTED  # exactly one row per image file, none for readme.txt
+    ok, err = df[df.status == "ok"], df[df.status == "error"]
+    assert ok.probability.between(0, 1).all() and ok.label.isin(["NORMAL", "PNEUMONIA"]).all()
+    assert all(len(v) == 2 and abs(sum(v) - 1) < 1e-5 for v in ok.probabilities)
+    assert np.allclose([v[1] for v in ok.probabilities], ok.probability)
+    assert err.probability.isna().all() and err.label.isna().all() and err.error.str.len().gt(0).all()
+    assert err.etag_or_sha256.str.len().eq(64).all()  # read and hashed, then refused by the decoder
+    good = (data / "a/b/c/good1.jpeg").read_bytes()
+    row = df[df.path.str.endswith("good1.jpeg")].iloc[0]
+    assert row.etag_or_sha256 == hashlib.sha256(good).hexdigest() and row.size_bytes == len(good)
+    assert (df.run_id == result.run_id).all() and df.bundle_sha256.str.len().eq(64).all()
+    marker = json.loads((Path(result.run_dir) / SUCCESS_FILE).read_text())
+    assert marker["counts"] == {"ok": 7, "error": 5} and marker["n_scored"] == 12
+    assert sorted(marker["files"]) == sorted(p.name for p in Path(result.run_dir).glob("part-*.parquet"))
+
+
+def test_explain_writes_overlays_for_positives_only(mixed_run) -> None:  # noqa: ANN001
+    df = mixed_run["df"]
+    pos = df[df.label == "PNEUMONIA"]
+    neg = df[df.label != "PNEUMONIA"]
+    assert len(pos) >= 1 and (df.label == "NORMAL").sum() >= 1, "bundle threshold should split the images"
+    assert neg.explain_path.isna().all()
+    for path in pos.explain_path:
+        assert "/explain/" in path and Path(path).is_file()
+        img = Image.open(path)
+        assert img.format == "PNG" and img.mode == "RGB" and img.size == (64, 64)
+    assert len(list((Path(mixed_run["result"].run_dir) / "explain").glob("*.png"))) == len(pos)
+
+
+def _readme_schema() -> dict[str, str]:
+    text = (REPO / "README.md").read_text()
+    m = re.search(r"<!-- schema: scoring -->(.*?)<!-- /schema -->", text, re.S)
+    assert m, "README must hold the scoring output schema between <!-- schema: scoring --> markers"
+    rows = re.findall(r"^\|\s*`([a-z_0-9]+)`\s*\|\s*`([^`]+)`\s*\|", m.group(1), re.M)
+    return dict(rows)
+
+
+def test_output_schema_matches_readme(mixed_run) -> None:  # noqa: ANN001
+    documented = _readme_schema()
+    part = next(Path(mixed_run["result"].run_dir).glob("part-*.parquet"))
+    written = {f.name: str(f.type) for f in pq.read_schema(part)}
+    assert list(documented) == list(written), "README columns (and their order) differ from the Parquet file"
+    assert documented == written
+    assert list(written) == OUTPUT_SCHEMA.names
+
+
+# ---------------------------------------------------------------- incremental and killed runs
+
+
+def test_incremental_rerun_scores_only_new_or_changed_files(ray_local, bundle, tmp_path) -> None:  # noqa: ANN001
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    for i in range(4):
+        (data / f"x{i}.jpeg").write_bytes(_jpeg(10 + i))
+    (data / "bad.jpeg").write_bytes(b"nope")
+    first = _score(str(data), bundle, out, "--incremental")
+    assert (first.n_scored, first.n_skipped) == (5, 0)
+
+    (data / "new1.png").write_bytes(_png(20))
+    (data / "sub").mkdir()
+    (data / "sub" / "new2.jpeg").write_bytes(_jpeg(21))
+    (data / "x0.jpeg").write_bytes(_jpeg(99, size=(90, 90)))  # changed content and size
+    second = _score(str(data), bundle, out, "--incremental")
+    assert (second.n_listed, second.n_scored, second.n_skipped) == (7, 3, 4)
+    rows = read_committed(str(out)).to_pandas()
+    second_paths = set(rows[rows.run_id == second.run_id].path)
+    assert second_paths == {str(data / "new1.png"), str(data / "sub" / "new2.jpeg"), str(data / "x0.jpeg")}
+
+    third = _score(str(data), bundle, out, "--incremental")
+    assert third.n_scored == 0 and third.n_skipped == 7
+    latest = read_results(str(out))
+    assert len(latest) == 7 and latest.path.is_unique
+    assert latest.set_index("path").loc[str(data / "x0.jpeg"), "run_id"] == second.run_id
+
+
+def test_killed_run_is_ignored_and_rerun_completes_without_duplicates(ray_local, bundle, tmp_path) -> None:  # noqa: ANN001
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    for i in range(3):
+        (data / f"old{i}.jpeg").write_bytes(_jpeg(30 + i))
+    first = _score(str(data), bundle, out, "--incremental")
+    for i in range(4):
+        (data / f"new{i}.jpeg").write_bytes(_jpeg(40 + i))
+
+    # A run killed after writing its parts but before its commit marker (the worst moment) ...
+    killed = _score(str(data), bundle, out, "--incremental")
+    (Path(killed.run_dir) / SUCCESS_FILE).unlink()
+    # ... and one killed while writing a part (a torn file, no marker).
+    torn = out / "runs" / "20000101T000000Z-dead00"
+    torn.mkdir(parents=True)
+    (torn / "part-00000-x.parquet").write_bytes(b"PAR1 torn")
+    assert [m["run_id"] for m in committed_runs(str(out))] == [first.run_id]
+    assert len(read_results(str(out))) == 3  # readers trust committed runs only
+
+    rerun = _score(str(data), bundle, out, "--incremental")
+    assert rerun.n_scored == 4 and rerun.n_skipped == 3  # the killed run's files are scored again
+    rows = read_committed(str(out)).to_pandas()
+    assert sorted(rows.path) == sorted(str(p) for p in data.glob("*.jpeg"))  # every file once: none lost, no dups
+    assert set(rows.run_id) == {first.run_id, rerun.run_id}
+
+
+# ---------------------------------------------------------------- S3 in, S3 out, manifest
+
+
+def test_s3_in_and_out_and_manifest(ray_local, bundle, s3_server, tmp_path) -> None:  # noqa: ANN001
+    local = tmp_path / "in"
+    (local / "2024" / "01").mkdir(parents=True)
+    (local / "2024" / "01" / "a.jpeg").write_bytes(_jpeg(50))
+    (local / "2024" / "b.png").write_bytes(_png(51))
+    (local / "c.jpeg").write_bytes(b"\xff\xd8\xff garbage")
+    s3_server.make_bucket("scoring-in")
+    s3_server.make_bucket("scoring-out")
+    s3_server.upload_dir(local, "scoring-in", "archive")
+    ep = ["--s3-endpoint", s3_server.endpoint]
+
+    result = _score("s3://scoring-in/archive", bundle, "s3://scoring-out/scores", *ep)
+    assert result.run_dir.startswith("s3://scoring-out/scores/runs/")
+    df = read_results("s3://scoring-out/scores", s3_endpoint=s3_server.endpoint)
+    assert dict(zip(df.path, df.status)) == {
+        "s3://scoring-in/archive/2024/01/a.jpeg": "ok",
+        "s3://scoring-in/archive/2024/b.png": "ok",
+        "s3://scoring-in/archive/c.jpeg": "error",
+    }
+    keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="scoring-out")["Contents"]]
+    assert f"scores/runs/{result.run_id}/{SUCCESS_FILE}" in keys
+
+    manifest = tmp_path / "list.txt"
+    manifest.write_text("# nightly list\ns3://scoring-in/archive/2024/b.png\n\ns3://scoring-in/archive/gone.jpeg\n")
+    listed = _score(None, bundle, tmp_path / "out2", "--manifest", str(manifest), *ep)
+    rows = read_results(str(tmp_path / "out2"))
+    assert listed.n_scored == 2
+    assert {p: _nn(k) for p, k in zip(rows.path, rows.error_kind)} == {
+        "s3://scoring-in/archive/2024/b.png": None, "s3://scoring-in/archive/gone.jpeg": "missing"}
