@@ -125,7 +125,13 @@ def _decode_error(exc: DecodeError) -> dict[str, Any]:
 
 @serve.deployment(name="PneumoModel", max_ongoing_requests=64, graceful_shutdown_timeout_s=10)
 class PneumoModel:
-    """Scores images with one Predictor per replica; batches concurrent requests."""
+    """Scores images with one Predictor per replica; batches concurrent requests.
+
+    Serve (2.60) forms the next batch as soon as requests arrive, even while the previous batch
+    still runs, so under steady load the batches that queue up stay small (measured: 1.6 images
+    per batch at 32 concurrent clients). Requests therefore wait at `_idle` while a forward pass
+    runs and join the batch queue together when it ends, which fills the next batch.
+    """
 
     def __init__(self, bundle: str, s3_endpoint: str | None = None, device: str = "auto",
                  precision: str = "auto", channels_last: bool = True, max_pixels: int = DEFAULT_MAX_PIXELS):
@@ -134,6 +140,9 @@ class PneumoModel:
         self._loaded = _load(bundle, s3_endpoint, **self._opts)
         self._reconfigure_lock = asyncio.Lock()
         self._batching = {"max_batch_size": 16, "batch_wait_timeout_s": 0.01}
+        self._batches = self._batched_items = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply `user_config`: batch settings now; a new bundle is loaded aside, then swapped in."""
@@ -156,13 +165,22 @@ class PneumoModel:
         loaded = self._loaded
         info = loaded.predictor.describe()
         info["batching"] = dict(self._batching)
+        info["batches_run"] = {"batches": self._batches, "images": self._batched_items,
+                               "mean_batch_size": round(self._batched_items / max(self._batches, 1), 2)}
         info["metrics"] = loaded.predictor.manifest.metrics
+        info["torch_threads"] = _torch_threads()
         return info
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def score_batch(self, items: list[tuple[np.ndarray, _Loaded]]) -> list[np.ndarray]:
         """One forward pass per loaded model in the batch (two only while a swap is under way)."""
-        return await asyncio.to_thread(_score_items, items)
+        self._batches += 1
+        self._batched_items += len(items)
+        self._idle.clear()
+        try:
+            return await asyncio.to_thread(_score_items, items)
+        finally:
+            self._idle.set()
 
     async def predict(self, data: bytes, explain: bool = False) -> dict[str, Any]:
         """Image bytes -> answer dict, or {"error": {...}} for input that cannot be decoded."""
@@ -175,6 +193,7 @@ class PneumoModel:
             image = await asyncio.to_thread(load_image, data, "", predictor.spec, self._max_pixels)
         except DecodeError as exc:
             return _decode_error(exc)
+        await self._idle.wait()  # see the class docstring: batches form while the model is busy
         probs = await self.score_batch((image, loaded))
         out = _answer(predictor, probs)
         out["model_ms"] = round((time.perf_counter() - t0) * 1000, 2)
@@ -184,6 +203,12 @@ class PneumoModel:
                 "method": "grad-cam (last convolution)",
             }
         return out
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _score_items(items: list[tuple[np.ndarray, _Loaded]]) -> list[np.ndarray]:
