@@ -112,8 +112,11 @@ def make_client(address: str | None = None):  # noqa: ANN201 - JobSubmissionClie
     return JobSubmissionClient(resolve_address(address))
 
 
-def submit(cfg: SubmitConfig, client: Any = None) -> str:
-    """Submit `cfg.entrypoint` with the runtime_env from `cfg`; returns the submission id."""
+def submit(cfg: SubmitConfig, client: Any = None, agent_wait_s: float = 60.0) -> str:
+    """Submit `cfg.entrypoint` with the runtime_env from `cfg`; returns the submission id.
+
+    Retries for up to `agent_wait_s` while a freshly started head has no job agent yet.
+    """
     cfg.validate()
     client = client or make_client(cfg.address)
     kwargs: dict[str, Any] = {}
@@ -121,10 +124,16 @@ def submit(cfg: SubmitConfig, client: Any = None) -> str:
         kwargs["entrypoint_num_cpus"] = cfg.entrypoint_num_cpus
     if cfg.entrypoint_num_gpus:
         kwargs["entrypoint_num_gpus"] = cfg.entrypoint_num_gpus
-    return client.submit_job(
-        entrypoint=cfg.entrypoint, runtime_env=build_runtime_env(cfg),
-        submission_id=cfg.submission_id, **kwargs,
-    )
+    runtime_env = build_runtime_env(cfg)
+    deadline = time.monotonic() + agent_wait_s
+    while True:
+        try:
+            return client.submit_job(entrypoint=cfg.entrypoint, runtime_env=runtime_env,
+                                     submission_id=cfg.submission_id, **kwargs)
+        except RuntimeError as exc:  # a just-started head answers 500 until its job agent is up
+            if "No available agent" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
 
 
 def wait(client: Any, job_id: str, timeout_s: float = 0.0, poll_s: float = 1.0) -> str:
