@@ -32,6 +32,7 @@ import dataclasses
 import hmac
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -592,6 +593,10 @@ def serve_args(cfg: ServeConfig) -> ServeArgs:
     return ServeArgs.model_validate({k: v for k, v in dataclasses.asdict(cfg).items() if k in keys})
 
 
+def _interrupt(_signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     """`pneumo serve BUNDLE [--host --port --precision ...]`."""
     import ray
@@ -605,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     app = build_app(args)
     print(f"pneumo: serving {cfg.bundle} at http://{cfg.host}:{cfg.port}/ (API docs at /docs); Ctrl-C stops")
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a parent shell ignored it
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops Serve cleanly too
     try:
         serve.run(app, name="pneumo", route_prefix="/", blocking=True)
     except KeyboardInterrupt:
