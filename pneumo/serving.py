@@ -1,8 +1,8 @@
 """Online scoring on Ray Serve: a FastAPI ingress in front of a batching model deployment.
 
-    pneumo serve runs/demo/bundle --port 8000          # local, blocking, Ctrl-C stops
+    pneumo serve demo_out/train/bundle --port 8000          # local, blocking, Ctrl-C stops
     serve run serve_app/config.yaml                     # the deploy config (autoscaling etc.)
-    serve run serve_app.app:build_app bundle=runs/demo/bundle
+    serve run serve_app.app:build_app bundle=demo_out/train/bundle
 
 Two deployments, shaped like the Ray Serve docs:
 

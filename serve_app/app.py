@@ -1,8 +1,8 @@
 """The Serve application: `serve run serve_app/config.yaml` or `serve deploy serve_app/config.yaml`.
 
-    serve run serve_app.app:build_app bundle=runs/demo/bundle         # ad hoc, from the repo root
+    serve run serve_app.app:build_app bundle=demo_out/train/bundle         # ad hoc, from the repo root
     serve run serve_app/config.yaml                                    # autoscaling, user_config
-    pneumo serve runs/demo/bundle --port 8000                          # the same app via the CLI
+    pneumo serve demo_out/train/bundle --port 8000                          # the same app via the CLI
 
 `build_app(args: ServeArgs)` is the typed builder: Serve validates the config's `args:` against
 `pneumo.serving.ServeArgs` (unknown keys rejected) before calling it.
