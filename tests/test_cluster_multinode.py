@@ -196,7 +196,8 @@ def _tiny_archive_and_bundle(tmp: Path) -> tuple[Path, Path, list[str]]:
     return data, bundle, inputs
 
 
-def test_batch_scoring_job_runs_on_both_nodes(two_node_cluster: LocalCluster, tmp_path: Path) -> None:
+def test_batch_scoring_job_runs_on_both_nodes(two_node_cluster: LocalCluster, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
     from ray.util.state import list_actors, list_tasks
 
     from pneumo.config import from_dict
@@ -242,7 +243,7 @@ def test_batch_scoring_job_runs_on_both_nodes(two_node_cluster: LocalCluster, tm
     for t in tasks:
         if t.node_id in per_node:
             per_node[t.node_id][t.name] += 1
-    actor_nodes = {a.node_id for a in actors if "MapWorker" in (a.class_name or "")}
+    actor_nodes = {a.node_id for a in actors if "MapWorker" in (a.class_name or "") and a.node_id}
     detail = {n[:8]: dict(c) for n, c in per_node.items()}
     for node, names in per_node.items():  # Ray Data work (reads, preprocessing, scoring), not just the driver
         assert any("MapBatches" in name or "MapWorker" in name for name in names), (
@@ -253,4 +254,9 @@ def test_batch_scoring_job_runs_on_both_nodes(two_node_cluster: LocalCluster, tm
     from pneumo.submit import main
 
     assert main(["status", job_id, "--address", cluster.dashboard]) == 0
+    assert '"status": "SUCCEEDED"' in capsys.readouterr().out
     assert main(["list", "--address", cluster.dashboard]) == 0
+    assert job_id in capsys.readouterr().out
+    assert main(["logs", job_id, "--follow", "--timeout-s", "60", "--address", cluster.dashboard]) == 0
+    followed = capsys.readouterr().out
+    assert "committed to" in followed and followed.rstrip().endswith(f"job {job_id}: SUCCEEDED")
