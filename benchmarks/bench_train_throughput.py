@@ -6,7 +6,7 @@
 Ray side: `pneumo.training.fit` (TorchTrainer, one worker with `--threads` CPUs, the dataset
 shard from Ray Data, `train_one_epoch`, per-epoch val + report + rank-0 checkpoint); its
 `train_images_per_s` covers the training pass (data iteration, to_tensor, forward, backward,
-step), with the workers at the plain loop's niceness (0, not Ray's default 15). Plain side:
+step), with the workers at the plain loop's niceness (0; Ray nices its workers by default). Plain side:
 the same `train_one_epoch` over numpy batches in this process with `torch.set_num_threads`. The first epoch of each is warm-up; the median of the rest
 is compared. Prints both and the ratio (target >= 0.95).
 """
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"plain epoch {epoch + 1}: {plain[-1]:.1f} img/s", flush=True)
 
     # Ray Train loop ---------------------------------------------------------------------------
-    # Ray starts its workers at niceness 15 (RAY_worker_niceness); the plain loop runs at 0, so on
+    # Ray starts its workers niced (RAY_worker_niceness); the plain loop runs at 0, so on
     # a machine other jobs are loading the comparison would measure the scheduler, not Ray.
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=max(2, args.threads), include_dashboard=False, ignore_reinit_error=True)
