@@ -36,6 +36,7 @@ from torch import nn
 from pneumo.augment import Augment
 from pneumo.config import ConfigError, from_dict, parse_config, save_config, to_dict
 from pneumo.data import LABEL_SETS, fingerprint, is_s3, labelled_splits, resolve_filesystem
+from pneumo.metrics import THRESHOLD_METHODS, negative_index, positive_score
 from pneumo.models import (
     FINETUNE_MODES,
     get_model,
@@ -50,7 +51,6 @@ from pneumo.preprocess import EQUALIZE_MODES, InputSpec, to_tensor
 OPTIMIZERS = ("adam", "adamw", "adamax", "rmsprop", "sgd")
 SCHEDULERS = ("none", "plateau", "cosine")
 BALANCE = ("none", "weighted_loss", "oversample")
-THRESHOLD_METHODS = ("youden", "target_sensitivity")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.json"
@@ -345,15 +345,9 @@ def evaluate_head(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, lo
             "loss_sum": loss_sum, "n": len(labels)}
 
 
-def positive_score(probs: np.ndarray, classes: list[str]) -> np.ndarray:
-    """1 - P(NORMAL): the score the bundle's threshold applies to (as `pneumo.predict`)."""
-    neg = classes.index("NORMAL") if "NORMAL" in classes else 0
-    return 1.0 - np.asarray(probs)[:, neg]
-
-
 def is_positive(labels: np.ndarray, classes: list[str]) -> np.ndarray:
-    neg = classes.index("NORMAL") if "NORMAL" in classes else 0
-    return (np.asarray(labels) != neg).astype(np.int64)
+    """1 for any class but NORMAL (the question the threshold answers), else 0."""
+    return (np.asarray(labels) != negative_index(classes)).astype(np.int64)
 
 
 def epoch_metrics(labels: np.ndarray, probs: np.ndarray, classes: list[str], threshold: float = 0.5) -> dict[str, float]:
