@@ -345,18 +345,27 @@ def test_prometheus_metrics_by_status(served, ray_local):
         for _ in range(3):
             c.post("/v1/predict", content=b"", headers={"content-type": "image/png"})
             c.get("/healthz")
-    deadline = time.monotonic() + 40
+    def ours(text: str) -> list[str]:
+        return [ln for ln in text.splitlines()
+                if ln.startswith("ray_pneumo_http_requests") or ln.startswith("pneumo_http_requests")]
+
+    def complete(text: str) -> bool:  # exactly what is asserted below: metrics export lags the requests
+        lines = ours(text)
+        return (any('status_code="400"' in ln and 'endpoint="/v1/predict"' in ln for ln in lines)
+                and any('status_code="200"' in ln and 'endpoint="/healthz"' in ln for ln in lines)
+                and "pneumo_http_latency_ms_bucket" in text)
+
+    deadline = time.monotonic() + 60
     text = ""
     while time.monotonic() < deadline:
         try:
             text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
         except httpx.HTTPError:
             text = ""
-        if "pneumo_http_requests" in text and 'status_code="400"' in text and "pneumo_http_latency_ms" in text:
+        if complete(text):
             break
         time.sleep(2)
-    lines = [ln for ln in text.splitlines() if ln.startswith("ray_pneumo_http_requests") or
-             ln.startswith("pneumo_http_requests")]
+    lines = ours(text)
     assert any('status_code="400"' in ln and 'endpoint="/v1/predict"' in ln for ln in lines), lines[:10]
     assert any('status_code="200"' in ln and 'endpoint="/healthz"' in ln for ln in lines), lines[:10]
     assert "pneumo_http_latency_ms_bucket" in text
