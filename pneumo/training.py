@@ -45,7 +45,7 @@ from pneumo.models import (
     set_finetune,
     set_train_mode,
 )
-from pneumo.predict import autocast, logits_to_probs, resolve_precision
+from pneumo.predict import Predictor, autocast, logits_to_probs, resolve_precision
 from pneumo.preprocess import EQUALIZE_MODES, InputSpec, to_tensor
 
 OPTIMIZERS = ("adam", "adamw", "adamax", "rmsprop", "sgd")
@@ -647,12 +647,6 @@ def fit(cfg: TrainConfig, datasets: dict[str, Any], classes: list[str], spec: In
     return trainer.fit()
 
 
-def _predict(bundle: str, data: dict[str, np.ndarray], s3_endpoint: str | None) -> np.ndarray:
-    from pneumo.predict import Predictor
-
-    return Predictor(bundle, s3_endpoint=s3_endpoint, device="auto", precision="fp32").predict(data["image"])
-
-
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """The whole job: data -> Ray Train -> bundle (+ val-chosen threshold) -> config, report, summary."""
     import ray
@@ -706,7 +700,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     save_bundle(model, bundle, cfg.model, classes, spec, training=training_info, s3_endpoint=cfg.s3_endpoint)
     # threshold on validation predictions only, through the same Predictor scoring/serving use
     splits = {s: to_numpy(ingest.datasets[s]) for s in ("val", "test") if s in ingest.datasets}
-    probs = {s: _predict(bundle, d, cfg.s3_endpoint) for s, d in splits.items()}
+    predictor = Predictor(bundle, s3_endpoint=cfg.s3_endpoint, device="auto", precision="fp32")  # loaded once
+    probs = {s: predictor.predict(d["image"]) for s, d in splits.items()}
     threshold = choose_threshold(splits["val"]["label"], probs["val"], classes, cfg.threshold_method,
                                  cfg.target_sensitivity)
     metrics = {s: epoch_metrics(splits[s]["label"], probs[s], classes, threshold["value"]) for s in splits}
