@@ -5,12 +5,14 @@
     pneumo models                     list the registered models
     pneumo train DATA --out DIR       train with Ray Train, export a model bundle
     pneumo evaluate BUNDLE DATA       evaluate a bundle on a labelled split
+    pneumo export BUNDLE              add model.onnx to an older bundle
+    pneumo quantize BUNDLE            add a gated model.int8.onnx
     pneumo score DATA --bundle B --out DIR   batch-score an archive into Parquet
     pneumo serve BUNDLE               serve a bundle with Ray Serve
     pneumo submit ...                 submit / follow / stop a job on a Ray cluster
     pneumo demo --out DIR             the whole path on synthetic data
 
-Every verb's module exposes `main(argv) -> int`; verbs are imported lazily, so `pneumo synth`
+Every verb names a `module[:function]` taking `argv` and returning an exit code (default `main`); verbs are imported lazily, so `pneumo synth`
 does not pay for importing Ray.
 """
 
@@ -25,6 +27,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "models": ("pneumo.models", "list the registered models and their input specs"),
     "train": ("pneumo.training", "train with Ray Train and export a model bundle"),
     "evaluate": ("pneumo.evaluation", "evaluate a model bundle on a labelled split"),
+    "export": ("pneumo.upgrade:export_main", "add a parity-checked ONNX graph to an existing bundle"),
+    "quantize": ("pneumo.upgrade:quantize_main", "add a gated int8 ONNX graph to a bundle"),
     "score": ("pneumo.scoring", "batch-score an archive into Parquet with Ray Data"),
     "serve": ("pneumo.serving", "serve a model bundle with Ray Serve"),
     "submit": ("pneumo.submit", "submit, follow, inspect or stop a job on a Ray cluster"),
@@ -52,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if verb not in VERBS:
         print(f"pneumo: unknown verb {verb!r}; valid: {', '.join(VERBS)}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(VERBS[verb][0])
-    return int(module.main(rest) or 0)
+    module_name, _, func = VERBS[verb][0].partition(":")
+    module = importlib.import_module(module_name)
+    return int(getattr(module, func or "main")(rest) or 0)
 
 
 if __name__ == "__main__":

@@ -102,9 +102,25 @@ def read_bytes(location: str, s3_endpoint: str | None = None) -> bytes:
 
 
 def write_bytes(location: str, data: bytes, s3_endpoint: str | None = None) -> None:
+    """Write a whole file atomically: a reader sees the old file or the new one, never a torn one.
+
+    Local: a temporary name in the same folder, fsync, then `os.replace`. S3: one PUT (atomic per object).
+    """
     fs, path = resolve_filesystem(location, s3_endpoint)
     if isinstance(fs, pafs.LocalFileSystem):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}-{os.urandom(4).hex()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
     with fs.open_output_stream(path) as f:
         f.write(data)
 

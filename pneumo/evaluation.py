@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 
 from pneumo import metrics as M
+from pneumo.precision import PRECISIONS
+from pneumo.predict import ENGINES
 from pneumo.data import (
     LABEL_SETS,
     SPLITS,
@@ -305,6 +307,7 @@ def evaluate_bundle(
     seed: int | None = None,
     device: str = "auto",
     precision: str = "auto",
+    engine: str = "auto",
     workers: int = 4,
     n_boot: int = 1000,
 ) -> dict[str, Any]:
@@ -318,7 +321,8 @@ def evaluate_bundle(
 
     if split not in SPLITS:
         raise DataError(f"split {split!r}; valid: {', '.join(SPLITS)}")
-    predictor = Predictor(bundle, s3_endpoint=s3_endpoint, device=device, precision=precision, max_batch=batch_size)
+    predictor = Predictor(bundle, s3_endpoint=s3_endpoint, device=device, precision=precision, engine=engine,
+                          max_batch=batch_size)
     manifest, classes = predictor.manifest, list(predictor.classes)
     params = split_parameters(manifest.training, classes, label_set, val_frac, test_frac, seed)
     records = labelled_splits(data, s3_endpoint=s3_endpoint, **params)
@@ -346,7 +350,7 @@ def evaluate_bundle(
     y_idx = np.array([classes.index(rec.label) for rec, _ in rows], dtype=np.int64)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    predicted = decide(probs, classes, predictor.threshold, manifest.negative_index) if len(probs) else []
+    predicted = decide(probs, classes, predictor.threshold) if len(probs) else []
     score = M.positive_score(probs, classes)
     with open(out / "predictions.csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -362,6 +366,7 @@ def evaluate_bundle(
         "data_fingerprint": fingerprint(records),
         "same_data_as_training": (fingerprint(records) == trained_on) if trained_on else None,
         "predictions": "predictions.csv",
+        "engine": predictor.engine,
         "precision": predictor.precision,
         "device": str(predictor.device),
     }
@@ -389,7 +394,8 @@ class EvaluateConfig:
     test_frac: float | None = field(default=None, metadata={"help": "carve-out; default: as in training"})
     seed: int | None = field(default=None, metadata={"help": "carve-out seed; default: as in training"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
-    precision: str = field(default="auto", metadata={"choices": ["auto", "fp32", "bf16"]})
+    precision: str = field(default="auto", metadata={"choices": list(PRECISIONS)})
+    engine: str = field(default="auto", metadata={"choices": list(ENGINES), "help": "auto: ONNX Runtime on CPU"})
     workers: int = field(default=4, metadata={"help": "threads reading and decoding images"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the CIs"})
 
@@ -410,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
         report = evaluate_bundle(
             cfg.bundle, cfg.data, split=cfg.split, out=cfg.out, s3_endpoint=cfg.s3_endpoint,
             batch_size=cfg.batch_size, label_set=cfg.label_set, val_frac=cfg.val_frac, test_frac=cfg.test_frac,
-            seed=cfg.seed, device=cfg.device, precision=cfg.precision, workers=cfg.workers, n_boot=cfg.n_boot,
+            seed=cfg.seed, device=cfg.device, precision=cfg.precision, engine=cfg.engine, workers=cfg.workers, n_boot=cfg.n_boot,
         )
     except (DataError, BundleError) as exc:
         print(f"pneumo evaluate: error: {exc}", file=sys.stderr)

@@ -346,7 +346,7 @@ def multiclass_metrics(
     else:
         from pneumo.predict import decide
 
-        pred = np.array([classes.index(c) for c in decide(probs, classes, threshold, neg)], dtype=np.int64)
+        pred = np.array([classes.index(c) for c in decide(probs, classes, threshold)], dtype=np.int64)
     cm = np.zeros((k, k), dtype=np.int64)
     np.add.at(cm, (y, pred), 1)
     per_class = {}

@@ -1,30 +1,52 @@
-"""`Predictor`: a model bundle -> class probabilities for batches of preprocessed images.
+"""`Predictor`: a model bundle -> class probabilities (and embeddings) for batches of preprocessed images.
 
-Batch scoring (Ray Data actors) and serving (Ray Serve replicas) both wrap this one class, so
-they load the same bundle the same way and cannot disagree.
+Batch scoring (Ray Data actors), serving (Ray Serve replicas), `pneumo evaluate` and training's
+final val/test pass all wrap this one class, so they load the same bundle the same way and
+cannot disagree.
 
-    p = Predictor("runs/demo/bundle", precision="auto")
-    images = np.stack([load_image(b, path, p.spec) for b, path in ...])   # uint8[N, S, S]
-    probs = p.predict(images)                    # float32[N, num_classes]
-    p.labels(probs), p.positive_probability(probs)
+    p = Predictor("runs/demo/bundle")                       # engine="auto", precision="auto"
+    images = np.stack([...])                                # uint8[N, S, S] from pneumo.reading
+    probs = p.predict(images)                               # float32[N, num_classes]
+    probs, feats = p.predict_with_features(images)          # + float32[N, F] pooled embeddings
+    p.labels(probs), p.positive_probability(probs), p.engine, p.precision
 
-The positive score is `1 - P(NORMAL)` (for the three-class task: any pneumonia); the bundle's
-threshold applies to it.
+Engines (`engine=`):
+- `onnxruntime`: the bundle's verified `model.onnx` (or the gated `model.int8.onnx` with
+  `precision="int8"`) on ONNX Runtime's CPU provider, intra-op threads = `threads` (default: the
+  actor's or replica's CPUs, which Ray puts in OMP_NUM_THREADS).
+- `torch`: the same scoring graph (`pneumo.export.ScoringModule`) in eager torch, channels_last,
+  bf16/fp16 autocast where asked (`pneumo.precision`).
+- `auto`: torch on CUDA; ONNX Runtime on CPU when the bundle has an ONNX file, otherwise torch,
+  with the fallback logged and reported in `describe()`.
+
+Grad-CAM needs gradients, so `explain_model` is a torch model loaded lazily on first use.
+The positive score is `1 - P(NORMAL)` (`pneumo.metrics.positive_score`); the bundle's threshold applies to it.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import logging
+import os
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from pneumo.bundle import Manifest, load_bundle
+from pneumo import precision as P
+from pneumo.bundle import INT8_FILE, ONNX_FILE, Manifest, load_model, read_file, read_manifest
+from pneumo.metrics import negative_index, positive_score
 from pneumo.preprocess import InputSpec, to_tensor
 
-PRECISIONS = ("auto", "fp32", "bf16")
+log = logging.getLogger(__name__)
+
+ENGINES = ("auto", "torch", "onnxruntime")
 DEVICES = ("auto", "cpu", "cuda")
+DEFAULT_MAX_BATCH = 64
+
+
+class EngineError(RuntimeError):
+    """The engine asked for cannot run this bundle here."""
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -35,48 +57,45 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-def bf16_native(device: torch.device) -> bool:
-    """True where bf16 matmuls/convs run natively (CUDA with bf16, or a CPU with AVX-512 bf16 / AMX)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+def default_threads() -> int:
+    """The CPUs this process was given: Ray sets OMP_NUM_THREADS to an actor's/replica's num_cpus."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except Exception:
-        return False
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "0"))) if os.environ.get("OMP_NUM_THREADS") else 0
+    except ValueError:
+        return 0
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r}; valid: {', '.join(PRECISIONS)}")
-    if precision == "auto":
-        return "bf16" if bf16_native(device) else "fp32"
-    return precision
+def resolve_engine(engine: str, device: torch.device, manifest: Manifest) -> tuple[str, str | None]:
+    """(engine, why the auto choice fell back to torch or None)."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}; valid: {', '.join(ENGINES)}")
+    if engine == "onnxruntime":
+        if device.type != "cpu":
+            raise EngineError("engine='onnxruntime' runs on the CPU here (no CUDA build of ORT); use device=cpu")
+        if not manifest.has_onnx:
+            raise EngineError(f"the bundle has no {ONNX_FILE} ({manifest.onnx.get('refused', 'older bundle')}); "
+                              "run `pneumo export BUNDLE`, or use --engine torch")
+        return engine, None
+    if engine == "torch" or device.type == "cuda":
+        return "torch", None
+    if not manifest.has_onnx:
+        return "torch", f"bundle has no {ONNX_FILE} ({manifest.onnx.get('refused', 'run `pneumo export BUNDLE`')})"
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        return "torch", f"onnxruntime is not importable ({exc})"
+    return "onnxruntime", None
 
 
-def autocast(device: torch.device, precision: str) -> Any:
-    """The autocast context for a precision (a no-op for fp32)."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def logits_to_probs(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """One logit -> [1-p, p]; k logits -> softmax. Always float32 [N, num_classes]."""
-    logits = logits.float()
-    if num_classes == 2:
-        p = torch.sigmoid(logits.reshape(-1))
-        return torch.stack([1 - p, p], dim=1)
-    return torch.softmax(logits, dim=1)
-
-
-def decide(probs: np.ndarray, classes: list[str], threshold: float, negative_index: int = 0) -> list[str]:
-    """Labels from probabilities: NORMAL below the threshold on 1 - P(NORMAL), else the likeliest other class."""
+def decide(probs: np.ndarray, classes: list[str], threshold: float) -> list[str]:
+    """Labels: NORMAL below the threshold on the positive score, else the likeliest other class."""
     probs = np.asarray(probs)
-    positive = 1.0 - probs[:, negative_index]
+    neg = negative_index(classes)
+    positive = positive_score(probs, classes)
     others = probs.copy()
-    others[:, negative_index] = -1.0
+    others[:, neg] = -1.0
     best = others.argmax(axis=1)
-    return [classes[negative_index] if pos < threshold else classes[b] for pos, b in zip(positive, best)]
+    return [classes[neg] if pos < threshold else classes[b] for pos, b in zip(positive, best)]
 
 
 class Predictor:
@@ -88,16 +107,68 @@ class Predictor:
         s3_endpoint: str | None = None,
         device: str = "auto",
         precision: str = "auto",
+        engine: str = "auto",
         channels_last: bool = True,
-        max_batch: int = 64,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        threads: int = 0,
     ):
-        self.device = resolve_device(device)
-        self.model, self.manifest = load_bundle(bundle, s3_endpoint, self.device)
-        self.precision = resolve_precision(precision, self.device)
-        self.channels_last = channels_last
-        self.max_batch = max_batch
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
+        manifest = read_manifest(bundle, s3_endpoint)
+        self._setup(manifest, resolve_device(device), precision, engine, channels_last, max_batch, threads,
+                    location=bundle, s3_endpoint=s3_endpoint)
+
+    @classmethod
+    def from_model(cls, model: nn.Module, manifest: Manifest, onnx_bytes: bytes | None = None,
+                   engine: str = "auto", device: str = "auto", precision: str = "auto", threads: int = 0,
+                   channels_last: bool = True) -> Predictor:
+        """A Predictor over an in-memory model (and ONNX graph), before any bundle is written:
+        training chooses the threshold through the very path scoring will use."""
+        self = cls.__new__(cls)
+        self._model_in_memory = model
+        self._onnx_in_memory = onnx_bytes
+        self._setup(manifest, resolve_device(device), precision, engine, channels_last, DEFAULT_MAX_BATCH, threads)
+        return self
+
+    def _setup(self, manifest: Manifest, device: torch.device, precision: str, engine: str, channels_last: bool,
+               max_batch: int, threads: int, location: str | None = None, s3_endpoint: str | None = None) -> None:
+        from pneumo.export import ort_session, scoring_module
+
+        self.manifest, self.device, self.location, self.s3_endpoint = manifest, device, location, s3_endpoint
+        self.max_batch, self.channels_last = max_batch, channels_last
+        self.threads = threads or default_threads()
+        self.engine, self.fallback = resolve_engine(engine, device, manifest)
+        if self.fallback:
+            log.warning("pneumo: engine auto -> torch: %s", self.fallback)
+        self.precision = P.resolve(precision, device, self.engine)
+        self._explain: nn.Module | None = None
+        self._session = self._graph = None
+        if self.engine == "onnxruntime":
+            if self.precision == "int8" and not manifest.has_int8:
+                raise P.PrecisionError("precision='int8': the bundle has no gated model.int8.onnx "
+                                       "(run `pneumo quantize BUNDLE`; a model that fails the gate keeps none)")
+            name = INT8_FILE if self.precision == "int8" else ONNX_FILE
+            in_memory = getattr(self, "_onnx_in_memory", None)
+            blob = in_memory if in_memory is not None and name == ONNX_FILE else self._read(name)
+            self._session = ort_session(blob, self.threads)
+        else:
+            if self.threads and device.type == "cpu":
+                torch.set_num_threads(self.threads)
+            model = self._torch_model()
+            graph = scoring_module(model, manifest.model, len(manifest.classes), manifest.onnx.get("tta", ()),
+                                   copy_model=hasattr(self, "_model_in_memory")).to(device)
+            self._graph = graph.to(memory_format=torch.channels_last) if channels_last else graph
+
+    def _read(self, name: str) -> bytes:
+        if self.location is None:
+            raise EngineError(f"an in-memory Predictor has no {name}")
+        return read_file(self.location, self.manifest, name, self.s3_endpoint)
+
+    def _torch_model(self) -> nn.Module:
+        in_memory = getattr(self, "_model_in_memory", None)
+        if in_memory is not None:
+            return in_memory.eval()
+        return load_model(self.location, self.manifest, self.s3_endpoint, self.device)
+
+    # ---------------------------------------------------------------- properties
 
     @property
     def spec(self) -> InputSpec:
@@ -111,28 +182,50 @@ class Predictor:
     def threshold(self) -> float:
         return self.manifest.threshold_value
 
+    @property
+    def explain_model(self) -> nn.Module:
+        """A full torch model for Grad-CAM, loaded on first use."""
+        if self._explain is None:
+            import copy
+
+            in_memory = getattr(self, "_model_in_memory", None)
+            self._explain = copy.deepcopy(in_memory).eval() if in_memory is not None else self._torch_model()
+        return self._explain
+
     def to_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-        return to_tensor(images, self.spec, device=self.device, channels_last=self.channels_last)
+        return to_tensor(images, self.spec, device=self.device,
+                         channels_last=self.channels_last and self.engine == "torch")
+
+    # ---------------------------------------------------------------- scoring
 
     @torch.inference_mode()
-    def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
-        """uint8[N, S, S] -> float32[N, num_classes] probabilities."""
+    def _run(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        if self._session is not None:
+            from pneumo.export import run_session
+
+            return run_session(self._session, to_tensor(images, self.spec).numpy())
+        with P.autocast(self.device, self.precision):
+            probs, feats = self._graph(self.to_input(images))
+        return probs.float().cpu().numpy(), feats.float().cpu().numpy()
+
+    def predict_with_features(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """uint8[N, S, S] -> (float32[N, num_classes] probabilities, float32[N, F] embeddings)."""
         n = len(images)
         if n == 0:
-            return np.zeros((0, len(self.classes)), dtype=np.float32)
-        out = []
-        for start in range(0, n, self.max_batch):
-            x = self.to_input(images[start : start + self.max_batch])
-            with autocast(self.device, self.precision):
-                logits = self.model(x)
-            out.append(logits_to_probs(logits, len(self.classes)).cpu().numpy())
-        return np.concatenate(out).astype(np.float32)
+            return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
+        parts = [self._run(images[s:s + self.max_batch]) for s in range(0, n, self.max_batch)]
+        return (np.concatenate([p for p, _ in parts]).astype(np.float32),
+                np.concatenate([f for _, f in parts]).astype(np.float32))
+
+    def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+        """uint8[N, S, S] -> float32[N, num_classes] probabilities."""
+        return self.predict_with_features(images)[0]
 
     def positive_probability(self, probs: np.ndarray) -> np.ndarray:
-        return 1.0 - np.asarray(probs)[:, self.manifest.negative_index]
+        return positive_score(probs, self.classes)
 
     def labels(self, probs: np.ndarray) -> list[str]:
-        return decide(probs, self.classes, self.threshold, self.manifest.negative_index)
+        return decide(probs, self.classes, self.threshold)
 
     def describe(self) -> dict[str, Any]:
         """Model metadata for answers and output rows."""
@@ -144,6 +237,9 @@ class Predictor:
             "classes": m.classes,
             "threshold": m.threshold,
             "input": m.input.to_dict(),
+            "engine": self.engine,
             "precision": self.precision,
+            "engine_fallback": self.fallback,
+            "threads": self.threads,
             "device": str(self.device),
         }

@@ -52,8 +52,8 @@ from pneumo.data import (
     to_location,
     write_bytes,
 )
-from pneumo.predict import PRECISIONS
-from pneumo.preprocess import DecodeError, InputSpec, load_image
+from pneumo.precision import PRECISIONS
+from pneumo.preprocess import DecodeError, InputSpec, load_image, to_tensor
 
 SUCCESS_FILE = "_SUCCESS.json"
 RUNS_DIR = "runs"
@@ -80,6 +80,8 @@ OUTPUT_SCHEMA = pa.schema(
         ("scored_at", pa.timestamp("us", tz="UTC")),
         ("run_id", pa.string()),
         ("explain_path", pa.string()),
+        ("engine", pa.string()),
+        ("precision", pa.string()),
     ]
 )
 
@@ -97,19 +99,24 @@ class ScoreConfig:
     incremental: bool = field(default=False, metadata={
         "help": "skip files already scored by the same bundle in earlier committed runs"})
     explain: bool = field(default=False, metadata={"help": "write Grad-CAM overlay PNGs for positive predictions"})
+    engine: str = field(default="auto", metadata={
+        "choices": ["auto", "torch", "onnxruntime"],
+        "help": "auto = ONNX Runtime on CPU when the bundle has model.onnx, torch on GPU"})
     precision: str = field(default="auto", metadata={
-        "choices": list(PRECISIONS), "help": "auto = bf16 only where the hardware runs it natively"})
-    channels_last: bool = field(default=True, metadata={"help": "channels_last memory layout for the model"})
+        "choices": list(PRECISIONS), "help": "auto = fp32 on ONNX Runtime, bf16 on torch only where native; "
+                                             "int8 needs a gated model.int8.onnx"})
+    channels_last: bool = field(default=True, metadata={"help": "channels_last memory layout (torch engine)"})
     batch_size: int = field(default=32, metadata={"help": "images per model call"})
     read_batch_size: int = field(default=16, metadata={"help": "files per read+preprocess task batch"})
-    read_cpus: float = field(default=0.5, metadata={
-        "help": "CPUs per read+preprocess task (differs from --cpus-per-actor so Ray keeps them separate tasks)"})
+    read_cpus: float = field(default=0.25, metadata={
+        "help": "CPUs per read+preprocess task (decoding is cheap next to the model)"})
     min_actors: int = field(default=1, metadata={"help": "actor pool minimum size"})
-    max_actors: int = field(default=1, metadata={"help": "actor pool maximum size"})
-    cpus_per_actor: float = field(default=1.0, metadata={"help": "CPUs per model actor (torch threads follow it)"})
+    max_actors: int = field(default=0, metadata={"help": "actor pool maximum size (0: one per node with CPUs)"})
+    cpus_per_actor: float = field(default=0.0, metadata={
+        "help": "CPUs per model actor (0: a node's CPUs less one read task's)"})
     gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per model actor (0 = CPU)"})
-    torch_threads: int = field(default=0, metadata={
-        "help": "torch threads per actor; 0 = the actor's CPUs (OMP_NUM_THREADS, which Ray sets to them)"})
+    threads: int = field(default=0, metadata={
+        "help": "engine threads per actor (0: the CPUs of the node the pool is sized for)"})
     run_id: str | None = field(default=None, metadata={"help": "run id (default: UTC time + random suffix)"})
 
     def validate(self) -> None:
@@ -121,12 +128,12 @@ class ScoreConfig:
             raise ConfigError("give exactly one input: DATA (folder or s3:// prefix) or --manifest FILE")
         if self.batch_size < 1 or self.read_batch_size < 1:
             raise ConfigError("batch_size and read_batch_size must be >= 1")
-        if not 1 <= self.min_actors <= self.max_actors:
-            raise ConfigError(f"need 1 <= min_actors <= max_actors, got {self.min_actors}, {self.max_actors}")
-        if self.torch_threads < 0:
-            raise ConfigError(f"torch_threads must be >= 0 (0 = the actor's CPUs), got {self.torch_threads}")
-        if self.cpus_per_actor <= 0 or self.read_cpus <= 0 or self.gpus_per_actor < 0:
-            raise ConfigError("cpus_per_actor and read_cpus must be > 0, gpus_per_actor >= 0")
+        if self.min_actors < 1 or (self.max_actors and self.min_actors > self.max_actors):
+            raise ConfigError(f"need 1 <= min_actors <= max_actors (0: auto), got {self.min_actors}, {self.max_actors}")
+        if self.threads < 0:
+            raise ConfigError(f"threads must be >= 0 (0 = the actor's CPUs), got {self.threads}")
+        if self.cpus_per_actor < 0 or self.read_cpus <= 0 or self.gpus_per_actor < 0:
+            raise ConfigError("cpus_per_actor >= 0 (0: auto), read_cpus > 0, gpus_per_actor >= 0")
 
 
 @dataclass
@@ -247,30 +254,29 @@ class BundlePredictor:
         bundle: str,
         run_id: str,
         s3_endpoint: str | None = None,
+        engine: str = "auto",
         precision: str = "auto",
         channels_last: bool = True,
         explain_dir: str | None = None,
-        num_threads: int = 1,
+        threads: int = 0,
     ):
-        import torch
-
         from pneumo.predict import Predictor
 
-        torch.set_num_threads(max(1, int(num_threads)))
-        self.predictor = Predictor(bundle, s3_endpoint=s3_endpoint, precision=precision,
-                                   channels_last=channels_last)
+        self.predictor = Predictor(bundle, s3_endpoint=s3_endpoint, engine=engine, precision=precision,
+                                   channels_last=channels_last, threads=threads)
         self.s3_endpoint = s3_endpoint
         self.run_id = run_id
         self.explain_dir = explain_dir
         m = self.predictor.manifest
         self.meta = {"threshold": m.threshold_value, "model": m.model, "model_version": m.version,
-                     "bundle_sha256": m.sha256}
+                     "bundle_sha256": m.sha256, "engine": self.predictor.engine,
+                     "precision": self.predictor.precision}
 
     def _explain(self, path: str, image: np.ndarray) -> str:
         from pneumo.gradcam import gradcam, overlay_png
 
         p = self.predictor
-        heat = gradcam(p.model, p.to_input(image[None]), p.manifest.negative_index)
+        heat = gradcam(p.explain_model, to_tensor(image[None], p.spec), p.manifest.negative_index)
         loc = join(self.explain_dir, explain_name(path))
         write_bytes(loc, overlay_png(image, heat), self.s3_endpoint)
         return loc
@@ -311,6 +317,8 @@ class BundlePredictor:
             "scored_at": [now] * n,
             "run_id": [self.run_id] * n,
             "explain_path": explain,
+            "engine": [self.meta["engine"]] * n,
+            "precision": [self.meta["precision"]] * n,
         }
         return pa.table({name: pa.array(cols[name], type=OUTPUT_SCHEMA.field(name).type) for name in OUTPUT_SCHEMA.names},
                         schema=OUTPUT_SCHEMA)
@@ -401,6 +409,33 @@ def _ensure_ray() -> None:
         ray.init()  # RAY_ADDRESS (e.g. under `ray job submit`) or an embedded local Ray
 
 
+@dataclass(frozen=True)
+class PoolSize:
+    min_actors: int
+    max_actors: int
+    cpus_per_actor: float
+    threads: int
+
+
+def size_pool(cfg: ScoreConfig) -> PoolSize:
+    """The model actor pool from the cluster's resources, unless the config fixes it.
+
+    One actor per node with CPUs (the smallest node sets the size), each holding that node's CPUs
+    less one read task's, with as many engine threads as the node has CPUs: on one 2-core machine
+    the model gets both cores; on a cluster the pool grows with the nodes.
+    """
+    import ray
+
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    node_cpus = min((r["CPU"] for r in nodes), default=1.0)
+    if cfg.gpus_per_actor > 0:
+        nodes = [r for r in nodes if r.get("GPU", 0) >= cfg.gpus_per_actor] or nodes
+    cpus = cfg.cpus_per_actor or max(0.5, node_cpus - cfg.read_cpus)
+    max_actors = cfg.max_actors or max(cfg.min_actors, len(nodes))
+    threads = cfg.threads or max(1, int(round(node_cpus if not cfg.cpus_per_actor else cfg.cpus_per_actor)))
+    return PoolSize(cfg.min_actors, max_actors, cpus, threads)
+
+
 def run_score(cfg: ScoreConfig) -> ScoreResult:
     """Score `cfg`'s input into `<out>/runs/<run_id>/`, verify one row per file, commit."""
     import ray
@@ -426,6 +461,7 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
     files: list[str] = []
     if records:
         _ensure_ray()
+        pool = size_pool(cfg)
         items = [{"path": r.path, "size_bytes": int(r.size), "mtime_ns": int(r.mtime_ns)} for r in records]
         n_blocks = max(1, min(len(items), -(-len(items) // cfg.read_batch_size)))
         ds = ray.data.from_items(items, override_num_blocks=n_blocks)
@@ -440,14 +476,14 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
             BundlePredictor,
             fn_constructor_kwargs={
                 "bundle": cfg.bundle, "run_id": run_id, "s3_endpoint": cfg.s3_endpoint,
-                "precision": cfg.precision, "channels_last": cfg.channels_last,
+                "engine": cfg.engine, "precision": cfg.precision, "channels_last": cfg.channels_last,
                 "explain_dir": join(run_dir, EXPLAIN_DIR) if cfg.explain else None,
-                "num_threads": cfg.torch_threads or max(1, round(cfg.cpus_per_actor)),
+                "threads": pool.threads,
             },
-            compute=ray.data.ActorPoolStrategy(min_size=cfg.min_actors, max_size=cfg.max_actors),
+            compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
             batch_size=cfg.batch_size,
             batch_format="numpy",
-            num_cpus=cfg.cpus_per_actor,
+            num_cpus=pool.cpus_per_actor,
             num_gpus=cfg.gpus_per_actor,
         )
         fs, inner = resolve_filesystem(run_dir, cfg.s3_endpoint)

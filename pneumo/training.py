@@ -45,13 +45,14 @@ from pneumo.models import (
     set_finetune,
     set_train_mode,
 )
-from pneumo.predict import Predictor, autocast, logits_to_probs, resolve_precision
+from pneumo import precision as P
+from pneumo.export import probabilities as logits_to_probs
+from pneumo.predict import Predictor
 from pneumo.preprocess import EQUALIZE_MODES, InputSpec, to_tensor
 
 OPTIMIZERS = ("adam", "adamw", "adamax", "rmsprop", "sgd")
 SCHEDULERS = ("none", "plateau", "cosine")
 BALANCE = ("none", "weighted_loss", "oversample")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 WEIGHTS_FILE = "model.safetensors"
 STATE_FILE = "state.json"
 OPTIM_FILE = "optim.pt"
@@ -98,7 +99,7 @@ class TrainConfig:
     cpus_per_worker: int = 1
     gpus_per_worker: float = field(default=0.0, metadata={"help": "> 0 trains on GPU with AMP"})
     threads: int = field(default=0, metadata={"help": "torch threads per worker (0: cpus_per_worker)"})
-    precision: str = field(default="auto", metadata={"choices": list(PRECISIONS), "help": "auto: bf16 where native"})
+    precision: str = field(default="auto", metadata={"choices": list(P.TORCH_PRECISIONS_AUTO), "help": "auto: bf16 where native"})
     channels_last: bool = True
     threshold_method: str = field(default="target_sensitivity", metadata={"choices": list(THRESHOLD_METHODS)})
     target_sensitivity: float = 0.95
@@ -201,17 +202,10 @@ def class_weights_for(counts: dict[str, int], classes: list[str]) -> list[float]
 
 
 def _precision_for(cfg_precision: str, device: torch.device) -> str:
-    if cfg_precision == "fp16":
-        return "fp16" if device.type == "cuda" else "fp32"
-    if cfg_precision == "auto" and device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return resolve_precision(cfg_precision, device)
+    return P.resolve(cfg_precision, device, training=True)
 
 
-def _autocast(device: torch.device, precision: str) -> Any:
-    if precision == "fp16":
-        return torch.autocast(device_type=device.type, dtype=torch.float16)
-    return autocast(device, precision)
+_autocast = P.autocast
 
 
 def train_one_epoch(

@@ -17,7 +17,8 @@ from pneumo.bundle import (
     save_bundle,
 )
 from pneumo.models import get_model, get_spec
-from pneumo.predict import Predictor, decide, logits_to_probs
+from pneumo.export import probabilities as logits_to_probs
+from pneumo.predict import Predictor, decide
 from pneumo.preprocess import InputSpec
 
 SMALL = InputSpec(size=48, channels=1, mean=(0.5,), std=(0.25,))

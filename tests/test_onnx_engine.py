@@ -1,0 +1,225 @@
+"""The ONNX Runtime engine: export + parity for every registered model, verified files, engine choice,
+`pneumo export` for older bundles, and the int8 gate (real exports, real ORT sessions, real files)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pneumo.bundle import INT8_FILE, MANIFEST_FILE, ONNX_FILE, BundleError, read_manifest, save_bundle
+from pneumo.cli import main as cli
+from pneumo.export import ScoringModule, export_checked
+from pneumo.models import _REGISTRY, ModelSpec, get_model, get_spec, list_models, register
+from pneumo.precision import PrecisionError
+from pneumo.predict import EngineError, Predictor
+from pneumo.preprocess import InputSpec, to_tensor
+from pneumo.upgrade import int8_gate, quantize_bundle
+
+CLASSES = ["NORMAL", "PNEUMONIA"]
+# Models that cannot export: none today. A model listed here must say why; it falls back to torch.
+CANNOT_EXPORT: dict[str, str] = {}
+
+
+# VGG's AdaptiveAvgPool2d(7) exports only where 7 divides the feature map: its native 224 px.
+NATIVE_SIZE_ONLY = {"vgg19"}
+
+
+def _spec(name: str) -> InputSpec:
+    spec = get_spec(name).input
+    if spec.channels == 1 or name in NATIVE_SIZE_ONLY:
+        return spec
+    return spec.replace(size=96)  # small inputs keep the table fast
+
+
+def _images(spec: InputSpec, n: int = 6, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 200, spec.size, dtype=np.float32)[None, None, :]
+    return np.clip(rng.normal(0, 40, (n, spec.size, spec.size)) + ramp, 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_model_exports_with_parity(name: str, tmp_path) -> None:
+    spec = _spec(name)
+    model = get_model(name, 2, input_spec=spec, **get_spec(name).options).eval()
+    if name in CANNOT_EXPORT:
+        pytest.skip(CANNOT_EXPORT[name])
+    images = _images(spec)
+    m = save_bundle(model, str(tmp_path / "b"), name, CLASSES, spec, model_options=get_spec(name).options,
+                    parity_images=images)
+    assert m.has_onnx, m.onnx
+    assert m.onnx["parity"]["max_abs_diff"] <= 1e-4 and m.onnx["parity"]["source"] == "val images"
+    ort = Predictor(str(tmp_path / "b"))
+    eager = Predictor(str(tmp_path / "b"), engine="torch", precision="fp32", channels_last=False)
+    assert (ort.engine, ort.precision, eager.engine) == ("onnxruntime", "fp32", "torch")
+    (p1, f1), (p2, f2) = ort.predict_with_features(images), eager.predict_with_features(images)
+    assert np.abs(p1 - p2).max() <= 1e-4
+    assert f1.shape == f2.shape and f1.shape[0] == len(images) and f1.shape[1] > 0
+
+
+def test_three_class_and_tta_graph_match_torch(tmp_path) -> None:
+    spec = InputSpec(size=48, channels=1, mean=(0.5,), std=(0.25,))
+    model = get_model("cnn_dropout", 3, input_spec=spec, **get_spec("cnn_dropout").options).eval()
+    images = _images(spec)
+    blob, record = export_checked(model, "cnn_dropout", 3, spec, images, tta=("hflip",))
+    assert record["tta"] == ["hflip"]
+    # TTA really averages the image and its mirror
+    graph = ScoringModule(model, get_spec("cnn_dropout").head, 3, tta=("hflip",)).eval()
+    x = to_tensor(images, spec)
+    with torch.no_grad():
+        both = graph(x)[0]
+        plain = ScoringModule(get_model("cnn_dropout", 3, input_spec=spec, **get_spec("cnn_dropout").options),
+                              get_spec("cnn_dropout").head, 3)
+        plain.load_state_dict(graph.state_dict())
+        plain.eval()
+        expected = (plain(x)[0] + plain(torch.flip(x, dims=[3]))[0]) / 2
+    assert torch.allclose(both, expected, atol=1e-6)
+
+
+class _Branchy(nn.Module):
+    """Data-dependent Python control flow: tracing bakes in one branch, so ORT disagrees."""
+
+    def __init__(self, num_out: int = 1, **_: object):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(1, num_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.pool(x).flatten(1)
+        if float(f.mean()) > 0:  # noqa: SIM108 - the point of the model
+            f = f * 3
+        return self.classifier(f)
+
+
+@pytest.fixture()
+def branchy():
+    spec = InputSpec(size=32, channels=1, mean=(0.0,), std=(1.0,))
+    register(ModelSpec("branchy_test", lambda num_out, spec, **o: _Branchy(num_out), spec, "classifier", "none"))
+    yield spec
+    _REGISTRY.pop("branchy_test")
+
+
+def test_export_refused_on_parity_failure_bundle_stays_torch_only(branchy, tmp_path, caplog) -> None:
+    model = _Branchy().eval()
+    with torch.no_grad():
+        model.classifier.weight.fill_(2.0)
+    images = np.full((4, 32, 32), 200, np.uint8)  # mean > 0: the branch the zero trace input did not take
+    m = save_bundle(model, str(tmp_path / "b"), "branchy_test", CLASSES, branchy, parity_images=images)
+    assert not m.has_onnx and "disagree" in m.onnx["refused"] and "torch-only" in m.onnx["refused"]
+    assert not (tmp_path / "b" / ONNX_FILE).exists()
+    p = Predictor(str(tmp_path / "b"))
+    assert p.engine == "torch" and "disagree" in p.describe()["engine_fallback"]
+    with pytest.raises(EngineError, match="no model.onnx"):
+        Predictor(str(tmp_path / "b"), engine="onnxruntime")
+
+
+def test_tampered_onnx_refused(tmp_path) -> None:
+    spec = _spec("seed_cnn")
+    save_bundle(get_model("seed_cnn", 2).eval(), str(tmp_path / "b"), "seed_cnn", CLASSES, spec)
+    path = tmp_path / "b" / ONNX_FILE
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(BundleError, match="model.onnx sha256"):
+        Predictor(str(tmp_path / "b"))
+    assert Predictor(str(tmp_path / "b"), engine="torch").engine == "torch"  # torch reads only its own file
+
+
+def test_old_bundle_upgrades_with_pneumo_export(synth_data, tmp_path) -> None:
+    spec = InputSpec(size=64, channels=1, mean=(0.5,), std=(0.25,))
+    model = get_model("seed_cnn", 2, input_spec=spec).eval()
+    bundle = tmp_path / "old"
+    save_bundle(model, str(bundle), "seed_cnn", CLASSES, spec, onnx=False,
+                training={"config": {"data": str(synth_data), "label_set": "binary", "val_frac": 0.2,
+                                     "test_frac": 0.2, "seed": 0}})
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())  # what a format-1 bundle looked like
+    for key in ("files", "onnx", "int8"):
+        manifest.pop(key)
+    manifest["format_version"] = 1
+    (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
+    old = Predictor(str(bundle), channels_last=False)  # NCHW: the layout the parity check compares with
+    assert old.engine == "torch" and old.fallback
+    assert cli(["export", str(bundle)]) == 0
+    m = read_manifest(str(bundle))
+    assert m.has_onnx and m.format_version == 2 and m.onnx["parity"]["source"] == "val images"
+    new = Predictor(str(bundle))
+    images = _images(spec)
+    assert new.engine == "onnxruntime" and np.abs(new.predict(images) - old.predict(images)).max() <= 1e-4
+
+
+SPEC64 = InputSpec(size=64, channels=1, mean=(0.5,), std=(0.25,))
+
+
+def _brightness_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dark NORMAL and bright PNEUMONIA images: a task a random seed_cnn ranks perfectly."""
+    level = np.r_[np.full(n // 2, 50), np.full(n - n // 2, 200)]
+    noise = np.random.default_rng(seed).normal(0, 25, (n, 64, 64))
+    return np.clip(noise + level[:, None, None], 0, 255).astype(np.uint8), (level > 100).astype(np.int64)
+
+
+def _gate_bundle(tmp_path, outlier: bool = False) -> str:
+    """A seed_cnn bundle with its threshold between the two groups. `outlier` adds a first-layer
+    channel of ~1e4 that the next layer ignores: fp32 is unchanged, but one uint8 scale for that
+    activation tensor leaves the informative channels no resolution (the classic int8 failure)."""
+    torch.manual_seed(0)
+    model = get_model("seed_cnn", 2, input_spec=SPEC64).eval()
+    if outlier:
+        with torch.no_grad():
+            model.features[0].weight[0].zero_()
+            model.features[0].bias[0] = 1e4
+            model.features[4].weight[:, 0].zero_()
+    val, labels = _brightness_data(64, seed=2)
+    score = Predictor.from_model(model, save_bundle(model, str(tmp_path / "probe"), "seed_cnn", CLASSES,
+                                                    SPEC64, onnx=False)).predict(val)[:, 1]
+    middle = float((score[labels == 0].max() + score[labels == 1].min()) / 2)
+    save_bundle(model, str(tmp_path / "b"), "seed_cnn", CLASSES, SPEC64,
+                threshold={"value": middle, "method": "test", "target": None})
+    return str(tmp_path / "b")
+
+
+def test_int8_passes_when_calibrated_on_training_like_images(tmp_path) -> None:
+    bundle = _gate_bundle(tmp_path)
+    (calib, _), (val, labels) = _brightness_data(32, seed=1), _brightness_data(64, seed=2)
+    m = quantize_bundle(bundle, calib, val, labels)
+    assert m.int8["passed"], m.int8
+    assert m.has_int8 and m.int8["calibration_split"] == "train" and m.int8["auc_int8"] == 1.0
+    p = Predictor(bundle, precision="int8")
+    assert (p.engine, p.precision) == ("onnxruntime", "int8")
+    assert p.labels(p.predict(val)) == [CLASSES[i] for i in labels]
+
+
+def test_int8_gate_refuses_a_model_it_should(tmp_path) -> None:
+    bundle = _gate_bundle(tmp_path, outlier=True)
+    (calib, _), (val, labels) = _brightness_data(32, seed=1), _brightness_data(64, seed=2)
+    assert Predictor(bundle).labels(Predictor(bundle).predict(val)) == [CLASSES[i] for i in labels]  # fp32 is fine
+    m = quantize_bundle(bundle, calib, val, labels)
+    assert not m.int8["passed"] and m.int8["reason"], m.int8
+    assert not m.has_int8 and not (tmp_path / "b" / INT8_FILE).exists()
+    assert read_manifest(bundle).int8["agreement"] == m.int8["agreement"]  # the figures are kept
+    with pytest.raises(PrecisionError, match="no gated model.int8.onnx"):
+        Predictor(bundle, precision="int8")
+
+
+@pytest.mark.parametrize("auc_drop, flips, passed", [(0.0, 0, True), (0.0, 2, False), (0.01, 0, False)])
+def test_int8_gate_table(auc_drop: float, flips: int, passed: bool) -> None:
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(50, np.int64), np.ones(50, np.int64)]
+    score = np.r_[rng.uniform(0, 0.45, 50), rng.uniform(0.55, 1, 50)]
+    other = score.copy()
+    other[:flips] = 0.9  # negatives pushed over the threshold
+    if auc_drop:
+        other[50:60] = 0.01 + np.arange(10) * 0.001  # positives below every negative: AUC falls
+    probs = lambda s: np.c_[1 - s, s]  # noqa: E731
+    gate = int8_gate(probs(score), probs(other), labels, CLASSES, 0.5)
+    assert gate["passed"] is passed
+
+
+def test_int8_needs_onnxruntime() -> None:
+    from pneumo import precision as P
+
+    with pytest.raises(PrecisionError, match="onnxruntime"):
+        P.resolve("int8", torch.device("cpu"), engine="torch")
+    assert P.resolve("auto", torch.device("cpu"), engine="onnxruntime") == "fp32"
