@@ -36,17 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
+    from pneumo.checkpoints import read_state
     from pneumo.config import from_dict
+    from pneumo.engine import make_loss, make_optimizer, precision_for, train_one_epoch
     from pneumo.models import get_model, set_finetune
-    from pneumo.training import (
-        TrainConfig,
-        _precision_for,
-        fit,
-        make_loss,
-        make_optimizer,
-        read_state,
-        train_one_epoch,
-    )
+    from pneumo.training import TrainConfig, fit
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, args.size, args.size), dtype=np.uint8)
@@ -75,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                     "label": torch.from_numpy(labels[order[i:i + args.batch]])}
                    for i in range(0, args.images, args.batch))
         model.train()
-        r = train_one_epoch(model, batches, optimizer, loss_fn, spec, 2, device, _precision_for("fp32", device))
+        r = train_one_epoch(model, batches, optimizer, loss_fn, spec, 2, device, precision_for("fp32", device))
         plain.append(r["images"] / r["seconds"])
         print(f"plain epoch {epoch + 1}: {plain[-1]:.1f} img/s", flush=True)
 

@@ -129,11 +129,16 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def config_text(cfg: Any) -> str:
+    """The resolved config as YAML (the run's `config.yaml`)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (the run's `config.yaml`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path.write_text(config_text(cfg))
     return path
 
 

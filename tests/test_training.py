@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pneumo.config import parse_config
-from pneumo.training import TrainConfig, run
+from pneumo.training import FAULT_ENV, TrainConfig, run
 
 BASE = ["--model", "seed_cnn", "--weights", "none", "--batch-size", "16", "--val-frac", "0.2",
         "--test-frac", "0.2", "--num-workers", "2", "--optimizer", "adam", "--lr", "0.001"]
@@ -34,14 +34,16 @@ def learned(ray_local, synth_data, tmp_path_factory):  # noqa: ANN001
 
 @pytest.fixture(scope="module")
 def faulted(ray_local, synth_data, tmp_path_factory):  # noqa: ANN001
-    """Rank 1 exits at epoch 2 (once); min_delta makes val loss 'never improve' after epoch 1, so
-    early stopping (patience 2) ends the run at epoch 3 of 6."""
+    """Rank 1 exits at epoch 2 (once, via PNEUMO_TEST_FAIL_AT_EPOCH, which `fit` forwards to the
+    workers of the already running local Ray); min_delta makes val loss 'never improve' after
+    epoch 1, so early stopping (patience 2) ends the run at epoch 3 of 6."""
     root = tmp_path_factory.mktemp("fault")
     marker = root / "failed-once"
     cfg = _cfg(synth_data, root / "run", "--image-size", "48", "--epochs", "6", "--patience", "2",
-               "--min-delta", "1.0", "--max-steps-per-epoch", "2", "--fail-at-epoch", "2",
-               "--fail-marker", str(marker), "--max-failures", "2", "--no-report")
-    return cfg, run(cfg), marker
+               "--min-delta", "1.0", "--max-steps-per-epoch", "2", "--max-failures", "2", "--no-report")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(FAULT_ENV, f"2:{marker}")
+        return cfg, run(cfg), marker
 
 
 def _manifest(summary: dict) -> dict:
@@ -60,7 +62,9 @@ def test_two_worker_run_learns_exports_bundle_and_report(learned):
         manifest["training"]["history"][-1])
     assert len(manifest["training"]["data_fingerprint"]) == 64
     out = Path(cfg.out)
-    assert (out / "config.yaml").is_file()
+    assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
+    assert not {"fail_at_epoch", "fail_marker"} & set(manifest["training"]["config"])  # test knobs: env only
+    assert "fail_at_epoch" not in (out / "config.yaml").read_text()
     for split in ("val", "test"):
         rep = out / "report" / split
         for name in ("report.json", "report.md", "roc.png", "pr.png", "calibration.png", "training_curves.png"):

@@ -1,4 +1,5 @@
-"""Training building blocks without a Ray Train run: config, augmentation, ingest, every recipe's step."""
+"""Training building blocks: config, augmentation, ingest, worker setup and both loops without Ray,
+checkpoint fallback, and every recipe through the real TorchTrainer + `train_func`."""
 
 from __future__ import annotations
 
@@ -8,22 +9,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import ListShard, pretrained_available, tiny_rows
 
 from pneumo.augment import Augment
-from pneumo.config import parse_config
-from pneumo.models import get_model, set_finetune
-from pneumo.training import (
-    TrainConfig,
-    backbone_features,
-    class_weights_for,
-    evaluate,
-    evaluate_head,
-    make_loss,
-    make_optimizer,
-    make_scheduler,
-    train_head_epoch,
-    train_one_epoch,
+from pneumo.checkpoints import (
+    OPTIM_FILE,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    latest_checkpoint,
+    read_state,
+    save_checkpoint,
 )
+from pneumo.config import parse_config
+from pneumo.data import LABEL_SETS
+from pneumo.engine import class_weights_for, make_loop, make_loss, run_epoch
+from pneumo.training import TrainConfig, fit, setup_training
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "ray_jobs" / "recipes").glob("*.yaml"))
 # the smallest input each architecture takes (CPU time), for a one-step smoke
@@ -101,40 +101,103 @@ def test_ingest_reports_undecodable_files(ray_local, synth_data, tmp_path):
     assert len(rows) == 12 and rows[0]["image"].shape == (32, 32) and rows[0]["image"].dtype == np.uint8
 
 
+# ---------------------------------------------------------------- worker setup, loops, checkpoints
+
+
+@pytest.mark.parametrize("model, extra", [("seed_cnn", []), ("efficientnet_lite0", ["--finetune", "head",
+                                                                                    "--cache-features"])],
+                         ids=["image_loop", "feature_loop"])
+def test_setup_training_runs_epochs_and_resumes_without_ray(tmp_path, model, extra):
+    cfg = parse_config(TrainConfig, ["DATA", "--model", model, "--weights", "none", "--image-size", "32",
+                                     "--batch-size", "4", "--epochs", "3", "--patience", "0", *extra], prog="t")
+    classes = ["NORMAL", "PNEUMONIA"]
+    train, val = ListShard(tiny_rows(8, 32, 2)), ListShard(tiny_rows(6, 32, 2, seed=1))
+    ts = setup_training(cfg, classes, cfg.input_spec(), [1.0, 1.0])
+    loop = make_loop(ts)
+    trainable = [p for p in ts.model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in trainable]
+    rows = [run_epoch(ts, loop, train, val, n) for n in (1, 2)]
+    assert [r["epoch"] for r in rows] == [1, 2] and all(np.isfinite(r["train_loss"]) for r in rows)
+    assert rows[0]["val_images"] == 6 and rows[0]["train_images"] == 8
+    assert any(not torch.equal(b, p.detach()) for b, p in zip(before, trainable)), "no parameter changed"
+    save_checkpoint(str(tmp_path), ts.model, ts.optimizer, ts.scheduler, ts.state)
+    again = setup_training(cfg, classes, cfg.input_spec(), [1.0, 1.0], resume=str(tmp_path))
+    assert again.state["epoch"] == 2 and again.state["starts"] == [0, 2]
+    assert all(torch.equal(a, b) for a, b in zip(ts.model.state_dict().values(), again.model.state_dict().values()))
+
+
+def _two_checkpoints(root: Path) -> None:
+    model = torch.nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters())
+    model(torch.ones(1, 4)).sum().backward()
+    opt.step()
+    for epoch in (1, 2):
+        d = root / "run" / f"epoch_{epoch:04d}"
+        d.mkdir(parents=True)
+        save_checkpoint(str(d), model, opt, None, {"epoch": epoch, "history": []})
+
+
+@pytest.mark.parametrize("torn", [WEIGHTS_FILE, STATE_FILE, OPTIM_FILE])
+def test_latest_checkpoint_falls_back_past_a_torn_checkpoint(tmp_path, torn):
+    """Real files on disk: the newest checkpoint's `torn` file cut in half -> the epoch before."""
+    from ray.train import Checkpoint
+
+    _two_checkpoints(tmp_path)
+    assert Path(latest_checkpoint(None, str(tmp_path), "run").path).name == "epoch_0002"  # intact: newest
+    path = tmp_path / "run" / "epoch_0002" / torn
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+    chosen = latest_checkpoint(None, str(tmp_path), "run")
+    assert Path(chosen.path).name == "epoch_0001" and read_state(chosen.path)["epoch"] == 1
+    given = Checkpoint.from_directory(str(tmp_path / "run" / "epoch_0002"))  # Ray's pick, torn as well
+    assert Path(latest_checkpoint(given, str(tmp_path), "run").path).name == "epoch_0001"
+
+
 # ---------------------------------------------------------------- recipes
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
-def test_recipe_trains_one_step(recipe):
-    """Every recipe parses and its model/optimizer/loss/schedule take a training step and evaluate."""
+def test_recipe_runs_through_train_func(ray_local, tmp_path, recipe):
+    """Every recipe through the real TorchTrainer and `train_func` (one worker, 1-step epochs, tiny
+    inputs; `head_epochs + 1` epochs so two-stage recipes switch stage). A recipe whose pretrained
+    weights are not on this machine trains from `weights: none` instead (pneumo never downloads)."""
+    import ray
+
     probe = parse_config(TrainConfig, ["DATA", "--config", str(recipe)], prog="t")
     size = SMOKE_SIZE.get(probe.model, 32)
-    cfg = parse_config(TrainConfig, ["DATA", "--config", str(recipe), "--image-size", str(size)], prog="t")
-    classes = ["NORMAL", "PNEUMONIA"] if cfg.label_set == "binary" else ["NORMAL", "BACTERIA", "VIRUS"]
-    spec = cfg.input_spec()
-    torch.manual_seed(0)
-    model = get_model(cfg.model, len(classes), weights=cfg.weights, input_spec=spec)
-    set_finetune(model, cfg.model, "head" if cfg.head_epochs else cfg.finetune, cfg.n_blocks)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, trainable)
-    scheduler = make_scheduler(cfg, optimizer)
-    loss_fn = make_loss(len(classes), class_weights_for({c: 1 + i for i, c in enumerate(classes)}, classes))
-    batch = {"image": torch.randint(0, 255, (2, size, size), dtype=torch.uint8),
-             "label": torch.tensor([0, len(classes) - 1])}
-    before = [p.detach().clone() for p in trainable]
-    device = torch.device("cpu")
-    if cfg.cache_features:
-        feats, labels = backbone_features(model, [batch], spec, device)
-        head = model.get_classifier()
-        tr = train_head_epoch(head, feats, labels, optimizer, loss_fn, len(classes), 2, torch.Generator())
-        ev = evaluate_head(head, feats, labels, loss_fn, len(classes))
-    else:
-        model.train()
-        tr = train_one_epoch(model, [batch], optimizer, loss_fn, spec, len(classes), device,
-                             augment=cfg.augment(), generator=torch.Generator().manual_seed(0), max_steps=1)
-        ev = evaluate(model, [batch], loss_fn, spec, len(classes), device)
-    if scheduler is not None:
-        scheduler.step(tr["loss"]) if cfg.scheduler == "plateau" else scheduler.step()
-    assert tr["images"] == 2 and np.isfinite(tr["loss"])
-    assert ev["probs"].shape == (2, len(classes)) and np.allclose(ev["probs"].sum(1), 1, atol=1e-5)
-    assert any(not torch.equal(b, p.detach()) for b, p in zip(before, trainable)), "no parameter changed"
+    weights = probe.weights if probe.weights != "pretrained" or pretrained_available(probe.model) else "none"
+    cfg = parse_config(TrainConfig, [
+        "DATA", "--config", str(recipe), "--out", str(tmp_path / "run"), "--weights", weights,
+        "--image-size", str(size), "--epochs", str(probe.head_epochs + 1), "--max-steps-per-epoch", "1",
+        "--batch-size", "4", "--num-workers", "1", "--patience", "0", "--num-to-keep", "1"], prog="t")
+    classes = list(LABEL_SETS[cfg.label_set])
+    k = len(classes)
+    datasets = {"train": ray.data.from_items(tiny_rows(8, size, k)),
+                "val": ray.data.from_items(tiny_rows(6, size, k, seed=1))}
+    weights_by_class = class_weights_for({c: 1 + i for i, c in enumerate(classes)}, classes)
+    result = fit(cfg, datasets, classes, cfg.input_spec(), weights_by_class)
+    assert result.error is None, result.error
+    with result.checkpoint.as_directory() as d:
+        history = read_state(d)["history"]
+    assert [h["epoch"] for h in history] == list(range(1, cfg.epochs + 1))
+    assert [h["stage"] for h in history] == ["head"] * cfg.head_epochs + [cfg.finetune]
+    assert all(np.isfinite(h["train_loss"]) and h["train_images"] > 0 and h["val_images"] == 6 for h in history)
+
+
+def test_write_reports_to_s3_lands_every_file(s3_server, tmp_path):
+    """`run` with `--out s3://...` writes the reports there too (written locally, then copied)."""
+    from pneumo.data import read_bytes
+    from pneumo.training import write_reports
+
+    bucket = s3_server.make_bucket("pneumo-train-out")
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 10)
+    p1 = np.clip(labels * 0.6 + rng.random(20) * 0.4, 0, 1)
+    probs = np.stack([1 - p1, p1], axis=1).astype(np.float32)
+    threshold = {"value": 0.5, "method": "youden", "target": None}
+    out = f"{bucket}/run"
+    paths = write_reports(out, {"val": {"label": labels}}, {"val": probs}, ["NORMAL", "PNEUMONIA"], threshold, [],
+                          s3_endpoint=s3_server.endpoint)
+    assert paths == {"val": f"{out}/report/val"}
+    assert b"NORMAL" in read_bytes(f"{out}/report/val/report.json", s3_server.endpoint)
+    assert read_bytes(f"{out}/report/val/roc.png", s3_server.endpoint)[:4] == b"\x89PNG"

@@ -1,0 +1,42 @@
+"""Helpers shared by the training tests (import as `from helpers import ...`; tests/ is on sys.path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def tiny_rows(n: int, size: int, num_classes: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`n` rows like the ingest's: {image: uint8[size, size], label: int}, labels cycling over classes."""
+    rng = np.random.default_rng(seed)
+    return [{"image": rng.integers(0, 256, (size, size), dtype=np.uint8), "label": i % num_classes}
+            for i in range(n)]
+
+
+class ListShard:
+    """A stand-in for a Ray Data shard: `iter_torch_batches` over in-memory rows, in order."""
+
+    def __init__(self, rows: list[dict[str, Any]]):
+        self.rows = rows
+
+    def iter_torch_batches(self, batch_size: int, **_: Any):  # noqa: ANN201
+        for i in range(0, len(self.rows), batch_size):
+            chunk = self.rows[i:i + batch_size]
+            yield {"image": torch.from_numpy(np.stack([r["image"] for r in chunk])),
+                   "label": torch.tensor([r["label"] for r in chunk])}
+
+
+def pretrained_available(model: str) -> bool:
+    """Whether `model`'s pretrained weights are on this machine (pneumo never downloads them)."""
+    from pneumo.models import WeightsUnavailable, get_spec, load_pretrained_state
+
+    spec = get_spec(model)
+    if not spec.has_pretrained:
+        return False
+    try:
+        load_pretrained_state(spec)
+    except WeightsUnavailable:
+        return False
+    return True
