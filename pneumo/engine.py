@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from pneumo import precision as P
 from pneumo.augment import Augment
 from pneumo.config import ConfigError
+from pneumo.export import probabilities as logits_to_probs
 from pneumo.metrics import negative_index, positive_score
 from pneumo.models import set_finetune, set_train_mode
-from pneumo import precision as P
-from pneumo.export import probabilities as logits_to_probs
 from pneumo.preprocess import InputSpec, to_tensor
 
 if TYPE_CHECKING:

@@ -29,8 +29,6 @@ from typing import Any
 import numpy as np
 
 from pneumo import metrics as M
-from pneumo.precision import PRECISIONS
-from pneumo.predict import ENGINES
 from pneumo.data import (
     LABEL_SETS,
     SPLITS,
@@ -40,6 +38,8 @@ from pneumo.data import (
     labelled_splits,
     read_bytes,
 )
+from pneumo.precision import PRECISIONS
+from pneumo.predict import ENGINES
 
 REPORT_METRICS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
                                    "average_precision")

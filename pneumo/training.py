@@ -65,9 +65,7 @@ from pneumo.engine import (
     OPTIMIZERS,
     SCHEDULERS,
     TrainState,
-    choose_threshold,
     class_weights_for,
-    epoch_metrics,
     make_loop,
     make_loss,
     make_optimizer,
@@ -79,7 +77,6 @@ from pneumo.engine import (
 from pneumo.metrics import THRESHOLD_METHODS
 from pneumo.models import FINETUNE_MODES, get_model, get_spec, list_models, set_finetune
 from pneumo.precision import TORCH_PRECISIONS_AUTO
-from pneumo.predict import Predictor
 from pneumo.preprocess import EQUALIZE_MODES, InputSpec
 
 BALANCE = ("none", "weighted_loss", "oversample")
@@ -301,8 +298,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """The whole job: data -> Ray Train -> bundle (+ val-chosen threshold) -> config, report, summary."""
     import ray
 
-    from pneumo.bundle import save_bundle
     from pneumo.ingest import build_datasets, oversample, to_numpy
+    from pneumo.train_export import export_run
 
     t0 = time.perf_counter()
     if not ray.is_initialized():
@@ -347,16 +344,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                      "early_stopped": bool(last_state.get("stopped")), "data_fingerprint": fingerprint(records),
                      "starts": last_state.get("starts", []),
                      "history": history, "skipped_files": ingest.errors, "counts": counts}
-    save_bundle(model, bundle, cfg.model, classes, spec, training=training_info, s3_endpoint=cfg.s3_endpoint)
-    # threshold on validation predictions only, through the same Predictor scoring/serving use
     splits = {s: to_numpy(ingest.datasets[s]) for s in ("val", "test") if s in ingest.datasets}
-    predictor = Predictor(bundle, s3_endpoint=cfg.s3_endpoint, device="auto", precision="fp32")  # loaded once
-    probs = {s: predictor.predict(d["image"]) for s, d in splits.items()}
-    threshold = choose_threshold(splits["val"]["label"], probs["val"], classes, cfg.threshold_method,
-                                 cfg.target_sensitivity)
-    metrics = {s: epoch_metrics(splits[s]["label"], probs[s], classes, threshold["value"]) for s in splits}
-    manifest = save_bundle(model, bundle, cfg.model, classes, spec, threshold=threshold, metrics=metrics,
-                           training=training_info, s3_endpoint=cfg.s3_endpoint)
+    manifest, scored = export_run(cfg, model, classes, spec, splits, training_info, bundle)
+    threshold, metrics, probs = scored.threshold, scored.metrics, scored.probs
     write_bytes(join(out, "config.yaml"), config_text(cfg).encode(), cfg.s3_endpoint)
     reports = (write_reports(out, splits, probs, classes, threshold, history, ingest.errors, cfg.s3_endpoint)
                if cfg.report else {})
@@ -364,6 +354,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                "metrics": metrics, "epochs_run": last_state["epoch"], "best_epoch": best_state["epoch"],
                "early_stopped": bool(last_state.get("stopped")), "skipped_files": len(ingest.errors),
                "run": {"name": cfg.run_name, "storage_path": cfg.storage}, "wall_s": time.perf_counter() - t0,
+               "engine": scored.engine, "onnx": bool(manifest.has_onnx),
                "reports": reports}
     write_bytes(join(out, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), cfg.s3_endpoint)
     print(summary_text(summary), flush=True)

@@ -16,8 +16,8 @@ from pneumo.bundle import (
     read_manifest,
     save_bundle,
 )
-from pneumo.models import get_model, get_spec
 from pneumo.export import probabilities as logits_to_probs
+from pneumo.models import get_model, get_spec
 from pneumo.predict import Predictor, decide
 from pneumo.preprocess import InputSpec
 

@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from pneumo.bundle import INT8_FILE, MANIFEST_FILE, ONNX_FILE, BundleError, read_manifest, save_bundle
+from pneumo.bundle import (
+    INT8_FILE,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    BundleError,
+    read_manifest,
+    save_bundle,
+)
 from pneumo.cli import main as cli
 from pneumo.export import ScoringModule, export_checked
 from pneumo.models import _REGISTRY, ModelSpec, get_model, get_spec, list_models, register
