@@ -205,13 +205,28 @@ def compare(
     max_run: int = 500,
     min_effect: dict[str, float] | None = None,
     seed: int = 0,
+    projected: bool = False,
 ) -> DriftReport:
     """Compare a run's `features: float32[N, F]` (or None: scores only) and `scores: float32[N]`
     with the reference. Each test runs at `alpha / n_tests` (Bonferroni) and fires only if its
-    effect also reaches `min_effect`; `shift` is any test firing."""
-    z = None if features is None else reference.project(features)
-    return _compare_projected(reference, z, np.asarray(scores, dtype=np.float32).ravel(), alpha, permutations,
+    effect also reaches `min_effect`; `shift` is any test firing. With `projected=True`,
+    `features` are already `reference.project(...)` outputs `float32[N, k]` (large runs can keep
+    only those, batch by batch)."""
+    s = np.asarray(scores, dtype=np.float32).ravel()
+    z = _project(reference, features, projected, len(s))
+    return _compare_projected(reference, z, s, alpha, permutations,
                               max_run, {**MIN_EFFECT, **(min_effect or {})}, seed)
+
+
+def _project(ref: DriftReference, features: np.ndarray | None, projected: bool, n: int) -> np.ndarray | None:
+    if features is None or n == 0:
+        return None
+    if not projected:
+        return ref.project(features)
+    z = np.asarray(features, dtype=np.float32)
+    if z.ndim != 2 or z.shape[1] != ref.components.shape[0]:
+        raise ValueError(f"projected features {z.shape}: expected [N, {ref.components.shape[0]}]")
+    return z
 
 
 def _compare_projected(ref: DriftReference, z: np.ndarray | None, s: np.ndarray, alpha: float, permutations: int,
@@ -246,11 +261,13 @@ def write_run_drift(run_dir: str | os.PathLike, reference: DriftReference, featu
     """`compare` over a run's ok rows; writes `<run_dir>/drift.json` and `<run_dir>/drift.png`."""
     from pneumo.plots import drift_plot
 
-    report = compare(reference, features, scores, **kwargs)
+    projected = kwargs.pop("projected", False)
+    s = np.asarray(scores, dtype=np.float32).ravel()
+    z = _project(reference, features, projected, len(s))
+    report = compare(reference, z, s, projected=True, **kwargs)
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "drift.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    z = None if features is None or not len(scores) else reference.project(features)
     drift_plot(reference.scores, np.asarray(scores, dtype=np.float32), out / "drift.png", reference.threshold,
                reference.sample, z, title=report.line())
     return report

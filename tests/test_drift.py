@@ -191,6 +191,19 @@ def test_scores_only(world, name: str, shift: bool) -> None:  # noqa: ANN001
         assert not report.shift, report.line()
 
 
+def test_projected_features_give_the_same_report(world) -> None:  # noqa: ANN001
+    """Large runs keep only `reference.project(batch)` per batch; the verdict is the same."""
+    x, s = _run(world, "crop")
+    ref = world["ref"]
+    z = np.concatenate([ref.project(x[i: i + 16]) for i in range(0, len(x), 16)])
+    a, b = compare(ref, z, s, projected=True).to_dict(), compare(ref, x, s).to_dict()
+    assert (a["shift"], a["line"], a["tests"].keys()) == (b["shift"], b["line"], b["tests"].keys())
+    for name, t in a["tests"].items():  # batched matmuls round differently in the last bits
+        assert t == pytest.approx(b["tests"][name], rel=1e-5)
+    with pytest.raises(ValueError):
+        compare(ref, x, s, projected=True)  # raw features are not projections
+
+
 # ---------------------------------------------------------------- serving window
 
 
@@ -264,3 +277,44 @@ def test_adabn_moves_running_stats_to_the_new_domain(world) -> None:  # noqa: AN
     assert (bn.running_mean - target).abs().max() < 1e-4 < (before - target).abs().max()
     assert int(bn.num_batches_tracked) == len(batches)
     assert not torch.allclose(model(batches[0]).detach(), out_before)
+
+
+# ---------------------------------------------------------------- synth acquisition shift
+
+
+def _edge_mean(a: np.ndarray) -> float:
+    return float(a[:, : a.shape[1] // 10].mean())
+
+
+def _sharpness(a: np.ndarray) -> float:
+    return float(np.abs(np.diff(a, axis=1)).mean())
+
+
+@pytest.mark.parametrize("acq,measure,direction", [
+    (Acquisition(contrast=0.5), lambda a: float(a.std()), -1),
+    (Acquisition(brightness=0.15), lambda a: float(a.mean()), +1),
+    (Acquisition(gamma=2.0), lambda a: float(a.mean()), -1),
+    (Acquisition(blur=0.02), _sharpness, -1),
+    (Acquisition(noise=0.08), _sharpness, +1),
+    (Acquisition(crop=0.7), _edge_mean, +1),  # the dark background at the sides is cropped away
+])
+def test_synth_acquisition_shift(tmp_path: Path, acq: Acquisition, measure, direction: int) -> None:  # noqa: ANN001
+    from PIL import Image
+
+    plain = sorted(synthesize(tmp_path / "plain", 6, seed=4, size_range=(96, 96)))
+    shifted = sorted(synthesize(tmp_path / "shifted", 6, seed=4, size_range=(96, 96), acquisition=acq))
+    again = sorted(synthesize(tmp_path / "again", 6, seed=4, size_range=(96, 96), acquisition=acq))
+    assert [p.read_bytes() for p in shifted] == [p.read_bytes() for p in again]  # deterministic
+    for a, b in zip(plain, shifted):
+        assert a.name == b.name
+        x, y = (np.asarray(Image.open(p), dtype=np.float32) / 255 for p in (a, b))
+        assert x.shape == y.shape
+        assert np.sign(measure(y) - measure(x)) == direction
+
+
+def test_synth_default_acquisition_is_identity(tmp_path: Path) -> None:
+    a = synthesize(tmp_path / "a", 5, seed=6, size_range=(64, 80))
+    b = synthesize(tmp_path / "b", 5, seed=6, size_range=(64, 80), acquisition=Acquisition())
+    assert [p.read_bytes() for p in a] == [p.read_bytes() for p in b]
+    with pytest.raises(ValueError):
+        synthesize(tmp_path / "c", 5, acquisition=Acquisition(crop=0.0))
