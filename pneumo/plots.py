@@ -248,3 +248,45 @@ def training_curves(
         fig.text(0.5, 0.5, "no per-epoch history", ha="center", va="center")
     fig.tight_layout()
     return _save(fig, out_path)
+
+
+# ---------------------------------------------------------------- drift
+
+
+def drift_plot(
+    reference_scores: Sequence[float] | np.ndarray,
+    run_scores: Sequence[float] | np.ndarray,
+    out_path: str | os.PathLike,
+    threshold: float | None = None,
+    reference_points: np.ndarray | None = None,
+    run_points: np.ndarray | None = None,
+    title: str = "Drift: this run vs the training data (val split)",
+) -> Path:
+    """Positive-score histograms (reference vs this run, as densities, with the threshold) and,
+    given `float[N, >=2]` PCA coordinates, a scatter of the first two components."""
+    ref, run = np.asarray(reference_scores, dtype=float), np.asarray(run_scores, dtype=float)
+    scatter = reference_points is not None and run_points is not None and len(run_points) > 0 \
+        and np.shape(reference_points)[1] >= 2
+    fig = Figure(figsize=(10.0 if scatter else 5.6, 4.2))
+    fig.suptitle(title, fontsize=9)
+    ax = fig.add_subplot(1, 2 if scatter else 1, 1)
+    bins = np.linspace(0, 1, 26)
+    ax.hist(ref, bins=bins, density=True, alpha=0.45, color="C0", label=f"reference (val, n={len(ref):,})")
+    if len(run):
+        ax.hist(run, bins=bins, density=True, alpha=0.45, color="C1", label=f"this run (n={len(run):,})")
+    if threshold is not None:
+        ax.axvline(threshold, ls="--", color="C3", lw=1, label=f"threshold {threshold:.3f}")
+    ax.set(xlim=(0, 1), xlabel="positive score", ylabel="density", title="scores")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if scatter:
+        ax2 = fig.add_subplot(1, 2, 2)
+        rp, qp = np.asarray(reference_points), np.asarray(run_points)
+        qp = qp[np.random.default_rng(0).choice(len(qp), 2000, replace=False)] if len(qp) > 2000 else qp
+        ax2.scatter(rp[:, 0], rp[:, 1], s=8, alpha=0.5, color="C0", label="reference (val)")
+        ax2.scatter(qp[:, 0], qp[:, 1], s=8, alpha=0.5, color="C1", label="this run")
+        ax2.set(xlabel="PC 1", ylabel="PC 2", title="image embeddings (PCA of val)")
+        ax2.grid(alpha=0.3)
+        ax2.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out_path)

@@ -14,6 +14,12 @@ focal (lobar) consolidations on one side, viral cases a bilateral diffuse haze w
 patches, so both the binary and the three-class task are learnable even at 64 px.
 
     pneumo synth OUT --n 200 [--seed 0] [--min-size 1000 --max-size 2000] [--splits train,val,test]
+
+Acquisition shift (for drift tests; all off by default, and then the files are byte-identical to
+before): `--contrast 0.6` (scale grey levels around the image mean), `--brightness 0.1` (add, in
+[0, 1] units), `--gamma 1.5`, `--blur 0.01` (Gaussian sigma as a share of the width), `--crop 0.8`
+(keep the central 80 % of each side: a tighter collimation / zoom) and `--noise 0.05` (added Gaussian
+noise, in [0, 1] units). A prevalence shift is `--pneumonia-frac`.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from pneumo.config import ConfigError, parse_config
 from pneumo.data import SPLITS
@@ -215,6 +221,49 @@ def _opacities(X, Y, r: np.random.Generator, cause, cx, cy, lung_dx, lung_ax, lu
     return haze + _blobs(X, Y, centers, r.uniform(0.015, 0.03, k), r.uniform(0.12, 0.22, k))
 
 
+# ---------------------------------------------------------------- acquisition shift
+
+
+@dataclass(frozen=True)
+class Acquisition:
+    """A change of scanner/protocol applied to the finished image; the defaults change nothing."""
+
+    contrast: float = 1.0
+    brightness: float = 0.0
+    gamma: float = 1.0
+    blur: float = 0.0  # Gaussian sigma as a share of the image width
+    crop: float = 1.0  # share of each side kept (centred), then resized back
+    noise: float = 0.0  # sigma of added Gaussian noise, [0, 1] grey units
+
+    def validate(self) -> None:
+        if self.contrast <= 0 or self.gamma <= 0 or self.blur < 0 or self.noise < 0 or not 0.1 <= self.crop <= 1:
+            raise ValueError(f"{self}: need contrast > 0, gamma > 0, blur >= 0, noise >= 0, 0.1 <= crop <= 1")
+
+    @property
+    def is_identity(self) -> bool:
+        return self == Acquisition()
+
+
+def acquire(img: Image.Image, acq: Acquisition, seed: int, index: int) -> Image.Image:
+    """Apply `acq` to one rendered image (deterministic: noise is drawn from `seed` and `index`)."""
+    if acq.is_identity:
+        return img
+    W, H = img.size
+    if acq.crop < 1:
+        cw, ch = max(1, round(W * acq.crop)), max(1, round(H * acq.crop))
+        left, top = (W - cw) // 2, (H - ch) // 2
+        img = img.crop((left, top, left + cw, top + ch)).resize((W, H), Image.BICUBIC)
+    if acq.blur > 0:
+        img = img.filter(ImageFilter.GaussianBlur(radius=acq.blur * W))
+    x = np.asarray(img, dtype=np.float32) / 255.0
+    if acq.contrast != 1.0:
+        x = (x - x.mean()) * acq.contrast + x.mean()
+    x = np.clip(x + acq.brightness, 0, 1) ** acq.gamma
+    if acq.noise > 0:
+        x = x + np.random.default_rng([seed, 7004, index]).normal(0.0, acq.noise, size=x.shape).astype(np.float32)
+    return Image.fromarray((np.clip(x, 0, 1) * 255 + 0.5).astype(np.uint8))
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -228,12 +277,14 @@ def synthesize(
     bacteria_frac: float = 0.5,
     quality: int = 90,
     workers: int | None = None,
+    acquisition: Acquisition | None = None,
 ) -> list[Path]:
     """Write `n` synthetic X-rays under `out/<split>/<CLASS>/`; returns their paths.
 
     The same arguments always give the same files, byte for byte. With several `splits`,
     patients (never single images) are shared out over them, 70/15/15 for train/val/test.
     Files already in `out` under other names are left alone: use an empty folder.
+    `acquisition` shifts contrast/brightness/gamma/blur/crop/noise after drawing (drift tests).
     """
     if n < 1:
         raise ValueError(f"n={n}: need at least one image")
@@ -245,6 +296,8 @@ def synthesize(
         raise ValueError(f"splits={splits}: give distinct splits from {', '.join(SPLITS)}")
     if not 0 <= pneumonia_frac <= 1 or not 0 <= bacteria_frac <= 1:
         raise ValueError("pneumonia_frac and bacteria_frac must be in [0, 1]")
+    acq = acquisition or Acquisition()
+    acq.validate()
     root = Path(out)
     jobs = _plan(n, seed, tuple(splits), pneumonia_frac, bacteria_frac)
     for folder in {str(Path(j.rel_path).parent) for j in jobs}:
@@ -252,7 +305,7 @@ def synthesize(
 
     def write(job: _Job) -> Path:
         buf = io.BytesIO()
-        render(seed, job, (lo, hi)).save(buf, format="JPEG", quality=quality)
+        acquire(render(seed, job, (lo, hi)), acq, seed, job.index).save(buf, format="JPEG", quality=quality)
         path = root / job.rel_path
         path.write_bytes(buf.getvalue())
         return path
@@ -277,6 +330,15 @@ class SynthConfig:
     pneumonia_frac: float = field(default=0.6, metadata={"help": "share of PNEUMONIA images"})
     bacteria_frac: float = field(default=0.5, metadata={"help": "share of bacterial among PNEUMONIA patients"})
     quality: int = field(default=90, metadata={"help": "JPEG quality"})
+    contrast: float = field(default=1.0, metadata={"help": "acquisition shift: grey-level contrast factor"})
+    brightness: float = field(default=0.0, metadata={"help": "acquisition shift: added brightness, [0, 1] units"})
+    gamma: float = field(default=1.0, metadata={"help": "acquisition shift: gamma on [0, 1] grey levels"})
+    blur: float = field(default=0.0, metadata={"help": "acquisition shift: Gaussian blur sigma, share of width"})
+    crop: float = field(default=1.0, metadata={"help": "acquisition shift: central share of each side kept"})
+    noise: float = field(default=0.0, metadata={"help": "acquisition shift: added Gaussian noise sigma"})
+
+    def acquisition(self) -> Acquisition:
+        return Acquisition(self.contrast, self.brightness, self.gamma, self.blur, self.crop, self.noise)
 
     def validate(self) -> None:
         bad = [s for s in self.splits if s not in SPLITS]
@@ -284,6 +346,10 @@ class SynthConfig:
             raise ConfigError(f"splits: {bad or self.splits} not valid; choose from {', '.join(SPLITS)}")
         if self.n < 1 or not 16 <= self.min_size <= self.max_size:
             raise ConfigError("need n >= 1 and 16 <= min_size <= max_size")
+        try:
+            self.acquisition().validate()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = synthesize(
         cfg.out, cfg.n, seed=cfg.seed, size_range=(cfg.min_size, cfg.max_size), splits=tuple(cfg.splits),
         pneumonia_frac=cfg.pneumonia_frac, bacteria_frac=cfg.bacteria_frac, quality=cfg.quality,
+        acquisition=cfg.acquisition(),
     )
     counts: dict[str, int] = {}
     for p in paths:
