@@ -215,6 +215,8 @@ def decoded_bytes(img: Image.Image) -> int:
 def _exif_upright(img: Image.Image) -> Image.Image:
     """Apply the EXIF orientation (phone photos of films); a broken EXIF block is ignored."""
     try:
+        if img.getexif().get(0x0112, 1) in (0, 1):  # no turn: skip exif_transpose's full copy
+            return img
         return ImageOps.exif_transpose(img)
     except Exception:  # noqa: BLE001 - the pixels are fine even when the EXIF is not
         return img

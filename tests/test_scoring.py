@@ -149,7 +149,7 @@ def test_mixed_inputs_give_one_row_each_with_status(mixed_run) -> None:  # noqa:
     assert row.etag_or_sha256 == hashlib.sha256(good).hexdigest() and row.size_bytes == len(good)
     assert (df.run_id == result.run_id).all() and df.bundle_sha256.str.len().eq(64).all()
     marker = json.loads((Path(result.run_dir) / SUCCESS_FILE).read_text())
-    assert marker["counts"] == {"ok": 7, "error": 5} and marker["n_scored"] == 12
+    assert marker["counts"] == {"ok": 7, "error": 6} and marker["n_scored"] == 13
     assert sorted(marker["files"]) == sorted(p.name for p in Path(result.run_dir).glob("part-*.parquet"))
 
 
