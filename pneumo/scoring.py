@@ -5,11 +5,12 @@
 
 The pipeline (shaped like the Ray Data batch-inference docs):
 
-1. the driver lists the input (`pneumo.data.list_images` or `read_manifest`) into records
-   (path, size, mtime) and, with `--incremental`, drops those already scored by the same bundle
-   in earlier *committed* runs;
+1. the driver lists the input (`pneumo.data.list_images`: every entry, whatever its name, or
+   `read_manifest`) into records (path, size, mtime) and, with `--incremental`, drops those
+   already scored by the same bundle in earlier *committed* runs;
 2. `ray.data.from_items(records)` then `map_batches(read_and_preprocess)` as Ray Data tasks:
-   read the bytes, sha256 them, `pneumo.preprocess.load_image` -> uint8[S, S]. A file that
+   `pneumo.reading.read_image` reads the bytes, sha256s them and preprocesses them to
+   uint8[S, S] (the same read path as training ingest and evaluation). A file that
    cannot be read or decoded becomes an error row (status=error, message, kind); no exception
    leaves a batch and no row is dropped. (`from_items` + a reading task, not
    `read_binary_files`, so an unreadable or missing file still has its one row.)
