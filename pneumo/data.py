@@ -128,26 +128,96 @@ def write_bytes(location: str, data: bytes, s3_endpoint: str | None = None) -> N
 # ---------------------------------------------------------------- listing
 
 
+def escape_path(path: str) -> str:
+    """A local path as valid UTF-8 text: undecodable bytes (surrogate-escaped by `os.fsdecode`)
+    become `\\xNN`. Identity for every UTF-8 name. `unescape_path` undoes it for reading."""
+    try:
+        path.encode("utf-8")
+        return path
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+_ESCAPED_BYTE = re.compile(r"\\x([89a-fA-F][0-9a-fA-F])")
+
+
+def unescape_path(path: str) -> str:
+    """Inverse of `escape_path`: `\\xNN` (NN >= 0x80) back to the raw byte, as `os.fsdecode` gives it."""
+    if "\\x" not in path:
+        return path
+    return _ESCAPED_BYTE.sub(lambda m: chr(0xDC00 + int(m.group(1), 16)), path)
+
+
+def _walk_local(root: str) -> Iterable[tuple[str, int, int]]:
+    """(path, size, mtime_ns) of every regular file or symlink under `root`, any nesting.
+
+    `os.scandir` on str paths gives undecodable names surrogate-escaped (never a
+    UnicodeDecodeError, unlike pyarrow's `FileInfo.base_name`). Symlinked folders are listed as
+    entries, not followed (no loops); a dangling symlink is listed with size and mtime -1.
+    Hidden entries (`.DS_Store`, `._x` AppleDouble files, `.git/`) are skipped. FIFOs, sockets
+    and devices are skipped (reading one could block).
+    """
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # an unreadable subfolder: nothing to list in it
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(entry.path)
+                continue
+            if not (entry.is_symlink() or entry.is_file(follow_symlinks=False)):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=True)
+                size, mtime = (st.st_size, st.st_mtime_ns) if not os.path.isdir(entry.path) else (0, st.st_mtime_ns)
+            except OSError:  # dangling symlink or loop: still an entry (a `missing`/`unreadable` row)
+                size, mtime = -1, -1
+            yield entry.path, size, mtime
+
+
 def list_images(
     location: str,
     s3_endpoint: str | None = None,
-    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    extensions: Sequence[str] | None = None,
 ) -> list[ImageRecord]:
-    """Every image file under `location` (any nesting), sorted by path, with size and mtime."""
+    """Every file under `location` (any nesting), sorted by path, with size and mtime.
+
+    With `extensions=None` (the default, an archive listing for scoring) every regular file or
+    symlink is an entry, whatever its name: GIFs, text files and dangling symlinks come back
+    too, and reading them gives an error row (`unsupported`, `missing`), so nothing is silently
+    left out. Hidden names (starting with `.`) are skipped. With `extensions`, only names ending
+    in one of them (case-insensitive). Local names that are not UTF-8 are given `escape_path`d.
+    """
     fs, root = resolve_filesystem(location, s3_endpoint)
+    exts = tuple(e.lower() for e in extensions) if extensions is not None else None
+
+    def wanted(name: str) -> bool:
+        return not name.startswith(".") and (exts is None or name.lower().endswith(exts))
+
+    out = []
+    if isinstance(fs, pafs.LocalFileSystem):
+        if os.path.isdir(root):
+            entries = list(_walk_local(root))
+        elif os.path.lexists(root):
+            st = os.stat(root) if os.path.exists(root) else None
+            entries = [(root, st.st_size if st else -1, st.st_mtime_ns if st else -1)]
+        else:
+            raise DataError(f"{location}: no such folder or prefix")
+        for path, size, mtime in entries:
+            if wanted(os.path.basename(path)):
+                out.append(ImageRecord(path=escape_path(path), size=size, mtime_ns=mtime))
+        return sorted(out, key=lambda r: r.path)
     info = fs.get_file_info(root)
     if info.type == pafs.FileType.NotFound:
         raise DataError(f"{location}: no such folder or prefix")
-    if info.type == pafs.FileType.File:
-        infos = [info]
-    else:
-        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
-    exts = tuple(e.lower() for e in extensions)
-    out = []
+    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(root, recursive=True))
     for fi in infos:
-        if fi.type != pafs.FileType.File or not fi.base_name.lower().endswith(exts):
-            continue
-        if fi.base_name.startswith("."):
+        if fi.type != pafs.FileType.File or not wanted(fi.path.rsplit("/", 1)[-1]):
             continue
         mtime = fi.mtime_ns if fi.mtime_ns is not None else -1
         out.append(ImageRecord(path=to_location(fs, fi.path), size=fi.size or 0, mtime_ns=mtime))
@@ -202,7 +272,7 @@ def discover(location: str, label_set: str = "binary", s3_endpoint: str | None =
         raise DataError(f"unknown label set {label_set!r}; valid: {', '.join(LABEL_SETS)}")
     root_fs, root = resolve_filesystem(location, s3_endpoint)
     out: list[ImageRecord] = []
-    for rec in list_images(location, s3_endpoint):
+    for rec in list_images(location, s3_endpoint, extensions=IMAGE_EXTENSIONS):
         rel_path = rec.path[len("s3://"):] if is_s3(rec.path) else rec.path  # no new filesystem per file
         rel = PurePosixPath(rel_path.replace(os.sep, "/")).relative_to(PurePosixPath(root.replace(os.sep, "/")))
         parts = rel.parts

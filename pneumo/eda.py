@@ -43,11 +43,10 @@ from pneumo.data import (
 from pneumo.preprocess import (
     EQUALIZE_MODES,
     RESIZE_MODES,
-    DecodeError,
     InputSpec,
-    load_image,
     sniff_format,
 )
+from pneumo.reading import read_image
 
 
 @dataclass(frozen=True)
@@ -172,7 +171,6 @@ def write_sample_grid(
 ) -> Path:
     """A grid of `per_class` images per class as `load_image(..., spec)` returns them."""
     records = records if records is not None else discover(location, label_set, s3_endpoint)
-    fs, _ = resolve_filesystem(location, s3_endpoint)
     images: dict[str, list[np.ndarray]] = {}
     captions: dict[str, list[str]] = {}
     for label, candidates in pick_samples(records, per_class).items():
@@ -180,13 +178,10 @@ def write_sample_grid(
         for rec in candidates[: per_class * 3]:
             if len(images[label]) == per_class:
                 break
-            fs_path = rec.path[len("s3://"):] if rec.path.startswith("s3://") else rec.path
-            with fs.open_input_stream(fs_path) as f:
-                data = f.read()
-            try:
-                images[label].append(load_image(data, rec.path, spec))
-            except DecodeError:
+            res = read_image(rec.path, spec, s3_endpoint)  # the one read path; bad files are skipped
+            if res.error is not None:
                 continue
+            images[label].append(res.image)
             captions[label].append(Path(rec.path).name[:28])
     title = f"as the model sees them: {spec.size}px, resize={spec.resize}, equalize={spec.equalize}"
     return plots.sample_grid(images, out_path, captions=captions, title=title)

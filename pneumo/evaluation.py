@@ -36,7 +36,6 @@ from pneumo.data import (
     ImageRecord,
     fingerprint,
     labelled_splits,
-    read_bytes,
 )
 from pneumo.precision import PRECISIONS
 from pneumo.predict import ENGINES
@@ -283,15 +282,13 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
 
 
 def _load(record: ImageRecord, spec: Any, s3_endpoint: str | None) -> np.ndarray | dict[str, str]:
-    """uint8[S, S] for a record, or an error row {path, kind, reason}."""
-    from pneumo.preprocess import DecodeError, load_image
+    """uint8[S, S] for a record, or an error row {path, kind, reason} (`pneumo.reading` kinds)."""
+    from pneumo.reading import read_image
 
-    try:
-        return load_image(read_bytes(record.path, s3_endpoint), record.path, spec)
-    except DecodeError as exc:
-        return {"path": record.path, "kind": exc.kind, "reason": exc.reason}
-    except OSError as exc:
-        return {"path": record.path, "kind": "unreadable", "reason": str(exc)}
+    res = read_image(record.path, spec, s3_endpoint)
+    if res.error is None:
+        return res.image
+    return {"path": record.path, "kind": res.error.kind, "reason": res.error.message}
 
 
 def evaluate_bundle(

@@ -5,7 +5,7 @@
     data.datasets["train"], data.datasets["val"], data.errors
 
 Each split is `ray.data.from_items(records)` followed by one `map_batches` that reads the bytes
-(local or S3) and calls the shared `pneumo.preprocess.load_image`; rows are
+(local or S3) through the one read path `pneumo.reading.read_image`; rows are
 `{image: uint8[S, S], label: int, path: str}` and are materialised in the object store (the
 224 px data set is ~5k x 50 KB). Files that cannot be read or decoded are **not** silently
 dropped: they are counted, listed in `Ingest.errors` and logged, then left out of training.
@@ -15,47 +15,33 @@ Augmentation and normalisation happen later, in the Ray Train worker.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from pneumo.data import ImageRecord, resolve_filesystem
-from pneumo.preprocess import DecodeError, InputSpec, load_image
+from pneumo.data import ImageRecord
+from pneumo.preprocess import InputSpec
+from pneumo.reading import read_image
 
 log = logging.getLogger(__name__)
 
-_FS_CACHE: dict[tuple[bool, str | None], Any] = {}
-
-
-def _read(path: str, s3_endpoint: str | None) -> bytes:
-    """Bytes of one local or s3:// file, reusing one filesystem object per process."""
-    key = (path.startswith("s3://"), s3_endpoint)
-    fs, inner = resolve_filesystem(path, s3_endpoint) if key not in _FS_CACHE else (_FS_CACHE[key], None)
-    _FS_CACHE[key] = fs
-    if inner is None:
-        inner = path[len("s3://"):] if key[0] else path
-    with fs.open_input_stream(inner) as f:
-        return f.read()
-
-
 def load_batch(batch: dict[str, np.ndarray], spec: dict, s3_endpoint: str | None = None) -> dict[str, np.ndarray]:
-    """`map_batches` function: {path, label} -> {image, label, path, error} (error "" when fine)."""
+    """`map_batches` function: {path, label} -> {image, label, path, error, error_kind}
+    (both "" when fine), through the one read path `pneumo.reading.read_image`."""
     input_spec = InputSpec.from_dict(spec)
     n = len(batch["path"])
     images = np.zeros((n, input_spec.size, input_spec.size), dtype=np.uint8)
-    errors = []
+    errors, kinds = [], []
     for i, path in enumerate(batch["path"]):
-        path = str(path)
-        try:
-            images[i] = load_image(_read(path, s3_endpoint), path, input_spec)
-            errors.append("")
-        except DecodeError as exc:
-            errors.append(f"{exc.kind}: {exc.reason}")
-        except OSError as exc:
-            errors.append(f"unreadable: {exc}")
+        res = read_image(str(path), input_spec, s3_endpoint)
+        if res.error is None:
+            images[i] = res.image
+        errors.append(f"{res.error.kind}: {res.error.message}" if res.error else "")
+        kinds.append(res.error.kind if res.error else "")
     return {"image": images, "label": np.asarray(batch["label"], dtype=np.int64),
-            "path": np.asarray(batch["path"]), "error": np.asarray(errors)}
+            "path": np.asarray(batch["path"]), "error": np.asarray(errors), "error_kind": np.asarray(kinds)}
 
 
 @dataclass
@@ -64,7 +50,7 @@ class Ingest:
 
     datasets: dict[str, Any]  # split -> materialised ray.data.Dataset of {image, label, path}
     counts: dict[str, dict[str, int]]  # split -> class -> usable images
-    errors: list[dict[str, str]] = field(default_factory=list)  # {path, split, error}
+    errors: list[dict[str, str]] = field(default_factory=list)  # {path, split, kind, error="kind: message"}
 
 
 def read_split(records: list[ImageRecord], classes: list[str], spec: InputSpec, s3_endpoint: str | None = None):
@@ -89,16 +75,17 @@ def build_datasets(
         if not recs:
             continue
         ds = read_split(recs, classes, spec, s3_endpoint)
-        bad = ds.filter(lambda row: row["error"] != "").select_columns(["path", "error"]).take_all()
-        errors += [{"path": str(b["path"]), "split": split, "error": str(b["error"])} for b in bad]
+        bad = ds.filter(lambda row: row["error"] != "").select_columns(["path", "error", "error_kind"]).take_all()
+        errors += [{"path": str(b["path"]), "split": split, "kind": str(b["error_kind"]), "error": str(b["error"])}
+                   for b in bad]
         if bad:
             ds = ds.filter(lambda row: row["error"] == "").materialize()
         bad_paths = {str(b["path"]) for b in bad}
         counts[split] = {c: sum(1 for r in recs if r.label == c and r.path not in bad_paths) for c in classes}
-        out[split] = ds.drop_columns(["error"])
-    if errors:
-        log.warning("%d file(s) could not be decoded and are left out: %s", len(errors),
-                    "; ".join(f"{e['path']} ({e['error']})" for e in errors[:20]))
+        out[split] = ds.drop_columns(["error", "error_kind"])
+    if errors:  # counts by kind only: file names carry patient ids (they are in Ingest.errors)
+        log.warning("%d file(s) could not be read or decoded and are left out: %s", len(errors),
+                    ", ".join(f"{k} {n}" for k, n in sorted(Counter(e["kind"] for e in errors).items())))
     return Ingest(out, counts, errors)
 
 

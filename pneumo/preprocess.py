@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageChops, ImageOps, UnidentifiedImageError
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -37,7 +37,8 @@ _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 class DecodeError(ValueError):
     """An input that cannot become a model input. `kind` is one of:
-    `empty`, `corrupt`, `unsupported`, `too_large` (servers map these to 400/400/415/413).
+    `empty`, `corrupt`, `unsupported`, `too_large` (servers map these to 400/400/415/413);
+    reading adds `missing` and `unreadable` (`pneumo.reading.KINDS`, the one vocabulary).
     """
 
     def __init__(self, path: str, kind: str, reason: str):
@@ -115,37 +116,73 @@ def _to_uint8(arr: np.ndarray) -> np.ndarray:
     return np.clip((arr - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
 
 
-def _decode_dicom(data: bytes, path: str, max_pixels: int) -> Image.Image:
+def _dicom_int(ds: Any, name: str, default: int) -> int:
+    value = ds.get(name, default)
+    try:
+        return int(value if value not in (None, "") else default)
+    except (TypeError, ValueError):
+        return default
+
+
+def _read_dicom(data: bytes, path: str, max_pixels: int) -> tuple[np.ndarray, str]:
+    """(first frame as a windowed array, PhotometricInterpretation) of a DICOM, or `DecodeError`.
+
+    The pixel budget counts every frame and sample (frames x rows x columns x samples) and is
+    checked from the header, before any pixel data is decoded; then only frame 0 is decoded.
+    """
     import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
     try:
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError:  # pydicom < 3
-        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
-    try:
         ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        rows, cols = int(ds.Rows), int(ds.Columns)
     except Exception as exc:
         raise DecodeError(path, "corrupt", f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
-    if rows * cols > max_pixels:
-        raise DecodeError(path, "too_large", f"{cols}x{rows} pixels exceeds the limit of {max_pixels}")
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        if "SOPClassUID" in ds:  # a real DICOM object that is not an image (report, dose...)
+            raise DecodeError(path, "unsupported", "DICOM without pixel data (not an image)")
+        raise DecodeError(path, "corrupt", "not a readable DICOM file (no SOP class, no pixel data)")
+    rows, cols = _dicom_int(ds, "Rows", 0), _dicom_int(ds, "Columns", 0)
+    frames, samples = _dicom_int(ds, "NumberOfFrames", 1), _dicom_int(ds, "SamplesPerPixel", 1)
+    if rows <= 0 or cols <= 0 or frames <= 0 or samples <= 0:
+        raise DecodeError(path, "corrupt", f"DICOM header has no usable size ({cols}x{rows}, {frames} frame(s))")
+    total = frames * rows * cols * samples
+    if total > max_pixels:
+        raise DecodeError(path, "too_large", f"{frames} frame(s) of {cols}x{rows}x{samples} = {total} values "
+                          f"exceeds the limit of {max_pixels}")
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     try:
-        arr = ds.pixel_array
-        if arr.ndim == 3 and int(getattr(ds, "SamplesPerPixel", 1)) == 1:
-            arr = arr[0]  # multi-frame: first frame
+        arr = pixel_array(ds, index=0 if frames > 1 else None)
+        if arr.ndim == 4 or (arr.ndim == 3 and samples == 1):
+            arr = arr[0]  # still multi-frame: first frame
         if arr.ndim == 3:  # colour DICOM: luma
-            arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        else:
-            arr = apply_modality_lut(arr, ds)
-            arr = apply_voi_lut(arr, ds)
+            return arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32), photometric
+        arr = apply_modality_lut(arr, ds)
+        try:
+            return apply_voi_lut(arr, ds), photometric
+        except ValueError:  # a broken window (e.g. WindowWidth 0): fall back to min-max
+            return arr, photometric
     except DecodeError:
         raise
     except Exception as exc:
         raise DecodeError(path, "corrupt", f"DICOM pixel data cannot be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode_dicom(data: bytes, path: str, max_pixels: int) -> Image.Image:
+    arr, photometric = _read_dicom(data, path, max_pixels)
+    if arr.ndim != 2:
+        raise DecodeError(path, "corrupt", f"DICOM pixel data has shape {arr.shape}, not one 2-D frame")
     gray = _to_uint8(arr)
-    if str(getattr(ds, "PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+    if photometric == "MONOCHROME1":
         gray = 255 - gray
     return Image.fromarray(gray, mode="L")
+
+
+def _alpha_on_black(img: Image.Image) -> Image.Image:
+    """Gray of an image with alpha, composited on black: luma x alpha / 255, two 8-bit planes
+    at a time (no full-size RGBA copies: a 4000x4000 RGBA PNG stays near its decoded 64 MB)."""
+    alpha = img.getchannel("A")
+    gray = img.convert("L") if img.mode != "LA" else img.getchannel("L")
+    return ImageChops.multiply(gray, alpha)
 
 
 def _to_gray(img: Image.Image) -> Image.Image:
@@ -154,16 +191,35 @@ def _to_gray(img: Image.Image) -> Image.Image:
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         return Image.fromarray(_to_uint8(np.asarray(img)), mode="L")
-    if mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        mode = img.mode
-    if mode in ("RGBA", "LA", "PA"):
+    if mode in ("P", "PA"):
+        if mode == "P" and "transparency" not in img.info:
+            return img.convert("L")  # through the palette: one 8-bit plane, no RGB copy
         img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, img).convert("RGB")
-    elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "1"):
+        mode = img.mode
+    if mode in ("RGBA", "LA", "RGBa", "La"):
+        return _alpha_on_black(img)
+    if mode in ("CMYK", "YCbCr", "LAB", "HSV", "1"):
         img = img.convert("RGB")
     return img.convert("L")
+
+
+_BYTES_PER_VALUE = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "I": 4, "F": 4, "1": 1}
+
+
+def decoded_bytes(img: Image.Image) -> int:
+    """Bytes the decoded image takes: pixels x bands x bytes per value."""
+    w, h = img.size
+    return w * h * len(img.getbands()) * _BYTES_PER_VALUE.get(img.mode, 1)
+
+
+def _exif_upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation (phone photos of films); a broken EXIF block is ignored."""
+    try:
+        if img.getexif().get(0x0112, 1) in (0, 1):  # no turn: skip exif_transpose's full copy
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - the pixels are fine even when the EXIF is not
+        return img
 
 
 def decode(
@@ -176,6 +232,10 @@ def decode(
 
     `draft_size` lets the JPEG decoder scale down by 1/2, 1/4 or 1/8 while decoding (never
     below `draft_size` on either side), which makes large originals several times cheaper.
+    Budgets (checked from the header, before the pixels are decoded): `max_pixels` pixels
+    (DICOM: values over every frame and sample), and `2 x max_pixels` bytes once decoded, so a
+    16-bit image may have `max_pixels` pixels, an RGBA one half of that (a 70 KB 8000x8000 RGBA
+    PNG would decode to 256 MB). EXIF orientation is applied.
     """
     if not data:
         raise DecodeError(path, "empty", "empty file (0 bytes)")
@@ -184,9 +244,9 @@ def decode(
         raise DecodeError(
             path, "unsupported", f"not a supported image (supported: {', '.join(SUPPORTED_FORMATS)})"
         )
-    if fmt == "DICOM":
-        return _decode_dicom(data, path, max_pixels)
     try:
+        if fmt == "DICOM":
+            return _decode_dicom(data, path, max_pixels)
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
@@ -195,12 +255,17 @@ def decode(
                 raise DecodeError(path, "too_large", f"{w}x{h} pixels exceeds the limit of {max_pixels}")
             if fmt == "JPEG" and draft_size and img.format == "JPEG":
                 img.draft("L", (draft_size, draft_size))
+            if decoded_bytes(img) > 2 * max_pixels:
+                raise DecodeError(path, "too_large", f"{w}x{h} {img.mode} decodes to {decoded_bytes(img)} bytes, "
+                                  f"over the limit of {2 * max_pixels}")
             img.load()
-        return _to_gray(img)
+        return _to_gray(_exif_upright(img))
     except DecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DecodeError(path, "too_large", f"decompression bomb refused ({exc})") from exc
+    except MemoryError as exc:
+        raise DecodeError(path, "too_large", "not enough memory to decode") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise DecodeError(path, "corrupt", f"corrupt or truncated {fmt} ({exc})") from exc
     except Exception as exc:  # a decoder bug must still be a per-file error

@@ -5,11 +5,12 @@
 
 The pipeline (shaped like the Ray Data batch-inference docs):
 
-1. the driver lists the input (`pneumo.data.list_images` or `read_manifest`) into records
-   (path, size, mtime) and, with `--incremental`, drops those already scored by the same bundle
-   in earlier *committed* runs;
+1. the driver lists the input (`pneumo.data.list_images`: every entry, whatever its name, or
+   `read_manifest`) into records (path, size, mtime) and, with `--incremental`, drops those
+   already scored by the same bundle in earlier *committed* runs;
 2. `ray.data.from_items(records)` then `map_batches(read_and_preprocess)` as Ray Data tasks:
-   read the bytes, sha256 them, `pneumo.preprocess.load_image` -> uint8[S, S]. A file that
+   `pneumo.reading.read_image` reads the bytes, sha256s them and preprocesses them to
+   uint8[S, S] (the same read path as training ingest and evaluation). A file that
    cannot be read or decoded becomes an error row (status=error, message, kind); no exception
    leaves a batch and no row is dropped. (`from_items` + a reading task, not
    `read_binary_files`, so an unreadable or missing file still has its one row.)
@@ -32,7 +33,6 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from functools import lru_cache
 from pathlib import PurePosixPath
 from typing import Any
 
@@ -44,7 +44,6 @@ import pyarrow.parquet as pq
 from pneumo.config import ConfigError, parse_config, to_dict
 from pneumo.data import (
     ImageRecord,
-    is_s3,
     join,
     list_images,
     read_manifest,
@@ -53,13 +52,15 @@ from pneumo.data import (
     write_bytes,
 )
 from pneumo.precision import PRECISIONS
-from pneumo.preprocess import DecodeError, InputSpec, load_image, to_tensor
+from pneumo.preprocess import InputSpec, to_tensor
+from pneumo.reading import IO_KINDS, read_image
 
 SUCCESS_FILE = "_SUCCESS.json"
 RUNS_DIR = "runs"
 EXPLAIN_DIR = "explain"
-# Error kinds: DecodeError kinds, plus `read` (I/O failure, retried by --incremental) and `missing`.
-RETRY_KINDS = ("read", "missing")
+# Error kinds: `pneumo.reading.KINDS`. I/O kinds are retried by --incremental (`read` is the
+# name runs before the one read path gave to `unreadable`; their rows are retried too).
+RETRY_KINDS = (*IO_KINDS, "read")
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -164,7 +165,7 @@ def new_run_id() -> str:
 def list_inputs(cfg: ScoreConfig) -> list[ImageRecord]:
     """Records to score: the listed folder/prefix, or the manifest's paths (size/mtime looked up)."""
     if cfg.data is not None:
-        return list_images(cfg.data, cfg.s3_endpoint)
+        return list_images(cfg.data, cfg.s3_endpoint)  # every entry: unsupported ones are error rows
     paths = read_manifest(cfg.manifest, cfg.s3_endpoint)
     out: list[ImageRecord] = []
     for path in dict.fromkeys(paths):  # de-duplicate, keep order: one row per file
@@ -184,20 +185,9 @@ def list_inputs(cfg: ScoreConfig) -> list[ImageRecord]:
 # ---------------------------------------------------------------- read + preprocess (Ray Data tasks)
 
 
-@lru_cache(maxsize=8)
-def _fs(location_kind: str, s3_endpoint: str | None) -> pafs.FileSystem:
-    return resolve_filesystem("s3://bucket" if location_kind == "s3" else "/", s3_endpoint)[0]
-
-
-def _read(path: str, s3_endpoint: str | None) -> bytes:
-    fs = _fs("s3" if is_s3(path) else "local", s3_endpoint)
-    inner = path[len("s3://"):] if is_s3(path) else path
-    with fs.open_input_stream(inner) as f:
-        return f.read()
-
-
 def read_and_preprocess(batch: dict[str, np.ndarray], spec: InputSpec, s3_endpoint: str | None) -> dict[str, np.ndarray]:
-    """Ray Data task: read bytes, hash, decode+resize. Every input row gives one output row."""
+    """Ray Data task: read bytes, hash, decode+resize (`pneumo.reading.read_image`). Every input
+    row gives one output row."""
     n = len(batch["path"])
     images = np.zeros((n, spec.size, spec.size), dtype=np.uint8)
     sha = np.full(n, None, dtype=object)
@@ -205,22 +195,12 @@ def read_and_preprocess(batch: dict[str, np.ndarray], spec: InputSpec, s3_endpoi
     error = np.full(n, None, dtype=object)
     kind = np.full(n, None, dtype=object)
     for i, path in enumerate(batch["path"]):
-        path = str(path)
-        try:
-            data = _read(path, s3_endpoint)
-        except FileNotFoundError as exc:
-            status[i], kind[i], error[i] = "error", "missing", f"{path}: not found ({exc})"
-            continue
-        except Exception as exc:  # noqa: BLE001 - I/O trouble is this file's error row
-            status[i], kind[i], error[i] = "error", "read", f"{path}: cannot read ({type(exc).__name__}: {exc})"
-            continue
-        sha[i] = hashlib.sha256(data).hexdigest()
-        try:
-            images[i] = load_image(data, path, spec)
-        except DecodeError as exc:
-            status[i], kind[i], error[i] = "error", exc.kind, str(exc)
-        except Exception as exc:  # noqa: BLE001 - load_image promises DecodeError; stay safe anyway
-            status[i], kind[i], error[i] = "error", "corrupt", f"{path}: {type(exc).__name__}: {exc}"
+        res = read_image(str(path), spec, s3_endpoint)
+        sha[i] = res.sha256
+        if res.error is None:
+            images[i] = res.image
+        else:
+            status[i], kind[i], error[i] = "error", res.error.kind, res.error.message
     return {
         "path": np.asarray(batch["path"], dtype=object),
         "size_bytes": np.asarray(batch["size_bytes"], dtype=np.int64),

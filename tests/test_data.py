@@ -205,11 +205,14 @@ def test_list_images_nesting_and_extension_filter(tmp_path: Path) -> None:
     for rel, content in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(content)
-    records = data.list_images(str(tmp_path))
+    records = data.list_images(str(tmp_path), extensions=data.IMAGE_EXTENSIONS)
     rels = [Path(r.path).relative_to(tmp_path).as_posix() for r in records]
     assert rels == ["a.jpeg", "b/c.JPG", "b/d/e.png", "b/d/f/g.dcm", "h.dicom"]
     assert [r.size for r in records] == [1, 2, 3, 4, 1]
     assert all(Path(r.path).is_absolute() and r.mtime_ns > 0 for r in records)
+    every = [Path(r.path).relative_to(tmp_path).as_posix() for r in data.list_images(str(tmp_path))]
+    assert every == ["a.jpeg", "b/c.JPG", "b/d/e.png", "b/d/f/g.dcm", "b/i.gif", "h.dicom", "j.jpeg.bak",
+                     "notes.txt"]  # the default archive listing: every entry but hidden ones
     only_png = data.list_images(str(tmp_path), extensions=(".png",))
     assert [Path(r.path).name for r in only_png] == ["e.png"]
     assert [Path(r.path).name for r in data.list_images(str(tmp_path / "b" / "d" / "e.png"))] == ["e.png"]

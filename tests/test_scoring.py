@@ -102,6 +102,7 @@ EXPECTED = {  # relative path -> (status, error_kind)
     "notes.jpeg": ("error", "unsupported"),
     "truncated.jpeg": ("error", "corrupt"),
     "broken.dcm": ("error", "corrupt"),
+    "readme.txt": ("error", "unsupported"),
 }
 
 
@@ -123,7 +124,7 @@ def mixed_run(ray_local, bundle, tmp_path_factory):  # noqa: ANN001, ANN201
         "notes.jpeg": b"patient notes, not an image\n",
         "truncated.jpeg": good[: len(good) // 2],
         "broken.dcm": b"\0" * 128 + b"DICM" + b"\x01\x02" * 100,
-        "readme.txt": b"not listed: wrong extension",
+        "readme.txt": b"listed: every entry is a row (unsupported)",
     }
     for rel, blob in files.items():
         (data / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -136,7 +137,7 @@ def mixed_run(ray_local, bundle, tmp_path_factory):  # noqa: ANN001, ANN201
 def test_mixed_inputs_give_one_row_each_with_status(mixed_run) -> None:  # noqa: ANN001
     df, data, result = mixed_run["df"], mixed_run["data"], mixed_run["result"]
     got = {str(Path(p).relative_to(data)): (s, _nn(k)) for p, s, k in zip(df.path, df.status, df.error_kind)}
-    assert got == EXPECTED  # exactly one row per image file, none for readme.txt
+    assert got == EXPECTED  # exactly one row per file, readme.txt included
     ok, err = df[df.status == "ok"], df[df.status == "error"]
     assert ok.probability.between(0, 1).all() and ok.label.isin(["NORMAL", "PNEUMONIA"]).all()
     assert all(len(v) == 2 and abs(sum(v) - 1) < 1e-5 for v in ok.probabilities)
@@ -148,7 +149,7 @@ def test_mixed_inputs_give_one_row_each_with_status(mixed_run) -> None:  # noqa:
     assert row.etag_or_sha256 == hashlib.sha256(good).hexdigest() and row.size_bytes == len(good)
     assert (df.run_id == result.run_id).all() and df.bundle_sha256.str.len().eq(64).all()
     marker = json.loads((Path(result.run_dir) / SUCCESS_FILE).read_text())
-    assert marker["counts"] == {"ok": 7, "error": 5} and marker["n_scored"] == 12
+    assert marker["counts"] == {"ok": 7, "error": 6} and marker["n_scored"] == 13
     assert sorted(marker["files"]) == sorted(p.name for p in Path(result.run_dir).glob("part-*.parquet"))
 
 
