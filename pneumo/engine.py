@@ -9,6 +9,7 @@ backbone's features once, then the head). Both return train {loss, images, secon
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from pneumo.export import probabilities as logits_to_probs
 from pneumo.metrics import negative_index, positive_score
 from pneumo.models import set_finetune, set_train_mode
 from pneumo.preprocess import InputSpec, to_tensor
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from pneumo.training import TrainConfig
@@ -167,19 +170,56 @@ def evaluate(
 
 @torch.inference_mode()
 def backbone_features(model: nn.Module, batches: Any, spec: InputSpec, device: torch.device,
-                      precision: str = "fp32", channels_last: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled pre-logit features of a frozen timm model over `batches`: (float32[N, F], int64[N])."""
+                      precision: str = "fp32", channels_last: bool = True, model_name: str | None = None,
+                      threads: int = 0, num_classes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled pre-logit features of a frozen model over `batches`: (float32[N, F], int64[N]).
+
+    On CPU at fp32, with `model_name` given, they come from ONNX Runtime running the same scoring
+    graph bundles carry (its `features` output), checked against torch on the first batch; on a
+    GPU, or where the export or the check fails (logged), from eager torch.
+    """
     model.eval()
+    session = _feature_session(model, model_name, num_classes, spec, threads) if (
+        model_name and device.type == "cpu" and precision == "fp32") else None
     feats, labels = [], []
     for batch in batches:
-        x = to_tensor(batch["image"], spec, device=device, channels_last=channels_last)
-        with _autocast(device, precision):
-            f = model.forward_head(model.forward_features(x), pre_logits=True)
+        x = to_tensor(batch["image"], spec, device=device, channels_last=channels_last and session is None)
+        if session is not None:
+            from pneumo.export import run_session
+
+            f = torch.from_numpy(run_session(session, x.numpy())[1])
+            if not feats and not _features_agree(model, x, f, precision, device):
+                session = None
+        if session is None:
+            with torch.inference_mode(), _autocast(device, precision):
+                f = model.forward_head(model.forward_features(x), pre_logits=True)
         feats.append(f.float().cpu())
         labels.append(torch.as_tensor(batch["label"]).long().cpu())
     if not feats:
         return torch.zeros((0, 0)), torch.zeros((0,), dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
+
+
+def _feature_session(model: nn.Module, model_name: str, num_classes: int, spec: InputSpec, threads: int) -> Any:
+    from pneumo.export import ExportError, export_onnx, ort_session, scoring_module
+
+    try:
+        graph = scoring_module(model, model_name, num_classes)
+        return ort_session(export_onnx(graph, spec), threads)
+    except (ExportError, ImportError, ValueError) as exc:
+        log.warning("feature cache: ONNX Runtime unavailable, eager torch instead (%s)", exc)
+        return None
+
+
+def _features_agree(model: nn.Module, x: torch.Tensor, got: torch.Tensor, precision: str,
+                    device: torch.device) -> bool:
+    with torch.inference_mode(), _autocast(device, precision):
+        ref = model.forward_head(model.forward_features(x), pre_logits=True).float()
+    ok = bool(torch.allclose(got, ref, rtol=1e-3, atol=1e-4))
+    if not ok:
+        log.warning("feature cache: ONNX Runtime features differ from torch by %.2e; eager torch instead",
+                    float((got - ref).abs().max()))
+    return ok
 
 
 def train_head_epoch(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -333,7 +373,8 @@ class FeatureLoop:
             t0 = time.perf_counter()
             for name, shard in (("train", train), ("val", val)):
                 self.cache[name] = backbone_features(ts.model, shard.iter_torch_batches(batch_size=64), ts.spec,
-                                                     ts.device, ts.precision, cfg.channels_last)
+                                                     ts.device, ts.precision, cfg.channels_last, cfg.model,
+                                                     cfg.threads or cfg.cpus_per_worker, ts.num_classes)
             if ts.rank == 0:
                 print(f"[pneumo train] cached backbone features of {len(self.cache['train'][0])} train and "
                       f"{len(self.cache['val'][0])} val images per worker in {time.perf_counter() - t0:.0f}s",

@@ -230,3 +230,18 @@ def test_int8_needs_onnxruntime() -> None:
     with pytest.raises(PrecisionError, match="onnxruntime"):
         P.resolve("int8", torch.device("cpu"), engine="torch")
     assert P.resolve("auto", torch.device("cpu"), engine="onnxruntime") == "fp32"
+
+
+def test_feature_cache_runs_on_onnxruntime_and_matches_torch(caplog) -> None:
+    from pneumo.engine import backbone_features
+
+    spec = get_spec("efficientnet_lite0").input.replace(size=64)
+    model = get_model("efficientnet_lite0", 2, input_spec=spec).eval()
+    images = torch.from_numpy(_images(spec, 10))
+    batches = [{"image": images[:6], "label": torch.zeros(6)}, {"image": images[6:], "label": torch.ones(4)}]
+    cpu = torch.device("cpu")
+    eager, y1 = backbone_features(model, batches, spec, cpu, channels_last=False)
+    ort, y2 = backbone_features(model, batches, spec, cpu, model_name="efficientnet_lite0", threads=1)
+    assert ort.shape == eager.shape == (10, 1280) and torch.equal(y1, y2)
+    assert torch.allclose(ort, eager, rtol=1e-3, atol=1e-4)
+    assert "eager torch instead" not in caplog.text  # ONNX Runtime really computed them
