@@ -385,8 +385,11 @@ def _list_parts(run_dir: str, s3_endpoint: str | None) -> list[str]:
 def _ensure_ray() -> None:
     import ray
 
+    from pneumo import logs
+
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS (e.g. under `ray job submit`) or an embedded local Ray
+    logs.quiet_ray()
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pneumo import logs
 from pneumo.augment import Augment
 from pneumo.checkpoints import (
     latest_checkpoint,
@@ -323,6 +324,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         raise ConfigError("no validation images: set val_frac > 0 or provide <data>/val/")
     if not ray.is_initialized():
         ray.init()
+    logs.quiet_ray()
     ingest = build_datasets(records, classes, spec, cfg.s3_endpoint)
     for e in ingest.errors:
         print(f"[pneumo train] skipped undecodable file {e['path']} ({e['split']}): {e['error']}", file=sys.stderr)
