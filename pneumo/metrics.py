@@ -27,7 +27,7 @@ CI_METRICS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", 
 
 __all__ = [
     "THRESHOLD_METHODS", "CI_METRICS", "roc_auc", "roc_curve", "pr_curve", "average_precision",
-    "confusion", "binary_metrics", "bootstrap_ci", "choose_threshold", "threshold_info", "calibration",
+    "confusion", "binary_metrics", "bootstrap_ci", "choose_threshold", "calibration",
     "negative_index", "positive_score", "multiclass_metrics",
 ]
 
@@ -56,23 +56,16 @@ def _div(a: Any, b: Any) -> Any:
 
 
 def roc_auc(y_true: Any, score: Any) -> float:
-    """Area under the ROC curve by ranks (Mann-Whitney U / (n_pos * n_neg)); ties count one half.
+    """Area under the ROC curve (`sklearn.metrics.roc_auc_score`; ties count one half).
 
     `nan` when only one class is present.
     """
+    from sklearn.metrics import roc_auc_score
+
     y, s = _binary(y_true, score)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
+    if y.all() or not y.any():
         return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(len(s), dtype=np.float64)
-    # midranks: every member of a tie group gets the mean of the group's 1-based ranks
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_s)) + 1]
-    ends = np.r_[starts[1:], len(s)]
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    u = ranks[y].sum() - n_pos * (n_pos + 1) / 2.0
-    return float(u / (n_pos * n_neg))
+    return float(roc_auc_score(y, s))
 
 
 def _sweep(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -86,17 +79,21 @@ def _sweep(y: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
 
 
 def roc_curve(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, thresholds), thresholds descending; the first point is (0, 0) at `+inf`.
+    """(fpr, tpr, thresholds), thresholds descending; the first point is (0, 0) at `+inf`
+    (`sklearn.metrics.roc_curve`, every distinct score kept).
 
     At `thresholds[i]`, calling `score >= thresholds[i]` positive gives `fpr[i]`, `tpr[i]`.
     """
+    from sklearn.metrics import roc_curve as sk_roc_curve
+
     y, s = _binary(y_true, score)
     if y.size == 0:
         return np.zeros(1), np.zeros(1), np.array([np.inf])
-    thr, tps, fps = _sweep(y, s)
-    tpr = _div(np.r_[0.0, tps], y.sum())
-    fpr = _div(np.r_[0.0, fps], (~y).sum())
-    return fpr, tpr, np.r_[np.inf, thr]
+    if y.all() or not y.any():  # sklearn warns and returns nan for the empty class; keep our own sweep
+        thr, tps, fps = _sweep(y, s)
+        return _div(np.r_[0.0, fps], (~y).sum()), _div(np.r_[0.0, tps], y.sum()), np.r_[np.inf, thr]
+    fpr, tpr, thr = sk_roc_curve(y, s, drop_intermediate=False)
+    return fpr, tpr, thr
 
 
 def pr_curve(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,11 +108,14 @@ def pr_curve(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def average_precision(y_true: Any, score: Any) -> float:
-    """Average precision: sum over thresholds of (recall step) x precision (no interpolation)."""
-    precision, recall, _ = pr_curve(y_true, score)
-    if not np.asarray(y_true).astype(bool).any():
+    """Average precision: sum over thresholds of (recall step) x precision, no interpolation
+    (`sklearn.metrics.average_precision_score`); `nan` without positives."""
+    from sklearn.metrics import average_precision_score
+
+    y, s = _binary(y_true, score)
+    if not y.any():
         return float("nan")
-    return float(np.sum(np.diff(recall) * precision[1:]))
+    return float(average_precision_score(y, s))
 
 
 # ---------------------------------------------------------------- thresholded metrics
@@ -256,19 +256,6 @@ def choose_threshold(y_true: Any, score: Any, method: str = "youden", target: fl
     if target is None or not 0 < target <= 1:
         raise ValueError(f"target_sensitivity needs target in (0, 1], got {target!r}")
     return float(thr[int(np.argmax(tpr >= target - 1e-12))])
-
-
-def threshold_info(
-    y_true: Any, score: Any, method: str = "youden", target: float | None = None, chosen_on: str = "val"
-) -> dict[str, Any]:
-    """`choose_threshold` as the bundle's threshold record: value, method, target, chosen_on,
-    and the sensitivity/specificity it gives on the data it was chosen on."""
-    value = choose_threshold(y_true, score, method, target)
-    m = binary_metrics(y_true, score, value)
-    return {
-        "value": value, "method": method, "target": target if method == "target_sensitivity" else None,
-        "chosen_on": chosen_on, "n": m["n"], "sensitivity": m["sensitivity"], "specificity": m["specificity"],
-    }
 
 
 # ---------------------------------------------------------------- calibration

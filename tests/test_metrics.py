@@ -182,17 +182,6 @@ def test_choose_threshold_errors(kwargs, match):
         M.choose_threshold([0, 1], [0.2, 0.8], **kwargs)
 
 
-def test_threshold_info_records_how_it_was_chosen():
-    y, s = _noisy(200)
-    info = M.threshold_info(y, s, "target_sensitivity", 0.9, chosen_on="val")
-    assert info["method"] == "target_sensitivity" and info["target"] == 0.9 and info["chosen_on"] == "val"
-    assert info["sensitivity"] >= 0.9
-    assert info["value"] == M.choose_threshold(y, s, "target_sensitivity", 0.9)
-
-
-# ---------------------------------------------------------------- calibration
-
-
 def test_calibration_perfect_vs_overconfident():
     rng = np.random.default_rng(0)
     p = rng.random(20000)
