@@ -1,6 +1,7 @@
 # pneumo: two commands on a fresh machine.
 #   make demo   set up .venv, then synth -> train -> batch score -> serve, on an embedded local Ray
 #   make test   set up .venv, then the whole test suite
+#   make bench  the benchmarks, quick (FULL=1: the sizes BENCHMARKS.md reports)
 PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -37,8 +38,23 @@ test: setup browser
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# Benchmarks (pneumo and its plain baseline side by side; ratios printed). Quick by default;
+# `make bench FULL=1` runs the sizes BENCHMARKS.md reports. Needs ../shared/data.
+BENCH_PY := $(VENV)/bin/python benchmarks
 bench: setup
-	@echo "see BENCHMARKS.md for each benchmark's command"
+	@test -d ../shared/data || { echo "make bench needs ../shared/data (see BENCHMARKS.md)"; exit 2; }
+ifdef FULL
+	$(BENCH_PY)/bench_score.py --n 600 --json bench_score.json
+	$(BENCH_PY)/bench_score.py --n 600 --fullres-frac 0.333 --no-bf16 --json bench_score_fullres.json
+	$(BENCH_PY)/bench_feature_cache.py --n 1024
+	$(BENCH_PY)/bench_serve.py
+	$(BENCH_PY)/bench_train_throughput.py --images 4096 --epochs 3
+else
+	$(BENCH_PY)/bench_score.py --n 200 --fullres-frac 0 --actors auto --no-bf16 --forward-n 64
+	$(BENCH_PY)/bench_feature_cache.py --n 256 --repeats 1
+	$(BENCH_PY)/bench_serve.py --requests 60 --skip-autoscale
+	$(BENCH_PY)/bench_train_throughput.py --images 256 --epochs 2
+endif
 
 clean:
 	rm -rf $(DEMO_OUT) .pytest_cache
