@@ -44,7 +44,7 @@ BENCH_PY := $(VENV)/bin/python benchmarks
 bench: setup
 	@test -d ../shared/data || { echo "make bench needs ../shared/data (see BENCHMARKS.md)"; exit 2; }
 ifdef FULL
-	$(BENCH_PY)/bench_score.py --n 600 --json bench_score.json
+	$(BENCH_PY)/bench_score.py --n 600 --fullres-frac 0 --json bench_score.json
 	$(BENCH_PY)/bench_score.py --n 600 --fullres-frac 0.333 --no-bf16 --json bench_score_fullres.json
 	$(BENCH_PY)/bench_feature_cache.py --n 1024
 	$(BENCH_PY)/bench_serve.py
