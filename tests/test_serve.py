@@ -35,7 +35,7 @@ API_KEY = "s3cret-token-for-tests"
 CHROMIUM = "/usr/bin/chromium"
 DRIFT_WINDOW = 20  # drift.MIN_IMAGES: statistics after 20 served images
 TIGHT_QUEUE = 2
-APPS = ("", "/secured", "/tight")
+APPS = ("", "/secured", "/tight", "/slow")
 
 
 def _free_port() -> int:
@@ -112,7 +112,8 @@ def _make_bundle(out: Path, seed: int, drift: bool = False) -> str:
 
 def _deploy_config(bundle: str, api_key_file: str, user_config: dict | None = None) -> dict:
     """serve_app/config.yaml pointed at the test bundle, one replica; plus a `secured` copy (API
-    key) and a `tight` copy that admits one request at a time and queues two (overload)."""
+    key), a `tight` copy that admits one request at a time and queues two (overload) and a `slow`
+    copy whose request timeout no request can meet."""
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg.pop("http_options", None)
     cfg.pop("proxy_location", None)
@@ -131,7 +132,10 @@ def _deploy_config(bundle: str, api_key_file: str, user_config: dict | None = No
     tight = copy.deepcopy(app)
     tight.update(name="tight", route_prefix="/tight")
     tight["deployments"][0].update(max_ongoing_requests=1, max_queued_requests=TIGHT_QUEUE)
-    return {"applications": [app, secured, tight]}
+    slow = copy.deepcopy(app)  # no request can be scored within its timeout
+    slow.update(name="slow", route_prefix="/slow")
+    slow["args"]["request_timeout_s"] = 0.001
+    return {"applications": [app, secured, tight, slow]}
 
 
 def _deploy(cfg: dict, timeout: float = 240) -> None:
@@ -518,12 +522,24 @@ def test_flood_gets_503_with_retry_after_never_500(served):
     codes = sorted(r[0] for r in results)
     assert len(results) == n and set(codes) <= {200, 503}, codes
     rejected = [r for r in results if r[0] == 503]
+    print(f"flood: {codes.count(200)} x 200, {len(rejected)} x 503 in {wall:.1f} s; slowest 503 "
+          f"{max((s for _, s, _ in rejected), default=0):.2f} s, slowest 200 "
+          f"{max((s for c, s, _ in results if c == 200), default=0):.2f} s")
     assert codes.count(200) >= 1 and len(rejected) >= n // 2, codes
     assert all(int(h["retry-after"]) >= 1 for _, _, h in rejected), rejected[:3]
     assert max(s for _, s, _ in rejected) < 10, sorted(s for _, s, _ in rejected)[-5:]  # refused, not held
     assert wall < 60, wall
     with served.client() as c:  # and it still answers afterwards
         assert c.get("/tight/readyz").status_code == 200
+
+
+def test_request_timeout_is_503_with_retry_after(served):
+    with served.client() as c:
+        r = c.post("/slow/v1/predict", params={"explain": "true"}, content=_png(300, 250),
+                   headers={"content-type": "image/png"})
+        _assert_error(r, 503, "overloaded")
+        assert int(r.headers["retry-after"]) >= 1
+        assert c.get("/slow/readyz").status_code == 200  # slow is not broken: it still scores
 
 
 # ---------------------------------------------------------------- the web page in real Chromium
