@@ -7,8 +7,8 @@ Both sides serve the same bundle (efficientnet_lite0 with its packaged ImageNet 
 2-class head, saved with pneumo.bundle) with the same preprocessing (pneumo.preprocess.load_image)
 and the same `Predictor` (channels_last, precision auto = fp32 on a CPU without bf16):
 
-- (a) pneumo: `pneumo.serving.build_app` on a local Ray: proxy -> FastAPI ingress -> model
-  replicas with `@serve.batch` (batches form from concurrent requests);
+- (a) pneumo: `pneumo.serving.bind` on a local Ray: proxy -> one `PneumoService` deployment
+  (FastAPI ingress and `@serve.batch` in each replica; batches form from concurrent requests);
 - (b) baseline: one uvicorn process, one FastAPI endpoint, one image per forward pass
   (sync endpoint in FastAPI's thread pool).
 
@@ -211,12 +211,13 @@ def start_serve(num_cpus: int) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def deploy(base: str, bundle: str, **args) -> str:  # noqa: ANN003
+def deploy(base: str, bundle: str, args: dict, **options) -> str:  # noqa: ANN003
+    """App settings in `args` (ServeArgs), scaling and batching as deployment `options`."""
     from ray import serve
 
-    from pneumo.serving import ServeArgs, build_app
+    from pneumo.serving import ServeArgs, bind
 
-    serve.run(build_app(ServeArgs(bundle=bundle, **args)), name="pneumo", route_prefix="/")
+    serve.run(bind(ServeArgs(bundle=bundle, **args), **options), name="pneumo", route_prefix="/")
     wait_http(base + "/readyz")
     return base + "/v1/predict"
 
@@ -226,7 +227,7 @@ def replica_states() -> dict[str, int]:
     from ray import serve
 
     app = serve.status().applications.get("pneumo")
-    dep = app.deployments.get("PneumoModel") if app else None
+    dep = app.deployments.get("PneumoService") if app else None
     return {str(k).rsplit(".", 1)[-1]: int(v) for k, v in (dep.replica_states if dep else {}).items() if v}
 
 
@@ -333,10 +334,11 @@ def main(argv: list[str] | None = None) -> int:
 
     base = start_serve(a.ray_cpus)
     try:
-        common = {"precision": a.precision, "max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_s,
-                  "ingress_num_cpus": 0}
-        url = deploy(base, bundle, min_replicas=a.replicas, max_replicas=a.replicas, model_num_cpus=a.replica_cpus,
-                     **common)
+        args = {"precision": a.precision}
+        batching = {"max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_s}
+        url = deploy(base, bundle, args, user_config=batching, ray_actor_options={"num_cpus": a.replica_cpus},
+                     autoscaling_config={"min_replicas": a.replicas, "max_replicas": a.replicas,
+                                         "initial_replicas": a.replicas})
         result["runs"] += measure("pneumo", url, images, levels, a.requests)
 
         by = {(r["system"], r["concurrency"]): r for r in result["runs"]}
@@ -352,8 +354,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"upscale_delay 2 s, downscale_delay 10 s; load at c=32 until max replicas run for 10 s "
                   f"(at most {a.autoscale_load_s:.0f} s), then idle")
             serve.delete("pneumo")
-            url = deploy(base, bundle, min_replicas=1, max_replicas=a.autoscale_max, model_num_cpus=1,
-                         target_ongoing_requests=4, upscale_delay_s=2, downscale_delay_s=10, **common)
+            url = deploy(base, bundle, args, user_config=batching, ray_actor_options={"num_cpus": 1},
+                         autoscaling_config={"min_replicas": 1, "initial_replicas": 1, "max_replicas": a.autoscale_max,
+                                             "target_ongoing_requests": 4, "upscale_delay_s": 2,
+                                             "downscale_delay_s": 10})
             result["autoscaling"] = autoscaling_demo(url, images, a.autoscale_load_s, idle_timeout_s=120, min_r=1,
                                                      max_r=a.autoscale_max)
             s = result["autoscaling"]

@@ -30,7 +30,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "export": ("pneumo.upgrade:export_main", "add a parity-checked ONNX graph to an existing bundle"),
     "quantize": ("pneumo.upgrade:quantize_main", "add a gated int8 ONNX graph to a bundle"),
     "score": ("pneumo.scoring", "batch-score an archive into Parquet with Ray Data"),
-    "serve": ("pneumo.serving", "serve a model bundle with Ray Serve"),
+    "serve": ("pneumo.serve_cli", "serve a model bundle with Ray Serve"),
     "submit": ("pneumo.submit", "submit, follow, inspect or stop a job on a Ray cluster"),
     "demo": ("pneumo.demo", "run the whole path on synthetic data on an embedded local Ray"),
 }

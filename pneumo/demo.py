@@ -52,12 +52,13 @@ def _step(title: str) -> float:
 def _serve_one_request(bundle: str, image: Path) -> dict:
     from ray import serve
 
-    from pneumo.serving import ServeArgs, build_app
+    from pneumo.serving import ServeArgs, bind
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        serve.run(build_app(ServeArgs(bundle=bundle, max_replicas=1)), name="pneumo", route_prefix="/")
+        one = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
+        serve.run(bind(ServeArgs(bundle=bundle), autoscaling_config=one), name="pneumo", route_prefix="/")
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v1/predict", data=image.read_bytes(),
             headers={"Content-Type": "image/jpeg"}, method="POST",

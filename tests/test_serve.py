@@ -33,6 +33,9 @@ MAX_UPLOAD = 200_000
 MAX_PIXELS = 4_000_000
 API_KEY = "s3cret-token-for-tests"
 CHROMIUM = "/usr/bin/chromium"
+DRIFT_WINDOW = 20  # drift.MIN_IMAGES: statistics after 20 served images
+TIGHT_QUEUE = 2
+APPS = ("", "/secured", "/tight", "/slow")
 
 
 def _free_port() -> int:
@@ -83,36 +86,56 @@ def _bomb() -> bytes:
     return buf.getvalue()
 
 
-def _make_bundle(out: Path, seed: int) -> str:
+def _make_bundle(out: Path, seed: int, drift: bool = False) -> str:
+    """A random-weight seed_cnn bundle; with `drift`, plus a drift reference from random images."""
     import torch
 
+    from pneumo import drift as D
     from pneumo.bundle import save_bundle
     from pneumo.models import get_model
+    from pneumo.predict import Predictor
     from pneumo.preprocess import InputSpec
 
     torch.manual_seed(seed)
     spec = InputSpec(**SPEC_KW)
     model = get_model("seed_cnn", 2, input_spec=spec)
-    return save_bundle(model, str(out), "seed_cnn", ["NORMAL", "PNEUMONIA"], spec).sha256
+    sha = save_bundle(model, str(out), "seed_cnn", ["NORMAL", "PNEUMONIA"], spec).sha256
+    if not drift:
+        return sha
+    p = Predictor(str(out), device="cpu", engine="torch")
+    images = (np.random.default_rng(seed).random((40, SPEC_KW["size"], SPEC_KW["size"])) * 255).astype(np.uint8)
+    probs, feats = p.predict_with_features(images)
+    ref = D.DriftReference.build(feats, p.positive_probability(probs), p.threshold, n_components=4)
+    return save_bundle(model, str(out), "seed_cnn", ["NORMAL", "PNEUMONIA"], spec,
+                       extra_files={D.FILE_NAME: ref.to_bytes()}).sha256
 
 
 def _deploy_config(bundle: str, api_key_file: str, user_config: dict | None = None) -> dict:
-    """serve_app/config.yaml, pointed at the test bundle, one replica, plus a `secured` copy."""
+    """serve_app/config.yaml pointed at the test bundle, one replica; plus a `secured` copy (API
+    key), a `tight` copy that admits one request at a time and queues two (overload) and a `slow`
+    copy whose request timeout no request can meet."""
     cfg = yaml.safe_load(CONFIG.read_text())
     cfg.pop("http_options", None)
     cfg.pop("proxy_location", None)
     app = cfg["applications"][0]
-    app["args"].update(bundle=bundle, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS, max_batch_files=4)
+    app["args"].update(bundle=bundle, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS, max_batch_files=4,
+                       drift_window=DRIFT_WINDOW)
     app["runtime_env"] = {"env_vars": {"PYTHONPATH": str(REPO)}}
-    for dep in app["deployments"]:
-        dep["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
-        dep["ray_actor_options"] = {"num_cpus": 0.25}
-        if dep["name"] == "PneumoModel" and user_config is not None:
-            dep["user_config"] = user_config
+    (dep,) = app["deployments"]
+    dep["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
+    dep["ray_actor_options"] = {"num_cpus": 0.25}
+    if user_config is not None:
+        dep["user_config"] = user_config
     secured = copy.deepcopy(app)
     secured.update(name="secured", route_prefix="/secured")
     secured["args"]["api_key_file"] = api_key_file
-    return {"applications": [app, secured]}
+    tight = copy.deepcopy(app)
+    tight.update(name="tight", route_prefix="/tight")
+    tight["deployments"][0].update(max_ongoing_requests=1, max_queued_requests=TIGHT_QUEUE)
+    slow = copy.deepcopy(app)  # no request can be scored within its timeout
+    slow.update(name="slow", route_prefix="/slow")
+    slow["args"]["request_timeout_s"] = 0.001
+    return {"applications": [app, secured, tight, slow]}
 
 
 def _deploy(cfg: dict, timeout: float = 240) -> None:
@@ -146,7 +169,7 @@ def served(ray_local, tmp_path_factory):  # noqa: ANN001
     from ray import serve
 
     root = tmp_path_factory.mktemp("serve")
-    sha1 = _make_bundle(root / "b1", seed=1)
+    sha1 = _make_bundle(root / "b1", seed=1, drift=True)
     sha2 = _make_bundle(root / "b2", seed=2)
     key_file = root / "api_key"
     key_file.write_text(API_KEY + "\n")
@@ -157,7 +180,7 @@ def served(ray_local, tmp_path_factory):  # noqa: ANN001
         s = Served(f"http://127.0.0.1:{port}", root, sha1, sha2, str(key_file))
         with s.client() as c:
             deadline = time.monotonic() + 60
-            while c.get("/readyz").status_code != 200 or c.get("/secured/readyz").status_code != 200:
+            while any(c.get(f"{a}/readyz").status_code != 200 for a in APPS):
                 assert time.monotonic() < deadline, "Serve app not ready after 60 s"
                 time.sleep(0.5)
         yield s
@@ -208,7 +231,27 @@ def test_predict_contract_matches_predictor(served):
     probs = p.predict(load_image(png, "", p.spec)[None])
     assert d["probability"] == pytest.approx(float(p.positive_probability(probs)[0]), abs=1e-4)
     assert d["label"] == p.labels(probs)[0]
+    assert (d["engine"], d["precision"]) == (p.engine, p.precision)
     assert "explanation" not in d
+
+
+ENGINE_ANSWERS = {  # where an answer says which engine and precision scored it
+    "predict": lambda c: c.post("/v1/predict", content=_png(), headers={"content-type": "image/png"}).json(),
+    "batch_item": lambda c: c.post("/v1/predict/batch",
+                                   files=[("files", ("a.png", _png(), "image/png"))]).json()["results"][0],
+    "model": lambda c: c.get("/v1/model").json(),
+}
+
+
+@pytest.mark.parametrize("where", list(ENGINE_ANSWERS))
+def test_answers_name_engine_and_precision(served, where):
+    from pneumo.precision import PRECISIONS
+    from pneumo.predict import ENGINES
+
+    with served.client() as c:
+        d = ENGINE_ANSWERS[where](c)
+    assert d["engine"] in ENGINES and d["engine"] != "auto", d
+    assert d["precision"] in PRECISIONS and d["precision"] != "auto", d
 
 
 @pytest.mark.parametrize("kind", ["image/jpeg", "image/png", "application/dicom", "application/octet-stream"])
@@ -237,6 +280,19 @@ def test_model_info(served):
     assert d["classes"] == ["NORMAL", "PNEUMONIA"] and d["input"]["size"] == SPEC_KW["size"]
     assert d["limits"]["max_upload_bytes"] == MAX_UPLOAD
     assert d["batching"]["max_batch_size"] >= 1
+
+
+def test_drift_summary_in_model_info(served):
+    """b1 has a drift reference: after DRIFT_WINDOW served images the window has statistics."""
+    with served.client() as c:
+        for i in range(DRIFT_WINDOW):
+            assert c.post("/v1/predict", content=_png(seed=100 + i), headers={"content-type": "image/png"}
+                          ).status_code == 200
+        drift = c.get("/v1/model").json()["drift"]
+    assert drift["window"] >= DRIFT_WINDOW and drift["status"] in ("ok", "drift"), drift
+    assert set(drift["gauges"]) >= {"drift_shift", "drift_window_images", "drift_positive_rate",
+                                    "drift_ks_p_value", "drift_mmd_p_value"}
+    assert isinstance(drift["line"], str) and isinstance(drift["tests"], dict)
 
 
 # ---------------------------------------------------------------- errors
@@ -353,7 +409,7 @@ def test_prometheus_metrics_by_status(served, ray_local):
         lines = ours(text)
         return (any('status_code="400"' in ln and 'endpoint="/v1/predict"' in ln for ln in lines)
                 and any('status_code="200"' in ln and 'endpoint="/healthz"' in ln for ln in lines)
-                and "pneumo_http_latency_ms_bucket" in text)
+                and "pneumo_http_latency_ms_bucket" in text and "pneumo_drift_shift" in text)
 
     deadline = time.monotonic() + 60
     text = ""
@@ -369,61 +425,121 @@ def test_prometheus_metrics_by_status(served, ray_local):
     assert any('status_code="400"' in ln and 'endpoint="/v1/predict"' in ln for ln in lines), lines[:10]
     assert any('status_code="200"' in ln and 'endpoint="/healthz"' in ln for ln in lines), lines[:10]
     assert "pneumo_http_latency_ms_bucket" in text
+    assert "pneumo_drift_shift" in text and "pneumo_drift_window_images" in text  # set at load
 
 
 # ---------------------------------------------------------------- reconfigure under load
 
 
 def test_reconfigure_new_bundle_and_batching_under_load(served):
-    """`serve deploy` with a new user_config (bundle + batch settings): no request fails."""
+    """`serve deploy` with a new user_config (bundle + batch settings): no request fails.
+
+    Synchronised on answer counts, not sleeps: the swap starts after `before` answers from the
+    old model, and the load stops after `after` answers from the new one."""
     png = _png(seed=7)
     stop = threading.Event()
     seen: dict[str, int] = {}
     failures: list[str] = []
-    lock = threading.Lock()
-    max_requests = 600
+    changed = threading.Condition()
+    before, after, deadline_s = 20, 20, 120
+
+    def count(sha: str) -> int:
+        return seen.get(sha, 0)
 
     def worker() -> None:
         with served.client() as c:
             while not stop.is_set():
-                with lock:
-                    if sum(seen.values()) + len(failures) >= max_requests:
-                        return
                 try:
                     r = c.post("/v1/predict", content=png, headers={"content-type": "image/png"})
                     ok = r.status_code == 200
                     key = r.json()["model"]["sha256"] if ok else f"{r.status_code} {r.text[:200]}"
                 except Exception as exc:  # a dropped connection is a failure too
                     ok, key = False, repr(exc)
-                with lock:
+                with changed:
                     if ok:
                         seen[key] = seen.get(key, 0) + 1
                     else:
                         failures.append(key)
+                    changed.notify_all()
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(6)]
     for t in threads:
         t.start()
     try:
-        time.sleep(1.0)
+        with changed:
+            assert changed.wait_for(lambda: count(served.sha1) >= before or failures, deadline_s), seen
         new_user_config = {"max_batch_size": 4, "batch_wait_timeout_s": 0.02, "bundle": str(served.root / "b2")}
         _deploy(_deploy_config(str(served.root / "b1"), served.key_file, user_config=new_user_config))
-        with served.client() as c:
-            deadline = time.monotonic() + 60
-            while True:
-                info = c.get("/v1/model").json()
-                if info["bundle_sha256"] == served.sha2:
-                    break
-                assert time.monotonic() < deadline, f"bundle not swapped: {info}"
-                time.sleep(0.3)
-        assert info["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.02}
-        time.sleep(1.0)  # keep the load on the new model for a moment
+        with changed:
+            assert changed.wait_for(lambda: count(served.sha2) >= after or failures, deadline_s), seen
     finally:
         stop.set()
         for t in threads:
             t.join(timeout=60)
     assert failures == [], failures[:5]
-    assert seen.get(served.sha1, 0) > 0 and seen.get(served.sha2, 0) > 0, seen
+    assert count(served.sha1) >= before and count(served.sha2) >= after, seen
+    with served.client() as c:
+        info = c.get("/v1/model").json()
+    assert info["bundle_sha256"] == served.sha2 and info["drift"] is None  # b2 has no drift reference
+    assert info["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.02}
+
+
+# ---------------------------------------------------------------- overload
+
+
+def test_flood_gets_503_with_retry_after_never_500(served):
+    """`tight` admits 1 request and queues TIGHT_QUEUE: 40 concurrent slow requests (Grad-CAM on a
+    large image) get 200 or an immediate 503 with Retry-After; no 500, bounded latency."""
+    n = 40
+    big = io.BytesIO()
+    Image.fromarray((np.arange(1500 * 1200) % 251).astype(np.uint8).reshape(1500, 1200)).save(big, format="PNG")
+    body = big.getvalue()
+    assert len(body) < MAX_UPLOAD
+    start = threading.Barrier(n)
+    results: list[tuple[int, float, dict]] = []
+    lock = threading.Lock()
+
+    def one() -> None:
+        with served.client() as c:
+            start.wait()
+            t0 = time.perf_counter()
+            try:
+                r = c.post("/tight/v1/predict", params={"explain": "true"}, content=body,
+                           headers={"content-type": "image/png"})
+                out = (r.status_code, time.perf_counter() - t0, dict(r.headers))
+            except Exception as exc:  # noqa: BLE001
+                out = (-1, time.perf_counter() - t0, {"exception": repr(exc)})
+            with lock:
+                results.append(out)
+
+    threads = [threading.Thread(target=one, daemon=True) for _ in range(n)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    wall = time.perf_counter() - t0
+    codes = sorted(r[0] for r in results)
+    assert len(results) == n and set(codes) <= {200, 503}, codes
+    rejected = [r for r in results if r[0] == 503]
+    print(f"flood: {codes.count(200)} x 200, {len(rejected)} x 503 in {wall:.1f} s; slowest 503 "
+          f"{max((s for _, s, _ in rejected), default=0):.2f} s, slowest 200 "
+          f"{max((s for c, s, _ in results if c == 200), default=0):.2f} s")
+    assert codes.count(200) >= 1 and len(rejected) >= n // 2, codes
+    assert all(int(h["retry-after"]) >= 1 for _, _, h in rejected), rejected[:3]
+    assert max(s for _, s, _ in rejected) < 10, sorted(s for _, s, _ in rejected)[-5:]  # refused, not held
+    assert wall < 60, wall
+    with served.client() as c:  # and it still answers afterwards
+        assert c.get("/tight/readyz").status_code == 200
+
+
+def test_request_timeout_is_503_with_retry_after(served):
+    with served.client() as c:
+        r = c.post("/slow/v1/predict", params={"explain": "true"}, content=_png(300, 250),
+                   headers={"content-type": "image/png"})
+        _assert_error(r, 503, "overloaded")
+        assert int(r.headers["retry-after"]) >= 1
+        assert c.get("/slow/readyz").status_code == 200  # slow is not broken: it still scores
 
 
 # ---------------------------------------------------------------- the web page in real Chromium
