@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pneumo import logs
 from pneumo import precision as P
 from pneumo.augment import Augment
 from pneumo.config import ConfigError
@@ -376,9 +377,9 @@ class FeatureLoop:
                                                      ts.device, ts.precision, cfg.channels_last, cfg.model,
                                                      cfg.threads or cfg.cpus_per_worker, ts.num_classes)
             if ts.rank == 0:
-                print(f"[pneumo train] cached backbone features of {len(self.cache['train'][0])} train and "
-                      f"{len(self.cache['val'][0])} val images per worker in {time.perf_counter() - t0:.0f}s",
-                      flush=True)
+                logs.worker_line(f"[pneumo train] cached backbone features of {len(self.cache['train'][0])} train "
+                                 f"and {len(self.cache['val'][0])} val images per worker in "
+                                 f"{time.perf_counter() - t0:.0f}s")
         tr = train_head_epoch(ts.trainable, *self.cache["train"], ts.optimizer, ts.loss_fn, ts.num_classes,
                               cfg.batch_size, ts.generator, float(getattr(ts.model, "drop_rate", 0.0)),
                               cfg.max_steps_per_epoch)

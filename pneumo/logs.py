@@ -36,3 +36,14 @@ def quiet_ray() -> None:
 
 def stage(verb: str, text: str) -> None:
     print(f"[pneumo {verb}] {text}", flush=True)
+
+
+def worker_line(text: str) -> None:
+    """One line from inside a Ray Train worker, printed once.
+
+    Ray Train patches `print` in its workers to log through the root logger *and*, where Ray has
+    wrapped stdout, to print as well, so every plain `print` reached the driver twice. Writing to
+    the process's real stdout bypasses the patch; Ray forwards it to the driver once.
+    """
+    sys.__stdout__.write(text + "\n")
+    sys.__stdout__.flush()

@@ -229,7 +229,7 @@ def _test_fault(rank: int, world: int, number: int) -> None:
     at, _, marker = os.environ.get(FAULT_ENV, "").partition(":")
     if at and int(at) == number and rank == world - 1 and marker and not os.path.exists(marker):
         Path(marker).write_text(f"worker {rank} exited at epoch {number}\n")
-        print(f"[pneumo train] test failure injection: rank {rank} exits at epoch {number}", flush=True)
+        logs.worker_line(f"[pneumo train] test failure injection: rank {rank} exits at epoch {number}")
         os._exit(1)
 
 
@@ -248,7 +248,7 @@ def train_func(config: dict[str, Any]) -> None:
                             config.get("class_weights"), ray.train.torch.get_device(), rank, world,
                             ray.train.torch.prepare_model, resume)
     if checkpoint is not None and rank == 0:
-        print(f"[pneumo train] resuming after epoch {ts.state['epoch']} from {checkpoint.path}", flush=True)
+        logs.worker_line(f"[pneumo train] resuming after epoch {ts.state['epoch']} from {checkpoint.path}")
     loop = make_loop(ts)
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(ts.state["epoch"], cfg.epochs):
@@ -263,10 +263,10 @@ def train_func(config: dict[str, Any]) -> None:
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
         if rank == 0:
-            print(progress_line(metrics, cfg.epochs), flush=True)
+            logs.worker_line(progress_line(metrics, cfg.epochs))
         if metrics["early_stopped"]:
             if rank == 0:
-                print(f"[pneumo train] early stopping: val loss has not improved for {cfg.patience} epochs", flush=True)
+                logs.worker_line(f"[pneumo train] early stopping: val loss has not improved for {cfg.patience} epochs")
             break
 
 
