@@ -247,6 +247,21 @@ def patient_id(path: str) -> str:
     return stem
 
 
+def acquisition_group(path: str) -> str:
+    """The acquisition series a Kermany-style file name belongs to (for per-group metrics).
+
+    NORMAL files come in two series, `IM-NNNN-NNNN` and `NORMAL2-IM-NNNN-NNNN`; PNEUMONIA files
+    are `personN_bacteria_M` or `personN_virus_M`. Anything else is `other`.
+    """
+    stem = PurePosixPath(str(path)).stem
+    m = _PERSON.match(stem)
+    if m:
+        return m.group(2).lower()
+    if _NORMAL.match(stem):
+        return "NORMAL2-IM series" if stem.upper().startswith("NORMAL2-") else "IM series"
+    return "other"
+
+
 def label_for(folder_class: str, path: str, label_set: str = "binary") -> str:
     """The label of one file: its class folder, refined by file name for the three-class task."""
     folder_class = folder_class.upper()

@@ -34,6 +34,7 @@ from pneumo.data import (
     SPLITS,
     DataError,
     ImageRecord,
+    acquisition_group,
     fingerprint,
     labelled_splits,
 )
@@ -127,6 +128,8 @@ def _markdown(report: dict[str, Any], threshold: Mapping[str, Any]) -> str:
             lines.append(f"| {name} | {_fmt(pc['auc'])} | {_fmt(pc['recall'])} | {_fmt(pc['precision'])} | "
                          f"{pc['support']} |")
         lines.append("")
+    if report.get("groups"):
+        lines += _groups_markdown(report["groups"])
     cal = report["calibration"]
     lines += ["## Calibration", "",
               f"ECE {_fmt(cal['ece'])}, MCE {_fmt(cal['mce'])}, Brier score {_fmt(cal['brier'])} "
@@ -145,6 +148,21 @@ def _markdown(report: dict[str, Any], threshold: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _groups_markdown(g: Mapping[str, Any]) -> list[str]:
+    lines = ["## Per acquisition group", "",
+             "Pooled figures hide a weak series; the worst group is the figure to plan with.", "",
+             "| group | n | positives | sensitivity | specificity | AUC |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in g["groups"].items():
+        lines.append(f"| {name} | {row['n']} | {row['positives']} | {_fmt(row.get('sensitivity'))} | "
+                     f"{_fmt(row.get('specificity'))} | {_fmt(row.get('auc'))} |")
+    for key in ("sensitivity", "specificity", "auc"):
+        if key in g["worst"]:
+            w = g["worst"][key]
+            lines.append(f"\nWorst {key}: **{_fmt(w['value'])}** ({w['group']}), mean over groups "
+                         f"{_fmt(g['mean'][key])}.")
+    return [*lines, ""]
+
+
 def write_report(
     out_dir: str | os.PathLike,
     y_true: Sequence[int] | np.ndarray,
@@ -159,6 +177,7 @@ def write_report(
     n_boot: int = 1000,
     seed: int = 0,
     alpha: float = 0.05,
+    paths: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Write `report.json`, `report.md` and the PNGs for one split; returns the report dict.
 
@@ -167,6 +186,8 @@ def write_report(
     NORMAL) vs NORMAL on 1 - P(NORMAL) at `threshold["value"]`, each with a stratified bootstrap
     `1 - alpha` CI; three-class reports add per-class one-vs-rest metrics. `errors` (files not
     evaluated, as {path, kind, reason}) are listed in the report; `extra` is stored as is.
+    With `paths`, metrics per acquisition group (`pneumo.data.acquisition_group`) and the worst
+    group are added: a validation that flatters less than the pooled figures.
     """
     from pneumo import plots
 
@@ -201,6 +222,8 @@ def write_report(
         "errors": errors,
         "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
+    if paths is not None and len(paths) == y.size and y.size:
+        report["groups"] = M.group_metrics(y, score, [acquisition_group(p) for p in paths], value)
     if len(classes) > 2:
         report["multiclass"] = {k: multi[k] for k in ("accuracy", "macro_auc", "per_class")}
     if extra:
@@ -369,7 +392,7 @@ def evaluate_bundle(
     }
     history = manifest.training.get("history") or None
     return write_report(out, y_idx, probs, classes, manifest.threshold, split, history, extra,
-                        errors=errors, n_boot=n_boot)
+                        errors=errors, n_boot=n_boot, paths=[rec.path for rec, _ in rows])
 
 
 # ---------------------------------------------------------------- CLI

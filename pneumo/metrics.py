@@ -28,7 +28,7 @@ CI_METRICS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", 
 __all__ = [
     "THRESHOLD_METHODS", "CI_METRICS", "roc_auc", "roc_curve", "pr_curve", "average_precision",
     "confusion", "binary_metrics", "bootstrap_ci", "choose_threshold", "calibration",
-    "negative_index", "positive_score", "multiclass_metrics",
+    "negative_index", "positive_score", "multiclass_metrics", "group_metrics",
 ]
 
 
@@ -354,3 +354,39 @@ def multiclass_metrics(
         "binary": binary_metrics(y != neg, 1.0 - probs[:, neg], 0.5 if threshold is None else threshold),
         "n": int(y.size),
     }
+
+
+# ---------------------------------------------------------------- per-group
+
+
+def group_metrics(y_true: Any, score: Any, groups: Sequence[str], threshold: float) -> dict[str, Any]:
+    """Metrics per group (e.g. acquisition series) at `threshold`, and the worst group beside the mean.
+
+    A group of negatives only (a NORMAL series) gets its specificity and the AUC of its negatives
+    against every positive; a group of positives only gets its sensitivity and the AUC of its
+    positives against every negative; a mixed group gets all of them. `worst` is the lowest of
+    each metric over the groups that have it; `mean` their unweighted mean.
+    """
+    y, s = _binary(y_true, score)
+    g = np.asarray(list(groups), dtype=object)
+    out: dict[str, Any] = {}
+    for name in sorted(set(g.tolist())):
+        mask = g == name
+        yg, sg = y[mask], s[mask]
+        row: dict[str, Any] = {"n": int(mask.sum()), "positives": int(yg.sum())}
+        if (~yg).any():
+            row["specificity"] = float(np.mean(sg[~yg] < threshold))
+            row["auc"] = roc_auc(np.r_[np.zeros((~yg).sum()), np.ones(y.sum())], np.r_[sg[~yg], s[y]])
+        if yg.any():
+            row["sensitivity"] = float(np.mean(sg[yg] >= threshold))
+            auc_pos = roc_auc(np.r_[np.zeros((~y).sum()), np.ones(yg.sum())], np.r_[s[~y], sg[yg]])
+            row["auc"] = auc_pos if "auc" not in row else min(row["auc"], auc_pos)
+        out[name] = row
+    summary: dict[str, Any] = {"worst": {}, "mean": {}}
+    for key in ("auc", "sensitivity", "specificity"):
+        values = {k: v[key] for k, v in out.items() if v.get(key) is not None and np.isfinite(v[key])}
+        if values:
+            worst = min(values, key=values.get)
+            summary["worst"][key] = {"group": worst, "value": values[worst]}
+            summary["mean"][key] = float(np.mean(list(values.values())))
+    return {"groups": out, **summary}

@@ -390,7 +390,8 @@ def write_reports(out: str, splits: dict[str, dict[str, np.ndarray]], probs: dic
         local = tmp if is_s3(out) else out
         for split, data in splits.items():
             write_report(os.path.join(local, "report", split), data["label"], probs[split], classes, threshold,
-                         split, history, {"source": "pneumo train"}, errors=[e for e in errors if e["split"] == split])
+                         split, history, {"source": "pneumo train"}, errors=[e for e in errors if e["split"] == split],
+                         paths=[str(p) for p in data.get("path", [])])
         if is_s3(out):
             for path in sorted(Path(tmp).rglob("*")):
                 if path.is_file():

@@ -234,3 +234,28 @@ def test_positive_score_uses_normal_column_wherever_it_is():
     assert M.positive_score(probs, ["NORMAL", "PNEUMONIA"]).tolist() == pytest.approx([0.8, 0.1])
     with pytest.raises(ValueError, match="probs must be"):
         M.positive_score(probs, ["NORMAL", "BACTERIA", "VIRUS"])
+
+
+def test_group_metrics_report_the_worst_series() -> None:
+    #            NORMAL IM (good) | NORMAL2 (bad)  | bacteria       | virus
+    y = np.array([0, 0, 0, 0,       0, 0, 0, 0,      1, 1, 1, 1,      1, 1, 1, 1])
+    s = np.array([.1, .2, .1, .3,   .6, .7, .2, .1,  .9, .8, .9, .7,  .6, .4, .9, .8])
+    groups = ["IM series"] * 4 + ["NORMAL2-IM series"] * 4 + ["bacteria"] * 4 + ["virus"] * 4
+    g = M.group_metrics(y, s, groups, threshold=0.5)
+    assert g["groups"]["IM series"]["specificity"] == 1.0
+    assert g["groups"]["NORMAL2-IM series"]["specificity"] == 0.5
+    assert g["groups"]["virus"]["sensitivity"] == 0.75 and g["groups"]["bacteria"]["sensitivity"] == 1.0
+    assert g["worst"]["specificity"] == {"group": "NORMAL2-IM series", "value": 0.5}
+    assert g["worst"]["sensitivity"]["group"] == "virus"
+    assert g["worst"]["auc"]["group"] == "NORMAL2-IM series"
+    assert g["mean"]["specificity"] == 0.75
+
+
+@pytest.mark.parametrize("name, group", [
+    ("IM-0115-0001.jpeg", "IM series"), ("NORMAL2-IM-1427-0001.jpeg", "NORMAL2-IM series"),
+    ("person1430_bacteria_3695.jpeg", "bacteria"), ("person5_virus_11.jpeg", "virus"), ("scan.png", "other"),
+])
+def test_acquisition_group(name: str, group: str) -> None:
+    from pneumo.data import acquisition_group
+
+    assert acquisition_group(f"/x/NORMAL/{name}") == group
