@@ -90,16 +90,14 @@ class ScoringModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = x.shape[0]
-        if self.hflip:
+        if self.hflip:  # the embedding of an image is the mean of its own and its mirror's
             x = torch.cat([x, torch.flip(x, dims=[3])])
         feats = torch.flatten(self.body(x), 1)
-        # a 1x1-conv classifier (timm's resnetv2) takes the pooled map back as [N, C, 1, 1]
-        logits = self.head(feats[:, :, None, None]) if isinstance(self.head, nn.Conv2d) else self.head(feats)
-        probs = probabilities(torch.flatten(logits, 1), self.num_classes)
         if self.hflip:
             feats = (feats[:n] + feats[n:]) / 2
-            probs = (probs[:n] + probs[n:]) / 2
-        return probs, feats.float()
+        # a 1x1-conv classifier (timm's resnetv2) takes the pooled map back as [N, C, 1, 1]
+        logits = self.head(feats[:, :, None, None]) if isinstance(self.head, nn.Conv2d) else self.head(feats)
+        return probabilities(torch.flatten(logits, 1), self.num_classes), feats.float()
 
 
 def scoring_module(model: nn.Module, model_name: str, num_classes: int, tta: Sequence[str] = (),
