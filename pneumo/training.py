@@ -78,6 +78,7 @@ from pneumo.metrics import THRESHOLD_METHODS
 from pneumo.models import FINETUNE_MODES, get_model, get_spec, list_models, set_finetune
 from pneumo.precision import TORCH_PRECISIONS_AUTO
 from pneumo.preprocess import EQUALIZE_MODES, InputSpec
+from pneumo.privacy import redact_errors
 
 BALANCE = ("none", "weighted_loss", "oversample")
 FAULT_ENV = "PNEUMO_TEST_FAIL_AT_EPOCH"
@@ -310,7 +311,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if not any(r.split == "val" for r in records):
         raise ConfigError("no validation images: set val_frac > 0 or provide <data>/val/")
     ingest = build_datasets(records, classes, spec, cfg.s3_endpoint)
-    for e in ingest.errors:
+    skipped = redact_errors(ingest.errors)  # file names carry patient ids (pneumo.privacy)
+    for e in skipped:
         print(f"[pneumo train] skipped undecodable file {e['path']} ({e['split']}): {e['error']}", file=sys.stderr)
     counts = ingest.counts
     print(f"[pneumo train] {cfg.model} {spec.channels}x{spec.size} on {cfg.num_workers} worker(s); data "
@@ -343,12 +345,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     training_info = {"config": to_dict(cfg), "epochs_run": last_state["epoch"], "best_epoch": best_state["epoch"],
                      "early_stopped": bool(last_state.get("stopped")), "data_fingerprint": fingerprint(records),
                      "starts": last_state.get("starts", []),
-                     "history": history, "skipped_files": ingest.errors, "counts": counts}
+                     "history": history, "skipped_files": skipped, "counts": counts}
     splits = {s: to_numpy(ingest.datasets[s]) for s in ("val", "test") if s in ingest.datasets}
     manifest, scored = export_run(cfg, model, classes, spec, splits, training_info, bundle)
     threshold, metrics, probs = scored.threshold, scored.metrics, scored.probs
     write_bytes(join(out, "config.yaml"), config_text(cfg).encode(), cfg.s3_endpoint)
-    reports = (write_reports(out, splits, probs, classes, threshold, history, ingest.errors, cfg.s3_endpoint)
+    reports = (write_reports(out, splits, probs, classes, threshold, history, skipped, cfg.s3_endpoint)
                if cfg.report else {})
     summary = {"bundle": bundle, "version": manifest.version, "model": cfg.model, "threshold": threshold,
                "metrics": metrics, "epochs_run": last_state["epoch"], "best_epoch": best_state["epoch"],
