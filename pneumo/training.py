@@ -84,13 +84,28 @@ BALANCE = ("none", "weighted_loss", "oversample")
 FAULT_ENV = "PNEUMO_TEST_FAIL_AT_EPOCH"
 
 
+JOB_PLACEHOLDER = "{job}"
+
+
+def ray_job_submission_id() -> str:
+    """The submission id of the Ray job this driver runs in (KubeRay: one per RayJob), read from the
+    job config Ray's job supervisor hands its entrypoint; outside a Ray job, a UTC timestamp."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        job = str((config.get("metadata") or {}).get("job_submission_id") or "")
+    except (ValueError, AttributeError):
+        job = ""
+    return job or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
 @dataclass
 class TrainConfig:
     """Train a pneumonia classifier with Ray Train and export a model bundle."""
 
     data: str = field(metadata={"positional": True, "help": "labelled data: folder or s3:// prefix with train/<CLASS>/"})
     out: str = field(default="runs/train", metadata={"help": "run folder: bundle, config.yaml, report"})
-    name: str = field(default="", metadata={"help": "run name (same name + storage_path resumes); default: out's folder name"})
+    name: str = field(default="", metadata={"help": "run name (same name + storage_path resumes); default: out's "
+                                            "folder name; {job} = this Ray job's submission id (a new run per job)"})
     storage_path: str = field(default="", metadata={"help": "Ray Train storage (folder or s3://); default: <out>/ray_results"})
     s3_endpoint: str | None = field(default=None, metadata={"help": "S3-compatible endpoint, e.g. http://127.0.0.1:8333"})
     model: str = field(default="efficientnet_lite0", metadata={"choices": list_models(), "help": "registered model"})
@@ -137,6 +152,8 @@ class TrainConfig:
     report: bool = field(default=True, metadata={"help": "write the evaluation report and plots"})
 
     def validate(self) -> None:
+        if JOB_PLACEHOLDER in self.name:  # resolved once, in the driver: workers get the final name
+            self.name = self.name.replace(JOB_PLACEHOLDER, ray_job_submission_id())
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ConfigError("epochs, batch_size and num_workers must be >= 1")
         if not 0 <= self.head_epochs < self.epochs and self.head_epochs:
