@@ -304,8 +304,17 @@ def test_requests_without_the_token_are_refused(two_node_cluster: LocalCluster, 
         assert "RAY_AUTH_TOKEN" in proc.stderr and "Traceback" not in proc.stderr
         assert token not in proc.stdout + proc.stderr
         assert "submitted" not in proc.stdout
-    # with the token the same request goes through: the refusals above were about the token
-    from pneumo.submit import make_client
+    # nothing was submitted; with the token a job goes through, and in it `pneumo train --name X-{job}`
+    # gets the job's submission id (what rayjob-train.yaml relies on for one run per RayJob)
+    from pneumo.config import from_dict
+    from pneumo.submit import SubmitConfig, make_client, submit, wait
 
     client = make_client(cluster.dashboard, str(cluster.token_file))
     assert all(info.entrypoint != "python -c 'print(1)'" for info in client.list_jobs())
+    probe = ("python -c \"from pneumo.config import from_dict; from pneumo.training import TrainConfig; "
+             "print('RUN', from_dict(TrainConfig, {'data': 'd', 'name': 'efficientnet_lite0-{job}'}).run_name)\"")
+    cfg = from_dict(SubmitConfig, {"entrypoint": probe, "working_dir": str(REPO), "address": cluster.dashboard,
+                                   "token_file": str(cluster.token_file)})
+    job_id = submit(cfg, client)
+    assert wait(client, job_id, timeout_s=JOB_TIMEOUT_S) == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
+    assert f"RUN efficientnet_lite0-{job_id}" in client.get_job_logs(job_id)
