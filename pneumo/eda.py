@@ -46,6 +46,7 @@ from pneumo.preprocess import (
     InputSpec,
     sniff_format,
 )
+from pneumo.privacy import log_paths, redact, redact_errors
 from pneumo.reading import read_image
 
 
@@ -109,7 +110,7 @@ def _duplicates(records: list[ImageRecord], facts: list[FileFacts]) -> list[dict
         if len(recs) > 1:
             groups.append({
                 "sha256": digest,
-                "paths": [r.path for r in recs],
+                "paths": [redact(r.path) for r in recs],
                 "cross_split": len({r.split for r in recs}) > 1,
                 "cross_patient": len({r.patient_id for r in recs}) > 1,
                 "cross_label": len({r.label for r in recs}) > 1,
@@ -145,7 +146,7 @@ def describe(
         "file_bytes": _stats([f.nbytes for f in facts]),
         "modes": dict(Counter(f.mode for f in ok).most_common()),
         "formats": dict(Counter(f.format for f in ok).most_common()),
-        "unreadable": [{"path": f.path, "error": f.error} for f in facts if f.error],
+        "unreadable": redact_errors({"path": f.path, "error": f.error} for f in facts if f.error),
         "duplicates": dups,
         "n_duplicate_copies": sum(len(g["paths"]) - 1 for g in dups),
     }
@@ -182,7 +183,7 @@ def write_sample_grid(
             if res.error is not None:
                 continue
             images[label].append(res.image)
-            captions[label].append(Path(rec.path).name[:28])
+            captions[label].append(redact(rec.path) if not log_paths() else Path(rec.path).name[:28])
     title = f"as the model sees them: {spec.size}px, resize={spec.resize}, equalize={spec.equalize}"
     return plots.sample_grid(images, out_path, captions=captions, title=title)
 

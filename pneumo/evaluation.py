@@ -40,6 +40,7 @@ from pneumo.data import (
 )
 from pneumo.precision import PRECISIONS
 from pneumo.predict import ENGINES
+from pneumo.privacy import redact_errors
 
 REPORT_METRICS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
                                    "average_precision")
@@ -202,7 +203,7 @@ def write_report(
     binary = M.binary_metrics(y, score, value)
     multi = M.multiclass_metrics(y_idx, probs, classes, threshold=value)
     ci = M.bootstrap_ci(y, score, value, n_boot=n_boot, seed=seed, alpha=alpha)
-    errors = [dict(e) for e in (errors or [])]
+    errors = redact_errors(errors or [])  # file names carry patient ids (pneumo.privacy)
     report: dict[str, Any] = {
         "split": split,
         "n": int(y.size),

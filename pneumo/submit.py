@@ -16,6 +16,12 @@ The runtime environment is built from flags: `working_dir` (files ignored by .gi
 not uploaded), `pip`, `py_modules`, `env_vars` (`--env KEY=VALUE`, or `--env-from NAME` to copy a
 variable from this shell), and `image_uri`. With `--follow`, `submit` and `logs` stream the
 job's logs until it ends and exit 0 only when it SUCCEEDED.
+
+Clusters with Ray token authentication (`RAY_AUTH_MODE=token` on every node) refuse requests
+without their token. The token is sent as `Authorization: Bearer ...` and read from `--token-file`
+(e.g. a Kubernetes Secret mounted as a file), else `$RAY_AUTH_TOKEN`, else the file named by
+`$RAY_AUTH_TOKEN_PATH` (Ray's own variables); otherwise Ray's defaults apply (~/.ray/auth_token
+when `RAY_AUTH_MODE=token`). The token is never printed; a refusal exits 2 with what to set.
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ class SubmitConfig:
         "help": "names of variables copied from this shell into env_vars (e.g. AWS_REGION)"})
     image_uri: str | None = field(default=None, metadata={
         "help": "container image for the job's workers (runtime_env image_uri)"})
+    token_file: str | None = field(default=None, metadata={
+        "help": "file holding the cluster's Ray auth token (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH)"})
     submission_id: str | None = field(default=None, metadata={"help": "id to give the job (default: Ray's)"})
     entrypoint_num_cpus: float = field(default=0.0, metadata={"help": "CPUs reserved for the entrypoint"})
     entrypoint_num_gpus: float = field(default=0.0, metadata={"help": "GPUs reserved for the entrypoint"})
@@ -75,6 +83,8 @@ class SubmitConfig:
                 raise ConfigError(f"env: {item!r} is not KEY=VALUE")
         if self.working_dir and not os.path.isdir(self.working_dir):
             raise ConfigError(f"working_dir: {self.working_dir!r} is not a folder")
+        if self.token_file and not os.path.isfile(self.token_file):
+            raise ConfigError(f"token_file: {self.token_file!r} is not a file")
 
 
 def resolve_address(address: str | None) -> str:
@@ -106,10 +116,36 @@ def build_runtime_env(cfg: SubmitConfig) -> dict[str, Any]:
     return env
 
 
-def make_client(address: str | None = None):  # noqa: ANN201 - JobSubmissionClient, imported lazily
+def _read_token(path: str, what: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            token = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path!r} ({exc.strerror or type(exc).__name__})") from exc
+    if not token:
+        raise ConfigError(f"{what}: {path!r} is empty")
+    return token
+
+
+def resolve_token(token_file: str | None = None) -> str | None:
+    """The cluster's Ray auth token: `--token-file`, else $RAY_AUTH_TOKEN, else the file at
+    $RAY_AUTH_TOKEN_PATH; None when none is given (Ray's own defaults then apply)."""
+    if token_file:
+        return _read_token(token_file, "token_file")
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    if os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return _read_token(os.environ["RAY_AUTH_TOKEN_PATH"], "RAY_AUTH_TOKEN_PATH")
+    return None
+
+
+def make_client(address: str | None = None, token_file: str | None = None):  # noqa: ANN201 - lazily imported
+    """A JobSubmissionClient for the dashboard at `address`, sending the cluster's auth token if one is given."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(resolve_address(address))
+    token = resolve_token(token_file)
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    return JobSubmissionClient(resolve_address(address), headers=headers)
 
 
 def submit(cfg: SubmitConfig, client: Any = None, agent_wait_s: float = 60.0) -> str:
@@ -118,7 +154,7 @@ def submit(cfg: SubmitConfig, client: Any = None, agent_wait_s: float = 60.0) ->
     Retries for up to `agent_wait_s` while a freshly started head has no job agent yet.
     """
     cfg.validate()
-    client = client or make_client(cfg.address)
+    client = client or make_client(cfg.address, cfg.token_file)
     kwargs: dict[str, Any] = {}
     if cfg.entrypoint_num_cpus:
         kwargs["entrypoint_num_cpus"] = cfg.entrypoint_num_cpus
@@ -182,7 +218,23 @@ def main(argv: list[str] | None = None) -> int:
     if entry:
         argv += ["--entrypoint", shlex.join(entry)]
     cfg = parse_config(SubmitConfig, argv, prog="pneumo submit")
-    client = make_client(cfg.address)
+    from ray.exceptions import AuthenticationError  # what the Jobs client raises on 401/403
+
+    try:
+        return _run(cfg)
+    except ConfigError as exc:
+        print(f"pneumo submit: {exc}", file=sys.stderr)
+        return 2
+    except AuthenticationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"pneumo submit: {resolve_address(cfg.address)} refused the request ({first}). The cluster uses "
+              "Ray token authentication: set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or --token-file to its token.",
+              file=sys.stderr)
+        return 2
+
+
+def _run(cfg: SubmitConfig) -> int:
+    client = make_client(cfg.address, cfg.token_file)
     if cfg.action == "submit":
         job_id = submit(cfg, client)
         print(f"submitted {job_id} to {resolve_address(cfg.address)}", flush=True)

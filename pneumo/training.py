@@ -79,9 +79,24 @@ from pneumo.metrics import THRESHOLD_METHODS
 from pneumo.models import FINETUNE_MODES, get_model, get_spec, list_models, set_finetune
 from pneumo.precision import TORCH_PRECISIONS_AUTO
 from pneumo.preprocess import EQUALIZE_MODES, InputSpec
+from pneumo.privacy import redact_errors
 
 BALANCE = ("none", "weighted_loss", "oversample")
 FAULT_ENV = "PNEUMO_TEST_FAIL_AT_EPOCH"
+
+
+JOB_PLACEHOLDER = "{job}"
+
+
+def ray_job_submission_id() -> str:
+    """The submission id of the Ray job this driver runs in (KubeRay: one per RayJob), read from the
+    job config Ray's job supervisor hands its entrypoint; outside a Ray job, a UTC timestamp."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        job = str((config.get("metadata") or {}).get("job_submission_id") or "")
+    except (ValueError, AttributeError):
+        job = ""
+    return job or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
 
 
 @dataclass
@@ -90,7 +105,8 @@ class TrainConfig:
 
     data: str = field(metadata={"positional": True, "help": "labelled data: folder or s3:// prefix with train/<CLASS>/"})
     out: str = field(default="runs/train", metadata={"help": "run folder: bundle, config.yaml, report"})
-    name: str = field(default="", metadata={"help": "run name (same name + storage_path resumes); default: out's folder name"})
+    name: str = field(default="", metadata={"help": "run name (same name + storage_path resumes); default: out's "
+                                            "folder name; {job} = this Ray job's submission id (a new run per job)"})
     storage_path: str = field(default="", metadata={"help": "Ray Train storage (folder or s3://); default: <out>/ray_results"})
     s3_endpoint: str | None = field(default=None, metadata={"help": "S3-compatible endpoint, e.g. http://127.0.0.1:8333"})
     model: str = field(default="efficientnet_lite0", metadata={"choices": list_models(), "help": "registered model"})
@@ -150,6 +166,8 @@ class TrainConfig:
                 raise ConfigError(str(exc)) from None
         elif self.weights not in ("none", "") and not is_s3(self.weights) and not os.path.exists(self.weights):
             raise ConfigError(f"weights={self.weights!r}: no such file; valid: auto, pretrained, none or a PATH")
+        if JOB_PLACEHOLDER in self.name:  # resolved once, in the driver: workers get the final name
+            self.name = self.name.replace(JOB_PLACEHOLDER, ray_job_submission_id())
         if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
             raise ConfigError("epochs, batch_size and num_workers must be >= 1")
         if not 0 <= self.head_epochs < self.epochs and self.head_epochs:
@@ -326,7 +344,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         ray.init()
     logs.quiet_ray()
     ingest = build_datasets(records, classes, spec, cfg.s3_endpoint)
-    for e in ingest.errors:
+    skipped = redact_errors(ingest.errors)  # file names carry patient ids (pneumo.privacy)
+    for e in skipped:
         print(f"[pneumo train] skipped undecodable file {e['path']} ({e['split']}): {e['error']}", file=sys.stderr)
     counts = ingest.counts
     print(f"[pneumo train] {cfg.model} {spec.channels}x{spec.size} on {cfg.num_workers} worker(s); data "
@@ -359,12 +378,12 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     training_info = {"config": to_dict(cfg), "epochs_run": last_state["epoch"], "best_epoch": best_state["epoch"],
                      "early_stopped": bool(last_state.get("stopped")), "data_fingerprint": fingerprint(records),
                      "starts": last_state.get("starts", []),
-                     "history": history, "skipped_files": ingest.errors, "counts": counts}
+                     "history": history, "skipped_files": skipped, "counts": counts}
     splits = {s: to_numpy(ingest.datasets[s]) for s in ("val", "test") if s in ingest.datasets}
     manifest, scored = export_run(cfg, model, classes, spec, splits, training_info, bundle)
     threshold, metrics, probs = scored.threshold, scored.metrics, scored.probs
     write_bytes(join(out, "config.yaml"), config_text(cfg).encode(), cfg.s3_endpoint)
-    reports = (write_reports(out, splits, probs, classes, threshold, history, ingest.errors, cfg.s3_endpoint)
+    reports = (write_reports(out, splits, probs, classes, threshold, history, skipped, cfg.s3_endpoint)
                if cfg.report else {})
     summary = {"bundle": bundle, "version": manifest.version, "model": cfg.model, "threshold": threshold,
                "metrics": metrics, "epochs_run": last_state["epoch"], "best_epoch": best_state["epoch"],

@@ -143,6 +143,44 @@ def test_every_pod_reads_s3_settings_from_common_objects() -> None:
             assert refs == {"configMapRef": "pneumo-env", "secretRef": "pneumo-s3"}, where
 
 
+def _env(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def _from_secret(env: dict[str, dict], name: str) -> tuple[str, str] | None:
+    ref = (env.get(name) or {}).get("valueFrom", {}).get("secretKeyRef")
+    return (ref["name"], ref["key"]) if ref else None
+
+
+def test_every_ray_pod_has_token_auth_from_the_secret() -> None:
+    """Ray token auth everywhere: KubeRay's authOptions on every Ray cluster spec (the operator, the
+    RayJob submitter and the RayService reconciler then send the token) and, in every Ray container,
+    RAY_AUTH_MODE=token with RAY_AUTH_TOKEN from the Secret pneumo-ray-auth (never a literal)."""
+    specs = cluster_specs()
+    assert len(specs) >= 5  # RayCluster, 2 RayJobs, the RayCronJob's template, the RayService
+    for where, spec in specs:
+        assert spec.get("authOptions") == {"mode": "token", "secretName": "pneumo-ray-auth"}, where
+        for group, c in pod_containers(spec):
+            env = _env(c)
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where} {group}"
+            assert _from_secret(env, "RAY_AUTH_TOKEN") == ("pneumo-ray-auth", "auth_token"), f"{where} {group}"
+            assert "value" not in env["RAY_AUTH_TOKEN"], f"{where} {group}: a literal token"
+    example = {d["metadata"]["name"]: d for d in docs(KUBERAY / "secrets.example.yaml")}
+    assert example["pneumo-ray-auth"]["kind"] == "Secret" and "auth_token" in example["pneumo-ray-auth"]["stringData"]
+    assert all(v.startswith("REPLACE-") for d in example.values() for v in d["stringData"].values())
+
+
+def test_rayservice_reads_its_api_key_from_a_secret() -> None:
+    (_, service), = kind("RayService")
+    for group, c in pod_containers(service["spec"]["rayClusterConfig"]):
+        assert _from_secret(_env(c), "PNEUMO_API_KEY") == ("pneumo-serve-api-key", "api_key"), group
+    from pneumo.serving import API_KEY_ENV
+
+    assert API_KEY_ENV == "PNEUMO_API_KEY"
+    example = {d["metadata"]["name"]: d for d in docs(KUBERAY / "secrets.example.yaml")}
+    assert "api_key" in example["pneumo-serve-api-key"]["stringData"]
+
+
 # ---------------------------------------------------------------- RayJob entrypoints
 
 
@@ -196,6 +234,28 @@ def test_rayjob_entrypoints_exist_and_their_flags_parse() -> None:
     train = [s for w, s in specs if "train.py" in s["entrypoint"]][0]
     assert "--storage-path s3://" in train["entrypoint"], "checkpoints must go to S3"
     assert "--gpus-per-worker" in train["entrypoint"]
+
+
+def test_each_training_rayjob_is_a_new_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """rayjob-train.yaml's --name ends in {job}: the Ray job's submission id, which the job supervisor
+    hands the entrypoint (RAY_JOB_CONFIG_JSON_ENV_VAR metadata) and KubeRay makes unique per RayJob.
+    Two RayJobs are two runs; a given --name (no {job}) still resumes that run."""
+    from pneumo.config import parse_config
+    from pneumo.training import TrainConfig
+
+    (_, job), = [(p, d) for p, d in kind("RayJob") if p.name == "rayjob-train.yaml"]
+    argv = shlex.split(job["spec"]["entrypoint"])
+    name = argv[argv.index("--name") + 1]
+    assert name.endswith("{job}"), f"--name {name}: every RayJob would resume the same run"
+    names = []
+    monkeypatch.chdir(REPO)  # the recipe path is relative to the working_dir, as on the cluster
+    for submission_id in ("pneumo-train-x7k2p-abcde", "pneumo-train-q9r4t-fghij"):
+        monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+            {"runtime_env": {}, "metadata": {"job_submission_id": submission_id, "job_name": submission_id}}))
+        names.append(parse_config(TrainConfig, argv[2:], prog="train").run_name)
+    assert names == ["efficientnet_lite0-pneumo-train-x7k2p-abcde", "efficientnet_lite0-pneumo-train-q9r4t-fghij"]
+    resumed = argv[2:argv.index("--name") + 1] + [names[0]] + argv[argv.index("--name") + 2:]
+    assert parse_config(TrainConfig, resumed, prog="train").run_name == names[0]
 
 
 def test_nightly_scoring_is_a_cronjob_creating_an_incremental_rayjob() -> None:
@@ -349,6 +409,31 @@ def test_submit_builds_the_runtime_env_it_documents(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("PNEUMO_TEST_TOKEN")
     with pytest.raises(ValueError, match="PNEUMO_TEST_TOKEN"):
         build_runtime_env(cfg)
+
+
+def test_submit_token_comes_from_the_file_or_rays_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    from pneumo.config import ConfigError
+    from pneumo.submit import main, resolve_token
+
+    for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_token(None) is None
+    secret = tmp_path / "auth_token"
+    secret.write_text("from-the-file\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(secret))
+    assert resolve_token(None) == "from-the-file"
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-the-env")
+    assert resolve_token(None) == "from-the-env"
+    other = tmp_path / "mounted"
+    other.write_text("from-token-file")
+    assert resolve_token(str(other)) == "from-token-file"  # --token-file wins
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(ConfigError, match="is empty"):
+        resolve_token(str(tmp_path / "empty"))
+    with pytest.raises(SystemExit) as exc:
+        main(["list", "--token-file", str(tmp_path / "missing")])
+    assert exc.value.code == 2 and "token_file" in capsys.readouterr().err
 
 
 def test_submit_cli_refuses_bad_input_with_a_message(capsys: pytest.CaptureFixture) -> None:

@@ -12,12 +12,18 @@ Teardown never uses `ray stop` (it kills every Ray process on the machine, inclu
 session's shared `ray_local`): each node is a `ray start --block` process in its own process
 group; SIGTERM makes it stop the processes it started, and anything left whose command line
 names this cluster's temp dir is then killed by pid.
+
+The cluster runs with Ray token authentication, as a real one should: the test generates a token,
+both nodes read it from a file (`RAY_AUTH_MODE=token`, `RAY_AUTH_TOKEN_PATH`, as a pod reads it from a
+mounted Secret), the job is submitted with `pneumo submit --token-file`, and requests without the
+token (or with a wrong one) are refused with a clear message that never shows the token.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -48,7 +54,12 @@ class LocalCluster:
     gcs_port: int
     dashboard_port: int
     env: dict[str, str]
+    token_file: Path
     nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
 
     @property
     def dashboard(self) -> str:
@@ -75,7 +86,8 @@ class LocalCluster:
         log.close()
 
     def _get(self, path: str) -> dict:
-        with urllib.request.urlopen(self.dashboard + path, timeout=5) as resp:
+        request = urllib.request.Request(self.dashboard + path, headers=self.auth_headers)
+        with urllib.request.urlopen(request, timeout=5) as resp:
             return json.load(resp)
 
     def alive_nodes(self) -> list[dict]:
@@ -159,14 +171,17 @@ def start_with_retries(cluster: LocalCluster, name: str, head: bool, attempts: i
 def two_node_cluster() -> Iterator[LocalCluster]:
     root = Path(tempfile.mkdtemp(prefix="pnc", dir="/tmp"))  # short: Ray's unix sockets live under it
     gcs_port, dashboard_port = free_ports(2)
+    token_file = root / "auth_token"  # what a pod gets from the Secret (never ~/.ray/auth_token)
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in entrypoints = this venv
                RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-               # Ray 2.60 turns token auth on when ~/.ray/auth_token exists (e.g. after any local
-               # ray.init); a loopback-only test cluster opts out explicitly so the outcome does not
-               # depend on what ran before. Real clusters keep token auth (see the README).
-               RAY_AUTH_MODE="disabled")
-    cluster = LocalCluster(root=root, gcs_port=gcs_port, dashboard_port=dashboard_port, env=env)
+               # token auth on every node, the token from a file (Ray reads RAY_AUTH_TOKEN first, then
+               # the file at RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token)
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    cluster = LocalCluster(root=root, gcs_port=gcs_port, dashboard_port=dashboard_port, env=env,
+                           token_file=token_file)
     try:
         start_with_retries(cluster, "node_head", head=True)
         cluster.wait_until("the dashboard", lambda: cluster._get("/api/version"))
@@ -198,7 +213,8 @@ def _tiny_archive_and_bundle(tmp: Path) -> tuple[Path, Path, list[str]]:
 
 def test_batch_scoring_job_runs_on_both_nodes(two_node_cluster: LocalCluster, tmp_path: Path,
                                              capsys: pytest.CaptureFixture) -> None:
-    from ray.util.state import list_actors, list_tasks
+    from ray.util.state import StateApiClient
+    from ray.util.state.common import ListApiOptions, StateResource
 
     from pneumo.config import from_dict
     from pneumo.scoring import read_results
@@ -214,8 +230,9 @@ def test_batch_scoring_job_runs_on_both_nodes(two_node_cluster: LocalCluster, tm
                   "--min-actors 2 --max-actors 2 --cpus-per-actor 1 --read-batch-size 2 --batch-size 4 "
                   "--precision fp32")
     cfg = from_dict(SubmitConfig, {"entrypoint": entrypoint, "working_dir": str(REPO),
-                                   "address": cluster.dashboard, "env": ["OMP_NUM_THREADS=1"]})
-    client = make_client(cfg.address)
+                                   "address": cluster.dashboard, "env": ["OMP_NUM_THREADS=1"],
+                                   "token_file": str(cluster.token_file)})
+    client = make_client(cfg.address, cfg.token_file)
     job_id = submit(cfg, client)
     try:
         status = wait(client, job_id, timeout_s=JOB_TIMEOUT_S)
@@ -235,10 +252,11 @@ def test_batch_scoring_job_runs_on_both_nodes(two_node_cluster: LocalCluster, tm
 
     # Work ran on both nodes: the job's tasks and actors, as Ray's state API reports them.
     ray_job_id = client.get_job_info(job_id).job_id
-    tasks = list_tasks(address=cluster.dashboard, filters=[("job_id", "=", ray_job_id)], limit=10_000,
+    state = StateApiClient(address=cluster.dashboard, headers=cluster.auth_headers)
+    tasks = state.list(StateResource.TASKS, ListApiOptions(filters=[("job_id", "=", ray_job_id)], limit=10_000),
                        raise_on_missing_output=False)
-    actors = list_actors(address=cluster.dashboard, filters=[("job_id", "=", ray_job_id)], limit=1_000,
-                         raise_on_missing_output=False)
+    actors = state.list(StateResource.ACTORS, ListApiOptions(filters=[("job_id", "=", ray_job_id)], limit=1_000),
+                        raise_on_missing_output=False)
     per_node: dict[str, Counter] = {n: Counter() for n in nodes}
     for t in tasks:
         if t.node_id in per_node:
@@ -250,13 +268,53 @@ def test_batch_scoring_job_runs_on_both_nodes(two_node_cluster: LocalCluster, tm
             f"no scoring work ran on node {node[:8]}: tasks per node {detail}, actors on {actor_nodes}")
     assert actor_nodes and actor_nodes <= nodes, f"scoring actors on {actor_nodes}"
 
-    # `pneumo submit status/logs/list` read the same job through the CLI.
+    # `pneumo submit status/logs/list` read the same job through the CLI, with the token from
+    # --token-file or from Ray's own RAY_AUTH_TOKEN; the token is never printed.
     from pneumo.submit import main
 
-    assert main(["status", job_id, "--address", cluster.dashboard]) == 0
+    token = cluster.token_file.read_text().strip()
+    tf = ["--token-file", str(cluster.token_file)]
+    assert main(["status", job_id, "--address", cluster.dashboard, *tf]) == 0
     assert '"status": "SUCCEEDED"' in capsys.readouterr().out
-    assert main(["list", "--address", cluster.dashboard]) == 0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_TOKEN", token)
+        assert main(["list", "--address", cluster.dashboard]) == 0
     assert job_id in capsys.readouterr().out
-    assert main(["logs", job_id, "--follow", "--timeout-s", "60", "--address", cluster.dashboard]) == 0
-    followed = capsys.readouterr().out
-    assert "committed to" in followed and followed.rstrip().endswith(f"job {job_id}: SUCCEEDED")
+    assert main(["logs", job_id, "--follow", "--timeout-s", "60", "--address", cluster.dashboard, *tf]) == 0
+    followed = capsys.readouterr()
+    assert "committed to" in followed.out and followed.out.rstrip().endswith(f"job {job_id}: SUCCEEDED")
+    assert token not in followed.out + followed.err
+
+
+def test_requests_without_the_token_are_refused(two_node_cluster: LocalCluster, tmp_path: Path) -> None:
+    """`pneumo submit` with no token (clean env, no ~/.ray/auth_token) or a wrong one: exit 2, a clear
+    message, nothing submitted, and the cluster's token appears nowhere in the output."""
+    cluster = two_node_cluster
+    token = cluster.token_file.read_text().strip()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(tmp_path), PYTHONPATH=str(REPO))
+    wrong = tmp_path / "wrong_token"
+    wrong.write_text(secrets.token_hex(32))
+    for extra, status in [([], "Unauthorized"), (["--token-file", str(wrong)], "Forbidden")]:
+        proc = subprocess.run([sys.executable, "-m", "pneumo.submit", "submit", "--address", cluster.dashboard,
+                               "--working-dir", "", *extra, "--", "python", "-c", "print(1)"],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+        assert proc.returncode == 2, (extra, proc.stdout, proc.stderr[-3000:])
+        assert "refused the request" in proc.stderr and status in proc.stderr, proc.stderr[-3000:]
+        assert "RAY_AUTH_TOKEN" in proc.stderr and "Traceback" not in proc.stderr
+        assert token not in proc.stdout + proc.stderr
+        assert "submitted" not in proc.stdout
+    # nothing was submitted; with the token a job goes through, and in it `pneumo train --name X-{job}`
+    # gets the job's submission id (what rayjob-train.yaml relies on for one run per RayJob)
+    from pneumo.config import from_dict
+    from pneumo.submit import SubmitConfig, make_client, submit, wait
+
+    client = make_client(cluster.dashboard, str(cluster.token_file))
+    assert all(info.entrypoint != "python -c 'print(1)'" for info in client.list_jobs())
+    probe = ("python -c \"from pneumo.config import from_dict; from pneumo.training import TrainConfig; "
+             "print('RUN', from_dict(TrainConfig, {'data': 'd', 'name': 'efficientnet_lite0-{job}'}).run_name)\"")
+    cfg = from_dict(SubmitConfig, {"entrypoint": probe, "working_dir": str(REPO), "address": cluster.dashboard,
+                                   "token_file": str(cluster.token_file)})
+    job_id = submit(cfg, client)
+    assert wait(client, job_id, timeout_s=JOB_TIMEOUT_S) == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
+    assert f"RUN efficientnet_lite0-{job_id}" in client.get_job_logs(job_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -162,7 +163,23 @@ def messy_copy(synth_data: Path, tmp_path: Path) -> Path:
     return root
 
 
-def test_eda_reports_duplicates_and_unreadable_files(messy_copy: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+def test_eda_names_files_by_hash_unless_opted_in(messy_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """File names carry patient ids: eda.json and the printed report hold salted hashes by default."""
+    from pneumo.privacy import LOG_PATHS_ENV, redact
+
+    monkeypatch.delenv(LOG_PATHS_ENV, raising=False)
+    report = eda.describe(str(messy_copy))
+    text = json.dumps(report) + eda.format_report(report)
+    for patient in ("person9999", "IM-9999"):
+        assert patient not in text
+    bad = str(messy_copy / "train" / "PNEUMONIA" / "person9999_virus_9999.jpeg")
+    assert report["unreadable"][0]["path"] == redact(bad) and redact(bad) in text
+    assert all(p.startswith("file#") for g in report["duplicates"] for p in g["paths"])
+
+
+def test_eda_reports_duplicates_and_unreadable_files(messy_copy: Path, tmp_path: Path, capsys,  # noqa: ANN001
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PNEUMO_LOG_PATHS", "1")  # the operator opted in to file names
     out = tmp_path / "eda"
     assert cli_main(["eda", str(messy_copy), "--out", str(out)]) == 0
     text = capsys.readouterr().out
@@ -203,8 +220,8 @@ def test_eda_on_the_real_train_split(shared_data: Path, tmp_path: Path) -> None:
     if not location.is_dir():
         pytest.skip(f"{location} not found")
     out = tmp_path / "eda"
-    proc = subprocess.run([PNEUMO, "eda", str(location), "--out", str(out)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([PNEUMO, "eda", str(location), "--out", str(out)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PNEUMO_LOG_PATHS": "1"})
     assert proc.returncode == 0, proc.stderr
     assert re.search(r"train\s+1,341\s+3,875\s+5,216", proc.stdout), proc.stdout
     report = json.loads((out / "eda.json").read_text())

@@ -80,18 +80,24 @@ def test_augment_is_seeded_shape_preserving_and_identity_when_off():
 # ---------------------------------------------------------------- ingest
 
 
+def _small_set_with_corrupt_file(synth_data: Path, root: Path, per_class: int, bad_name: str) -> Path:
+    """`per_class` synthetic images per class under root/train/, plus a corrupt JPEG `bad_name` (returned)."""
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (root / "train" / cls).mkdir(parents=True)
+        for p in sorted((synth_data / "train" / cls).glob("*.jpeg"))[:per_class]:
+            shutil.copy(p, root / "train" / cls / p.name)
+    bad = root / "train" / "PNEUMONIA" / bad_name
+    bad.write_bytes(b"\xff\xd8\xff" + b"not really a jpeg")
+    return bad
+
+
 def test_ingest_reports_undecodable_files(ray_local, synth_data, tmp_path):
     from pneumo.data import labelled_splits
     from pneumo.ingest import build_datasets
     from pneumo.preprocess import InputSpec
 
     root = tmp_path / "data"
-    for cls in ("NORMAL", "PNEUMONIA"):
-        (root / "train" / cls).mkdir(parents=True)
-        for p in sorted((synth_data / "train" / cls).glob("*.jpeg"))[:6]:
-            shutil.copy(p, root / "train" / cls / p.name)
-    bad = root / "train" / "PNEUMONIA" / "person999_virus_1.jpeg"
-    bad.write_bytes(b"\xff\xd8\xff" + b"not really a jpeg")
+    bad = _small_set_with_corrupt_file(synth_data, root, 6, "person999_virus_1.jpeg")
     records = labelled_splits(str(root), "binary", 0.0, 0.0, 0)
     ingest = build_datasets(records, ["NORMAL", "PNEUMONIA"], InputSpec(size=32, channels=1, mean=(0.0,), std=(1.0,)))
     assert [e["path"] for e in ingest.errors] == [str(bad)]
@@ -201,3 +207,34 @@ def test_write_reports_to_s3_lands_every_file(s3_server, tmp_path):
     assert paths == {"val": f"{out}/report/val"}
     assert b"NORMAL" in read_bytes(f"{out}/report/val/report.json", s3_server.endpoint)
     assert read_bytes(f"{out}/report/val/roc.png", s3_server.endpoint)[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------- privacy
+
+
+def test_run_names_skipped_files_by_hash_not_path(ray_local, synth_data, tmp_path, capfd, caplog, monkeypatch):
+    """A corrupt file whose name carries a (fake) patient id: the id is in no log line, manifest,
+    summary or report of the run; the file is named by `pneumo.privacy.redact` (PNEUMO_LOG_PATHS unset)."""
+    import json
+    import logging
+
+    from pneumo.privacy import LOG_PATHS_ENV, redact
+    from pneumo.training import run
+
+    monkeypatch.delenv(LOG_PATHS_ENV, raising=False)
+    root = tmp_path / "data"
+    bad = _small_set_with_corrupt_file(synth_data, root, 8, "person999_bacteria_1.jpeg")
+    out = tmp_path / "run"
+    cfg = parse_config(TrainConfig, [str(root), "--out", str(out), "--model", "seed_cnn", "--weights", "none",
+                                     "--image-size", "32", "--epochs", "1", "--num-workers", "1",
+                                     "--batch-size", "8", "--val-frac", "0.3", "--test-frac", "0"], prog="test")
+    caplog.set_level(logging.INFO)
+    summary = run(cfg)
+    logs = "".join(capfd.readouterr()) + caplog.text
+    manifest = json.loads((out / "bundle" / "manifest.json").read_text())
+    (skipped,) = manifest["training"]["skipped_files"]
+    assert skipped["path"] == redact(str(bad)) and skipped["path"].startswith("file#"), skipped
+    assert summary["skipped_files"] == 1 and redact(str(bad)) in logs
+    written = [logs] + [p.read_text() for p in out.rglob("*") if p.suffix in (".json", ".md", ".yaml")]
+    for text in written:
+        assert "person999" not in text
