@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -331,7 +330,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     import ray
 
     from pneumo.ingest import build_datasets, oversample, to_numpy
-    from pneumo.train_export import export_run
+    from pneumo.train_export import export_run, summary_text, write_reports
 
     t0 = time.perf_counter()
     classes = list(LABEL_SETS[cfg.label_set])
@@ -394,42 +393,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     write_bytes(join(out, "summary.json"), json.dumps(summary, indent=2, default=str).encode(), cfg.s3_endpoint)
     print(summary_text(summary), flush=True)
     return summary
-
-
-def write_reports(out: str, splits: dict[str, dict[str, np.ndarray]], probs: dict[str, np.ndarray],
-                  classes: list[str], threshold: dict, history: list[dict],
-                  skipped: list[dict] | None = None, s3_endpoint: str | None = None) -> dict[str, Any]:
-    """The evaluation helper's JSON + Markdown + PNG report for val (and test) under `<out>/report/`
-    (written locally, then copied when `out` is s3://)."""
-    from pneumo.evaluation import write_report
-
-    errors = [{"path": e["path"], "split": e["split"], "kind": e["error"].split(":")[0],
-               "reason": e["error"].partition(": ")[2]} for e in skipped or []]
-    with tempfile.TemporaryDirectory() as tmp:
-        local = tmp if is_s3(out) else out
-        for split, data in splits.items():
-            write_report(os.path.join(local, "report", split), data["label"], probs[split], classes, threshold,
-                         split, history, {"source": "pneumo train"}, errors=[e for e in errors if e["split"] == split],
-                         paths=[str(p) for p in data.get("path", [])])
-        if is_s3(out):
-            for path in sorted(Path(tmp).rglob("*")):
-                if path.is_file():
-                    write_bytes(join(out, *path.relative_to(tmp).parts), path.read_bytes(), s3_endpoint)
-    return {s: join(out, "report", s) for s in splits}
-
-
-def summary_text(s: dict[str, Any]) -> str:
-    lines = [f"[pneumo train] done in {s['wall_s']:.0f}s: {s['epochs_run']} epoch(s)"
-             + (" (early stopped)" if s["early_stopped"] else "") + f", best epoch {s['best_epoch']}",
-             f"  bundle    {s['bundle']} (version {s['version']})",
-             f"  threshold {s['threshold']['value']:.4f} ({s['threshold']['method']}"
-             + (f", target sensitivity {s['threshold']['target']}" if s["threshold"].get("target") else "")
-             + ", chosen on val)"]
-    for split, m in s["metrics"].items():
-        lines.append(f"  {split:<5} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
-    if s["skipped_files"]:
-        lines.append(f"  {s['skipped_files']} undecodable file(s) were left out (see summary.json)")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -193,7 +193,7 @@ def test_recipe_runs_through_train_func(ray_local, tmp_path, recipe):
 def test_write_reports_to_s3_lands_every_file(s3_server, tmp_path):
     """`run` with `--out s3://...` writes the reports there too (written locally, then copied)."""
     from pneumo.data import read_bytes
-    from pneumo.training import write_reports
+    from pneumo.train_export import write_reports
 
     bucket = s3_server.make_bucket("pneumo-train-out")
     rng = np.random.default_rng(0)
