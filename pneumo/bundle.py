@@ -63,6 +63,7 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, beside the weights
     onnx: dict[str, Any] = field(default_factory=dict)  # export record: opset, outputs, parity; {} = torch only
     int8: dict[str, Any] = field(default_factory=dict)  # quantisation gate figures; `passed` says if kept
+    calibration: dict[str, Any] = field(default_factory=dict)  # fitted on val, folded into the head; prevalence
     format_version: int = FORMAT_VERSION
 
     @property

@@ -172,7 +172,8 @@ def evaluate(
 @torch.inference_mode()
 def backbone_features(model: nn.Module, batches: Any, spec: InputSpec, device: torch.device,
                       precision: str = "fp32", channels_last: bool = True, model_name: str | None = None,
-                      threads: int = 0, num_classes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+                      threads: int = 0, num_classes: int = 2,
+                      tta: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled pre-logit features of a frozen model over `batches`: (float32[N, F], int64[N]).
 
     On CPU at fp32, with `model_name` given, they come from ONNX Runtime running the same scoring
@@ -180,7 +181,7 @@ def backbone_features(model: nn.Module, batches: Any, spec: InputSpec, device: t
     GPU, or where the export or the check fails (logged), from eager torch.
     """
     model.eval()
-    session = _feature_session(model, model_name, num_classes, spec, threads) if (
+    session = _feature_session(model, model_name, num_classes, spec, threads, tta) if (
         model_name and device.type == "cpu" and precision == "fp32") else None
     feats, labels = [], []
     for batch in batches:
@@ -189,11 +190,10 @@ def backbone_features(model: nn.Module, batches: Any, spec: InputSpec, device: t
             from pneumo.export import run_session
 
             f = torch.from_numpy(run_session(session, x.numpy())[1])
-            if not feats and not _features_agree(model, x, f, precision, device):
+            if not feats and not _features_agree(model, x, f, precision, device, tta):
                 session = None
         if session is None:
-            with torch.inference_mode(), _autocast(device, precision):
-                f = model.forward_head(model.forward_features(x), pre_logits=True)
+            f = _torch_features(model, x, precision, device, tta)
         feats.append(f.float().cpu())
         labels.append(torch.as_tensor(batch["label"]).long().cpu())
     if not feats:
@@ -201,26 +201,61 @@ def backbone_features(model: nn.Module, batches: Any, spec: InputSpec, device: t
     return torch.cat(feats), torch.cat(labels)
 
 
-def _feature_session(model: nn.Module, model_name: str, num_classes: int, spec: InputSpec, threads: int) -> Any:
+def _feature_session(model: nn.Module, model_name: str, num_classes: int, spec: InputSpec, threads: int,
+                     tta: tuple[str, ...] = ()) -> Any:
     from pneumo.export import ExportError, export_onnx, ort_session, scoring_module
 
     try:
-        graph = scoring_module(model, model_name, num_classes)
+        graph = scoring_module(model, model_name, num_classes, tta)
         return ort_session(export_onnx(graph, spec), threads)
     except (ExportError, ImportError, ValueError) as exc:
         log.warning("feature cache: ONNX Runtime unavailable, eager torch instead (%s)", exc)
         return None
 
 
-def _features_agree(model: nn.Module, x: torch.Tensor, got: torch.Tensor, precision: str,
-                    device: torch.device) -> bool:
+def _torch_features(model: nn.Module, x: torch.Tensor, precision: str, device: torch.device,
+                    tta: tuple[str, ...] = ()) -> torch.Tensor:
+    """Eager pooled features; with hflip TTA the mean of the image's and its mirror's (as the graph does)."""
     with torch.inference_mode(), _autocast(device, precision):
-        ref = model.forward_head(model.forward_features(x), pre_logits=True).float()
+        f = model.forward_head(model.forward_features(x), pre_logits=True).float()
+        if "hflip" in tta:
+            f = (f + model.forward_head(model.forward_features(torch.flip(x, dims=[3])), pre_logits=True).float()) / 2
+    return f
+
+
+def _features_agree(model: nn.Module, x: torch.Tensor, got: torch.Tensor, precision: str,
+                    device: torch.device, tta: tuple[str, ...] = ()) -> bool:
+    ref = _torch_features(model, x, precision, device, tta)
     ok = bool(torch.allclose(got, ref, rtol=1e-3, atol=1e-4))
     if not ok:
         log.warning("feature cache: ONNX Runtime features differ from torch by %.2e; eager torch instead",
                     float((got - ref).abs().max()))
     return ok
+
+
+def reestimate_batchnorm(ts: Any, batches: Any, limit: int) -> None:
+    """Batch-norm statistics of the frozen backbone re-estimated on up to `limit` training X-rays
+    (AdaBN on the training domain), then averaged over the workers so every replica agrees."""
+    from pneumo.drift import adapt_batchnorm
+
+    def inputs() -> Any:
+        seen = 0
+        for batch in batches:
+            if seen >= limit:
+                return
+            x = to_tensor(batch["image"][: limit - seen], ts.spec, device=ts.device)
+            seen += len(x)
+            yield x
+
+    adapt_batchnorm(ts.model, inputs())
+    if ts.world > 1:
+        import torch.distributed as dist
+
+        for m in ts.model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+                for t in (m.running_mean, m.running_var):
+                    dist.all_reduce(t)
+                    t /= ts.world
 
 
 def train_head_epoch(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, optimizer: torch.optim.Optimizer,
@@ -372,10 +407,13 @@ class FeatureLoop:
         ts, cfg = self.ts, self.ts.cfg
         if not self.cache:
             t0 = time.perf_counter()
+            if cfg.bn_images:
+                reestimate_batchnorm(ts, train.iter_torch_batches(batch_size=64), cfg.bn_images)
+            tta = () if cfg.tta == "none" else (cfg.tta,)
             for name, shard in (("train", train), ("val", val)):
                 self.cache[name] = backbone_features(ts.model, shard.iter_torch_batches(batch_size=64), ts.spec,
                                                      ts.device, ts.precision, cfg.channels_last, cfg.model,
-                                                     cfg.threads or cfg.cpus_per_worker, ts.num_classes)
+                                                     cfg.threads or cfg.cpus_per_worker, ts.num_classes, tta)
             if ts.rank == 0:
                 logs.worker_line(f"[pneumo train] cached backbone features of {len(self.cache['train'][0])} train "
                                  f"and {len(self.cache['val'][0])} val images per worker in "

@@ -87,6 +87,16 @@ def resolve_engine(engine: str, device: torch.device, manifest: Manifest) -> tup
     return "onnxruntime", None
 
 
+def reference_prevalence(manifest: Manifest) -> float:
+    """The positive rate the bundle's probabilities assume: val's at calibration, else the training counts'."""
+    if manifest.calibration.get("prevalence") is not None:
+        return float(manifest.calibration["prevalence"])
+    counts = (manifest.training.get("counts") or {}).get("train") or {}
+    neg = manifest.classes[negative_index(manifest.classes)]
+    total = sum(counts.values())
+    return float(1 - counts.get(neg, 0) / total) if total else 0.5
+
+
 def decide(probs: np.ndarray, classes: list[str], threshold: float) -> list[str]:
     """Labels: NORMAL below the threshold on the positive score, else the likeliest other class."""
     probs = np.asarray(probs)
@@ -111,10 +121,12 @@ class Predictor:
         channels_last: bool = True,
         max_batch: int = DEFAULT_MAX_BATCH,
         threads: int = 0,
+        prevalence: float | None = None,
     ):
         manifest = read_manifest(bundle, s3_endpoint)
         self._setup(manifest, resolve_device(device), precision, engine, channels_last, max_batch, threads,
                     location=bundle, s3_endpoint=s3_endpoint)
+        self.set_prevalence(prevalence)
 
     @classmethod
     def from_model(cls, model: nn.Module, manifest: Manifest, onnx_bytes: bytes | None = None,
@@ -126,6 +138,7 @@ class Predictor:
         self._model_in_memory = model
         self._onnx_in_memory = onnx_bytes
         self._setup(manifest, resolve_device(device), precision, engine, channels_last, DEFAULT_MAX_BATCH, threads)
+        self.set_prevalence(None)
         return self
 
     def _setup(self, manifest: Manifest, device: torch.device, precision: str, engine: str, channels_last: bool,
@@ -208,14 +221,37 @@ class Predictor:
             probs, feats = self._graph(self.to_input(images))
         return probs.float().cpu().numpy(), feats.float().cpu().numpy()
 
+    def set_prevalence(self, prevalence: float | None) -> None:
+        """Prior-shift correction: the positive rate an operator expects at this site (None: off).
+
+        Posteriors are re-weighted by Bayes' rule from the bundle's reference prevalence (its val
+        split's, recorded at calibration, else its training counts) to this one; the threshold
+        stays, so decisions move as the posterior does. Opt-in, and reported in `describe()`.
+        """
+        if prevalence is not None and not 0 < prevalence < 1:
+            raise ValueError(f"prevalence={prevalence}: must be in (0, 1)")
+        self.prevalence = prevalence
+        self.reference_prevalence = reference_prevalence(self.manifest)
+
+    def _adjust(self, probs: np.ndarray) -> np.ndarray:
+        if self.prevalence is None:
+            return probs
+        p, q = self.prevalence, self.reference_prevalence
+        ratio = (p / (1 - p)) / (q / (1 - q))
+        neg = negative_index(self.classes)
+        weights = np.full(probs.shape[1], ratio, dtype=np.float64)
+        weights[neg] = 1.0
+        out = probs * weights
+        return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
+
     def predict_with_features(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """uint8[N, S, S] -> (float32[N, num_classes] probabilities, float32[N, F] embeddings)."""
         n = len(images)
         if n == 0:
             return np.zeros((0, len(self.classes)), np.float32), np.zeros((0, 0), np.float32)
         parts = [self._run(images[s:s + self.max_batch]) for s in range(0, n, self.max_batch)]
-        return (np.concatenate([p for p, _ in parts]).astype(np.float32),
-                np.concatenate([f for _, f in parts]).astype(np.float32))
+        probs = np.concatenate([p for p, _ in parts]).astype(np.float32)
+        return self._adjust(probs), np.concatenate([f for _, f in parts]).astype(np.float32)
 
     def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
         """uint8[N, S, S] -> float32[N, num_classes] probabilities."""
@@ -240,6 +276,8 @@ class Predictor:
             "engine": self.engine,
             "precision": self.precision,
             "engine_fallback": self.fallback,
+            "prevalence": None if self.prevalence is None else {
+                "site": self.prevalence, "reference": self.reference_prevalence},
             "threads": self.threads,
             "device": str(self.device),
         }

@@ -7,8 +7,10 @@
 2. Score val (and the carved test split) once through `Predictor.from_model`: the same engine
    choice batch scoring and serving make (ONNX Runtime on CPU), so the threshold is chosen on the
    very numbers those paths will produce.
-3. Choose the threshold on val only; metrics for val and test at that threshold.
-4. Write the bundle once: weights, `model.onnx`, then `manifest.json` last (each file atomic).
+3. Optionally calibrate on val (Platt or temperature scaling, folded into the head's weights, so
+   every engine outputs calibrated probabilities), then re-export and re-score.
+4. Choose the threshold on val only; metrics for val and test at that threshold.
+5. Write the bundle once: weights, `model.onnx`, then `manifest.json` last (each file atomic).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pneumo.predict import Predictor
 from pneumo.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
+CALIBRATIONS = ("none", "platt", "temperature")
 
 
 @dataclass
@@ -42,29 +45,87 @@ class RunOutputs:
     engine: str
 
 
-def export_run(cfg: Any, model: nn.Module, classes: list[str], spec: InputSpec,
-               splits: dict[str, dict[str, np.ndarray]], training_info: dict[str, Any],
-               bundle: str) -> tuple[Manifest, RunOutputs]:
-    """Score val/test through the engine, choose the threshold on val, write the bundle once."""
-    model = model.eval()
+def _engine_pass(cfg: Any, model: nn.Module, classes: list[str], spec: InputSpec,
+                 splits: dict[str, dict[str, np.ndarray]], tta: tuple[str, ...]) -> tuple[Any, Predictor, dict]:
+    """Export (parity-checked on val) and score every split once through the engine."""
     try:
         onnx: tuple[bytes, dict[str, Any]] | bool = export_checked(model, cfg.model, len(classes), spec,
-                                                                    splits["val"]["image"])
+                                                                    splits["val"]["image"], tta=tta)
     except ExportError as exc:
         log.warning("%s: no ONNX graph, the bundle stays torch-only: %s", cfg.model, exc)
         print(f"[pneumo train] no ONNX graph: {exc}", flush=True)
         onnx = False
     draft = Manifest(model=cfg.model, classes=list(classes), input=spec,
-                     onnx=onnx[1] if onnx else {"refused": "export or parity failed"},
+                     onnx=onnx[1] if onnx else {"refused": "export or parity failed", "tta": list(tta)},
                      files={ONNX_FILE: "in-memory"} if onnx else {})
     predictor = Predictor.from_model(model, draft, onnx_bytes=onnx[0] if onnx else None, precision="fp32")
-    scored = {s: predictor.predict_with_features(d["image"]) for s, d in splits.items()}
+    return onnx, predictor, {s: predictor.predict_with_features(d["image"]) for s, d in splits.items()}
+
+
+def fit_calibration(method: str, labels: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """Platt scaling (binary: a * logit + c, scikit-learn's logistic regression on the val logit) or
+    temperature scaling (k classes: logits / T, by minimising the val log-loss with scipy)."""
+    from scipy.optimize import minimize_scalar
+    from sklearn.linear_model import LogisticRegression
+
+    y = np.asarray(labels)
+    eps = 1e-7
+    if method == "platt":
+        if len(classes) != 2:
+            raise ValueError("platt calibration is for binary bundles; use temperature")
+        p = np.clip(probs[:, 1], eps, 1 - eps)
+        logit = np.log(p / (1 - p)).reshape(-1, 1)
+        lr = LogisticRegression(C=1e6, max_iter=1000).fit(logit, y)
+        return {"method": "platt", "a": float(lr.coef_[0, 0]), "c": float(lr.intercept_[0]), "fitted_on": "val",
+                "n": int(len(y)), "prevalence": float(np.mean(y != 0))}
+    logp = np.log(np.clip(probs, eps, 1.0))  # softmax logits up to a per-row constant
+
+    def nll(t: float) -> float:
+        z = logp / t
+        z = z - z.max(axis=1, keepdims=True)
+        return float(-np.mean(z[np.arange(len(y)), y] - np.log(np.exp(z).sum(axis=1))))
+
+    t = float(minimize_scalar(nll, bounds=(0.05, 20.0), method="bounded").x)
+    return {"method": "temperature", "temperature": t, "fitted_on": "val", "n": int(len(y)),
+            "prevalence": float(np.mean(y != 0))}
+
+
+def fold_calibration(model: nn.Module, model_name: str, calibration: dict[str, Any]) -> None:
+    """Fold the fitted scaling into the classifier's weights: every engine then outputs calibrated
+    probabilities with no extra step (a > 0 and T > 0 keep the ranking, so AUC is unchanged)."""
+    import torch
+
+    from pneumo.models import get_spec
+
+    head = model.get_submodule(get_spec(model_name).head)
+    with torch.no_grad():
+        if calibration["method"] == "platt":
+            head.weight.mul_(calibration["a"])
+            head.bias.mul_(calibration["a"]).add_(calibration["c"])
+        else:
+            head.weight.div_(calibration["temperature"])
+            head.bias.div_(calibration["temperature"])
+
+
+def export_run(cfg: Any, model: nn.Module, classes: list[str], spec: InputSpec,
+               splits: dict[str, dict[str, np.ndarray]], training_info: dict[str, Any],
+               bundle: str) -> tuple[Manifest, RunOutputs]:
+    """Score val/test through the engine, calibrate and choose the threshold on val, write the bundle once."""
+    model = model.eval()
+    tta = () if getattr(cfg, "tta", "none") == "none" else (cfg.tta,)
+    onnx, predictor, scored = _engine_pass(cfg, model, classes, spec, splits, tta)
+    calibration: dict[str, Any] = {"method": "none"}
+    if getattr(cfg, "calibration", "none") != "none":
+        calibration = fit_calibration(cfg.calibration, splits["val"]["label"], scored["val"][0], classes)
+        fold_calibration(model, cfg.model, calibration)
+        onnx, predictor, scored = _engine_pass(cfg, model, classes, spec, splits, tta)
     probs = {s: p for s, (p, _) in scored.items()}
     threshold = choose_threshold(splits["val"]["label"], probs["val"], classes, cfg.threshold_method,
                                  cfg.target_sensitivity)
     metrics = {s: epoch_metrics(splits[s]["label"], probs[s], classes, threshold["value"]) for s in splits}
     manifest = save_bundle(model, bundle, cfg.model, classes, spec, threshold=threshold, metrics=metrics,
-                           training=training_info, s3_endpoint=cfg.s3_endpoint, onnx=onnx)
+                           training=training_info, s3_endpoint=cfg.s3_endpoint, onnx=onnx,
+                           extra={"calibration": calibration})
     return manifest, RunOutputs(probs, {s: f for s, (_, f) in scored.items()}, threshold, metrics,
                                 predictor.engine)
 

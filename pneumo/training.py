@@ -74,11 +74,13 @@ from pneumo.engine import (
     progress_line,
     run_epoch,
 )
+from pneumo.export import TTA_MODES
 from pneumo.metrics import THRESHOLD_METHODS
 from pneumo.models import FINETUNE_MODES, get_model, get_spec, list_models, set_finetune
 from pneumo.precision import TORCH_PRECISIONS_AUTO
 from pneumo.preprocess import EQUALIZE_MODES, InputSpec
 from pneumo.privacy import redact_errors
+from pneumo.train_export import CALIBRATIONS
 
 BALANCE = ("none", "weighted_loss", "oversample")
 FAULT_ENV = "PNEUMO_TEST_FAIL_AT_EPOCH"
@@ -148,6 +150,14 @@ class TrainConfig:
     target_sensitivity: float = 0.95
     cache_features: bool = field(default=False, metadata={
         "help": "finetune=head on a timm model: compute the frozen backbone's features once, then train the head"})
+    tta: str = field(default="none", metadata={
+        "choices": ["none", *TTA_MODES], "help": "test-time augmentation baked into the bundle's graph "
+                                                 "(hflip: the mean embedding of an image and its mirror)"})
+    bn_images: int = field(default=0, metadata={
+        "help": "cache_features: re-estimate the frozen backbone's batch-norm statistics on this many training "
+                "X-rays first (0: keep ImageNet's)"})
+    calibration: str = field(default="none", metadata={
+        "choices": list(CALIBRATIONS), "help": "fitted on val, folded into the head: platt (binary) or temperature"})
     max_steps_per_epoch: int = field(default=0, metadata={"help": "cap on training steps per epoch (0: all)"})
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts allowed"})
     num_to_keep: int = field(default=2, metadata={"help": "checkpoints kept (best by val AUC)"})
@@ -177,6 +187,10 @@ class TrainConfig:
             raise ConfigError("lr and weight_decay must be >= 0")
         if self.image_size and self.image_size < 16:
             raise ConfigError(f"image_size={self.image_size}: need >= 16 (0 keeps the model's)")
+        if self.bn_images and not self.cache_features:
+            raise ConfigError("bn_images re-estimates a frozen backbone's statistics: it needs cache_features")
+        if self.bn_images < 0:
+            raise ConfigError(f"bn_images must be >= 0, got {self.bn_images}")
         if self.cache_features and (self.finetune != "head" or self.head_epochs or self.augment().enabled):
             raise ConfigError("cache_features needs finetune=head, head_epochs=0 and no augmentation "
                               "(rotation/shift/zoom/hflip all off): the backbone must be frozen and its input fixed")
