@@ -35,6 +35,9 @@ The pipeline (shaped like the Ray Data batch-inference docs):
   training prior (the bundle's training class counts), probabilities re-weighted, labels
   re-decided at the bundle's threshold, parts rewritten. Every row then says `adapted` and
   `prevalence_estimate`. Drift is judged on the scores before EM.
+`--adapt-methods` (default `adabn,em`) picks either or both: AdaBN assumes the class mix did not
+change (re-estimated on mostly-normal images it pulls every score down and EM then overshoots),
+so a prevalence-only change wants `em` alone.
 """
 
 from __future__ import annotations
@@ -76,6 +79,7 @@ RUNS_DIR = "runs"
 EXPLAIN_DIR = "explain"
 # Error kinds: DecodeError kinds, plus `read` (I/O failure, retried by --incremental) and `missing`.
 RETRY_KINDS = ("read", "missing")
+ADAPT_METHODS = ("adabn", "em")  # --adapt-methods, in the order they run
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -139,7 +143,16 @@ class ScoreConfig:
     run_id: str | None = field(default=None, metadata={"help": "run id (default: UTC time + random suffix)"})
     adapt: bool = field(default=False, metadata={
         "help": "adapt to this archive without labels: AdaBN (torch engine) + EM prevalence re-weighting"})
+    adapt_methods: str = field(default="adabn,em", metadata={
+        "help": "with --adapt: adabn (image appearance), em (prevalence) or both; AdaBN assumes the class mix "
+                "did not change"})
     adapt_sample: int = field(default=512, metadata={"help": "images AdaBN re-estimates BatchNorm statistics on"})
+
+    @property
+    def adaptations(self) -> tuple[str, ...]:
+        """The --adapt methods asked for, in the order they run; () without --adapt."""
+        asked = {m.strip() for m in self.adapt_methods.split(",") if m.strip()}
+        return tuple(m for m in ADAPT_METHODS if m in asked) if self.adapt else ()
 
     def validate(self) -> None:
         if not self.bundle:
@@ -156,7 +169,10 @@ class ScoreConfig:
             raise ConfigError(f"threads must be >= 0 (0 = the actor's CPUs), got {self.threads}")
         if self.cpus_per_actor < 0 or self.read_cpus <= 0 or self.gpus_per_actor < 0:
             raise ConfigError("cpus_per_actor >= 0 (0: auto), read_cpus > 0, gpus_per_actor >= 0")
-        if self.adapt and (self.engine == "onnxruntime" or self.precision == "int8"):
+        asked = {m.strip() for m in self.adapt_methods.split(",") if m.strip()}
+        if not asked or asked - set(ADAPT_METHODS):
+            raise ConfigError(f"adapt_methods: a comma list of {', '.join(ADAPT_METHODS)}, got {self.adapt_methods!r}")
+        if "adabn" in self.adaptations and (self.engine == "onnxruntime" or self.precision == "int8"):
             raise ConfigError("--adapt re-estimates BatchNorm statistics, which needs the torch engine "
                               "(ONNX graphs have BatchNorm folded): use --engine auto or torch, not int8")
         if self.adapt_sample < 2:
@@ -565,28 +581,30 @@ def adjust_prevalence(cfg: ScoreConfig, manifest: Any, run_id: str, files: list[
     from pneumo.metrics import positive_score
     from pneumo.predict import decide
 
-    train, source = training_prior(manifest)
+    em = "em" in cfg.adaptations
+    train, source = training_prior(manifest) if em else (np.full(len(manifest.classes), np.nan), "not asked")
     neg = manifest.negative_index
     ok = _ok_rows(table)
     probs = np.array(ok.column("probabilities").to_pylist(), dtype=np.float64).reshape(len(ok), len(train))
-    prior = estimate_prevalence_em(probs, train)[0] if len(ok) else train
+    em = em and len(ok) > 0
+    prior = estimate_prevalence_em(probs, train)[0] if em else train
     prevalence, train_prevalence = float(1 - prior[neg]), float(1 - train[neg])
-    methods = "+".join(["adabn"] * bool(adabn and adabn.get("adabn")) + ["em"] * bool(len(ok)))
+    methods = "+".join(["adabn"] * bool(adabn and adabn.get("adabn")) + ["em"] * em)
     run_dir = join(cfg.out, RUNS_DIR, run_id)
     fs, inner = resolve_filesystem(run_dir, cfg.s3_endpoint)
     tables = []
     for name in files:
         part = pq.read_table(f"{inner}/{name}", filesystem=fs, schema=OUTPUT_SCHEMA)
         cols = {c: part.column(c).to_pylist() for c in ("probability", "probabilities", "label")}
-        for i, status in enumerate(part.column("status").to_pylist()):
-            if status == "ok":
-                w = np.asarray(cols["probabilities"][i], dtype=np.float64) * (prior / train)
-                p = w / w.sum()
-                cols["probabilities"][i] = p.tolist()
-                cols["probability"][i] = float(positive_score(p[None], manifest.classes)[0])
-                cols["label"][i] = decide(p[None], manifest.classes, manifest.threshold_value)[0]
+        rows = np.flatnonzero(np.array(part.column("status").to_pylist()) == "ok")
+        if em and len(rows):
+            w = np.array([cols["probabilities"][i] for i in rows], dtype=np.float64) * (prior / train)
+            p = w / w.sum(axis=1, keepdims=True)  # Bayes' rule under the estimated prior
+            score, label = positive_score(p, manifest.classes), decide(p, manifest.classes, manifest.threshold_value)
+            for j, i in enumerate(rows):
+                cols["probabilities"][i], cols["probability"][i], cols["label"][i] = p[j].tolist(), float(score[j]), label[j]
         cols["adapted"] = [methods or "none"] * len(part)
-        cols["prevalence_estimate"] = [prevalence] * len(part)
+        cols["prevalence_estimate"] = [prevalence if em else None] * len(part)
         for c, values in cols.items():
             i = OUTPUT_SCHEMA.get_field_index(c)
             part = part.set_column(i, OUTPUT_SCHEMA.field(c), pa.array(values, type=OUTPUT_SCHEMA.field(c).type))
@@ -594,12 +612,14 @@ def adjust_prevalence(cfg: ScoreConfig, manifest: Any, run_id: str, files: list[
         pq.write_table(part, sink)
         write_bytes(join(run_dir, name), sink.getvalue().to_pybytes(), cfg.s3_endpoint)
         tables.append(part)
-    line = (f"adapt: estimated prevalence {prevalence:.2f} (training {train_prevalence:.2f}, {source}); "
-            f"probabilities re-weighted ({methods or 'nothing to adapt'})"
-            + (f"; AdaBN on {adabn['images']} images" if adabn and adabn.get("adabn") else
-               f"; AdaBN skipped: {adabn['reason']}" if adabn else ""))
-    info = {"methods": methods, "prevalence_estimate": prevalence, "training_prevalence": train_prevalence,
-            "training_prior": train.tolist(), "prior_source": source, "class_priors": np.asarray(prior).tolist(),
+    head = (f"adapt: estimated prevalence {prevalence:.2f} (training {train_prevalence:.2f}, {source}); "
+            f"probabilities re-weighted ({methods})") if em else f"adapt: {methods or 'nothing to adapt'}"
+    tail = (f"; AdaBN on {adabn['images']} images" if adabn and adabn.get("adabn") else
+            f"; AdaBN skipped: {adabn['reason']}" if adabn else "")
+    line = head + tail
+    info = {"methods": methods, "prevalence_estimate": prevalence if em else None,
+            "training_prevalence": train_prevalence if em else None, "training_prior": train.tolist() if em else None,
+            "prior_source": source, "class_priors": np.asarray(prior).tolist() if em else None,
             "adabn": adabn, "line": line}
     return (pa.concat_tables(tables) if tables else table), info
 
@@ -628,7 +648,7 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
 
     files: list[str] = []
     scoring_bundle, engine, adabn = cfg.bundle, cfg.engine, None
-    if cfg.adapt and records:
+    if "adabn" in cfg.adaptations and records:
         scoring_bundle, adabn = adapt_bundle(cfg, bundle, records, run_dir)
         engine = "torch"
     if records:
