@@ -257,20 +257,37 @@ def _compare_projected(ref: DriftReference, z: np.ndarray | None, s: np.ndarray,
 
 
 def write_run_drift(run_dir: str | os.PathLike, reference: DriftReference, features: np.ndarray | None,
-                    scores: np.ndarray, **kwargs: Any) -> DriftReport:
-    """`compare` over a run's ok rows; writes `<run_dir>/drift.json` and `<run_dir>/drift.png`."""
+                    scores: np.ndarray, s3_endpoint: str | None = None, **kwargs: Any) -> DriftReport:
+    """`compare` over a run's ok rows; writes `<run_dir>/drift.json` and `<run_dir>/drift.png`
+    (a folder or an s3:// prefix; each file written atomically by `pneumo.data.write_bytes`)."""
+    import tempfile
+
+    from pneumo.data import join, write_bytes
     from pneumo.plots import drift_plot
 
     projected = kwargs.pop("projected", False)
     s = np.asarray(scores, dtype=np.float32).ravel()
     z = _project(reference, features, projected, len(s))
     report = compare(reference, z, s, projected=True, **kwargs)
-    out = Path(run_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "drift.json").write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-    drift_plot(reference.scores, np.asarray(scores, dtype=np.float32), out / "drift.png", reference.threshold,
-               reference.sample, z, title=report.line())
+    run_dir = str(run_dir)
+    write_bytes(join(run_dir, "drift.json"), (json.dumps(report.to_dict(), indent=2) + "\n").encode(), s3_endpoint)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = drift_plot(reference.scores, s, Path(tmp) / "drift.png", reference.threshold,
+                         reference.sample, z, title=report.line())
+        write_bytes(join(run_dir, "drift.png"), Path(png).read_bytes(), s3_endpoint)
     return report
+
+
+NO_REFERENCE_LINE = "drift: not judged (no reference in this bundle; retrain or re-export to add one)"
+
+
+def write_no_reference(run_dir: str | os.PathLike, s3_endpoint: str | None = None) -> dict[str, Any]:
+    """`<run_dir>/drift.json` for a bundle without a drift reference (older bundles): never an alarm."""
+    from pneumo.data import join, write_bytes
+
+    d = {"shift": False, "status": "no_reference", "reason": "no reference in this bundle", "line": NO_REFERENCE_LINE}
+    write_bytes(join(str(run_dir), "drift.json"), (json.dumps(d, indent=2) + "\n").encode(), s3_endpoint)
+    return d
 
 
 # ---------------------------------------------------------------- serving window

@@ -9,6 +9,7 @@ cannot disagree.
     probs = p.predict(images)                               # float32[N, num_classes]
     probs, feats = p.predict_with_features(images)          # + float32[N, F] pooled embeddings
     p.labels(probs), p.positive_probability(probs), p.engine, p.precision
+    p.drift_reference()                                     # pneumo.drift.DriftReference or None
 
 Engines (`engine=`):
 - `onnxruntime`: the bundle's verified `model.onnx` (or the gated `model.int8.onnx` with
@@ -204,6 +205,16 @@ class Predictor:
             in_memory = getattr(self, "_model_in_memory", None)
             self._explain = copy.deepcopy(in_memory).eval() if in_memory is not None else self._torch_model()
         return self._explain
+
+    def drift_reference(self) -> Any:
+        """The bundle's `pneumo.drift.DriftReference` (sha256-checked like the weights), or None when
+        the bundle has none (older bundles) or this Predictor is in memory; read once, then cached."""
+        from pneumo.drift import FILE_NAME, DriftReference
+
+        if not hasattr(self, "_drift_reference"):
+            self._drift_reference = (DriftReference.from_bytes(self._read(FILE_NAME))
+                                     if self.location is not None and FILE_NAME in self.manifest.files else None)
+        return self._drift_reference
 
     def to_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         return to_tensor(images, self.spec, device=self.device,

@@ -1,6 +1,6 @@
 """Batch scoring on Ray Data: an archive of X-rays -> Parquet, one row per input file per run.
 
-    pneumo score DATA --bundle BUNDLE --out OUT [--incremental] [--explain] [--precision auto|fp32|bf16]
+    pneumo score DATA --bundle BUNDLE --out OUT [--incremental] [--explain] [--precision auto|fp32|bf16] [--adapt]
     pneumo score --manifest LIST.txt --bundle BUNDLE --out s3://bucket/scores --s3-endpoint http://host:port
 
 The pipeline (shaped like the Ray Data batch-inference docs):
@@ -21,6 +21,24 @@ The pipeline (shaped like the Ray Data batch-inference docs):
    checks exactly one row per input file, then writes `<out>/runs/<run_id>/_SUCCESS.json`
    last. Readers (`read_results`, `--incremental`) trust only runs with that marker, so a run
    killed halfway is ignored and its files are scored again next time.
+5. Drift, before the commit: each ok row carries its embedding projected on the bundle's drift
+   reference (`embedding`, up to 32 floats); the driver compares all ok rows of the run with the
+   reference (`pneumo.drift.write_run_drift`: `drift.json` + `drift.png` in the run folder) and
+   puts the verdict in the marker, the `ScoreResult` and the summary's `drift:` line.
+
+`--adapt` (opt-in, never the default), without labels:
+- AdaBN first, in the driver: BatchNorm statistics re-estimated on a sample of the archive
+  (`--adapt-sample`, 512) with the torch model, saved as a torch-only bundle in
+  `<run_dir>/adapted_bundle/` that the actors then score with the torch engine (ONNX graphs have
+  BatchNorm folded into the convolutions, so ONNX Runtime cannot adapt);
+- EM afterwards, as a driver post-pass before the commit: the archive's class priors estimated
+  from the run's probabilities (Saerens et al. 2002, `estimate_prevalence_em`) against the
+  training prior (the bundle's training class counts), probabilities re-weighted, labels
+  re-decided at the bundle's threshold, parts rewritten. Every row then says `adapted` and
+  `prevalence_estimate`. Drift is judged on the scores before EM.
+`--adapt-methods` (default `adabn,em`) picks either or both: AdaBN assumes the class mix did not
+change (re-estimated on mostly-normal images it pulls every score down and EM then overshoots),
+so a prevalence-only change wants `em` alone.
 """
 
 from __future__ import annotations
@@ -38,6 +56,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -61,6 +80,7 @@ EXPLAIN_DIR = "explain"
 # Error kinds: `pneumo.reading.KINDS`. I/O kinds are retried by --incremental (`read` is the
 # name runs before the one read path gave to `unreadable`; their rows are retried too).
 RETRY_KINDS = (*IO_KINDS, "read")
+ADAPT_METHODS = ("adabn", "em")  # --adapt-methods, in the order they run
 
 OUTPUT_SCHEMA = pa.schema(
     [
@@ -83,6 +103,9 @@ OUTPUT_SCHEMA = pa.schema(
         ("explain_path", pa.string()),
         ("engine", pa.string()),
         ("precision", pa.string()),
+        ("embedding", pa.list_(pa.float32())),
+        ("adapted", pa.string()),
+        ("prevalence_estimate", pa.float64()),
     ]
 )
 
@@ -119,6 +142,18 @@ class ScoreConfig:
     threads: int = field(default=0, metadata={
         "help": "engine threads per actor (0: the CPUs of the node the pool is sized for)"})
     run_id: str | None = field(default=None, metadata={"help": "run id (default: UTC time + random suffix)"})
+    adapt: bool = field(default=False, metadata={
+        "help": "adapt to this archive without labels: AdaBN (torch engine) + EM prevalence re-weighting"})
+    adapt_methods: str = field(default="adabn,em", metadata={
+        "help": "with --adapt: adabn (image appearance), em (prevalence) or both; AdaBN assumes the class mix "
+                "did not change"})
+    adapt_sample: int = field(default=512, metadata={"help": "images AdaBN re-estimates BatchNorm statistics on"})
+
+    @property
+    def adaptations(self) -> tuple[str, ...]:
+        """The --adapt methods asked for, in the order they run; () without --adapt."""
+        asked = {m.strip() for m in self.adapt_methods.split(",") if m.strip()}
+        return tuple(m for m in ADAPT_METHODS if m in asked) if self.adapt else ()
 
     def validate(self) -> None:
         if not self.bundle:
@@ -135,6 +170,14 @@ class ScoreConfig:
             raise ConfigError(f"threads must be >= 0 (0 = the actor's CPUs), got {self.threads}")
         if self.cpus_per_actor < 0 or self.read_cpus <= 0 or self.gpus_per_actor < 0:
             raise ConfigError("cpus_per_actor >= 0 (0: auto), read_cpus > 0, gpus_per_actor >= 0")
+        asked = {m.strip() for m in self.adapt_methods.split(",") if m.strip()}
+        if not asked or asked - set(ADAPT_METHODS):
+            raise ConfigError(f"adapt_methods: a comma list of {', '.join(ADAPT_METHODS)}, got {self.adapt_methods!r}")
+        if "adabn" in self.adaptations and (self.engine == "onnxruntime" or self.precision == "int8"):
+            raise ConfigError("--adapt re-estimates BatchNorm statistics, which needs the torch engine "
+                              "(ONNX graphs have BatchNorm folded): use --engine auto or torch, not int8")
+        if self.adapt_sample < 2:
+            raise ConfigError(f"adapt_sample must be >= 2, got {self.adapt_sample}")
 
 
 @dataclass
@@ -152,6 +195,8 @@ class ScoreResult:
     wall_s: float
     images_per_s: float
     files: list[str] = field(default_factory=list)
+    drift: dict[str, Any] = field(default_factory=dict)  # drift.json's verdict (+ its path)
+    adaptation: dict[str, Any] | None = None  # --adapt: AdaBN and the EM prevalence estimate
 
 
 # ---------------------------------------------------------------- input
@@ -247,6 +292,7 @@ class BundlePredictor:
         self.s3_endpoint = s3_endpoint
         self.run_id = run_id
         self.explain_dir = explain_dir
+        self.reference = self.predictor.drift_reference()  # None: no `embedding` column values
         m = self.predictor.manifest
         self.meta = {"threshold": m.threshold_value, "model": m.model, "model_version": m.version,
                      "bundle_sha256": m.sha256, "engine": self.predictor.engine,
@@ -268,9 +314,13 @@ class BundlePredictor:
         prob: list[float | None] = [None] * n
         probs: list[list[float] | None] = [None] * n
         explain: list[str | None] = [None] * n
+        embedding: list[np.ndarray | None] = [None] * n
         if len(ok):
             images = np.asarray(batch["image"])[ok]
-            p = self.predictor.predict(images)
+            p, features = self.predictor.predict_with_features(images)
+            if self.reference is not None:
+                for j, z in zip(ok, self.reference.project(features)):
+                    embedding[j] = z
             pos = self.predictor.positive_probability(p)
             labels = self.predictor.labels(p)
             negative = self.predictor.classes[self.predictor.manifest.negative_index]
@@ -299,6 +349,9 @@ class BundlePredictor:
             "explain_path": explain,
             "engine": [self.meta["engine"]] * n,
             "precision": [self.meta["precision"]] * n,
+            "embedding": embedding,
+            "adapted": [None] * n,  # set by the --adapt post-pass
+            "prevalence_estimate": [None] * n,
         }
         return pa.table({name: pa.array(cols[name], type=OUTPUT_SCHEMA.field(name).type) for name in OUTPUT_SCHEMA.names},
                         schema=OUTPUT_SCHEMA)
@@ -419,6 +472,141 @@ def size_pool(cfg: ScoreConfig) -> PoolSize:
     return PoolSize(cfg.min_actors, max_actors, cpus, threads)
 
 
+# ---------------------------------------------------------------- drift and --adapt (driver side)
+
+
+def load_reference(location: str, manifest: Any, s3_endpoint: str | None = None) -> Any:
+    """The bundle's `DriftReference` (sha256-checked), or None when it has none."""
+    from pneumo.bundle import read_file
+    from pneumo.drift import FILE_NAME, DriftReference
+
+    if FILE_NAME not in manifest.files:
+        return None
+    return DriftReference.from_bytes(read_file(location, manifest, FILE_NAME, s3_endpoint))
+
+
+def _ok_rows(table: pa.Table) -> pa.Table:
+    return table.filter(pc.equal(table.column("status"), "ok"))
+
+
+def run_drift(cfg: ScoreConfig, manifest: Any, run_dir: str, table: pa.Table) -> dict[str, Any]:
+    """drift.json (+ drift.png) for the run's ok rows, before the commit; the verdict as a dict."""
+    from pneumo.drift import write_no_reference, write_run_drift
+
+    path = join(run_dir, "drift.json")
+    reference = load_reference(cfg.bundle, manifest, cfg.s3_endpoint)
+    if reference is None:
+        return {**write_no_reference(run_dir, cfg.s3_endpoint), "path": path}
+    ok = _ok_rows(table)
+    scores = np.asarray(ok.column("probability").to_numpy(zero_copy_only=False), dtype=np.float32)
+    emb = ok.column("embedding").combine_chunks()
+    k = reference.components.shape[0]
+    projected = (np.asarray(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(len(ok), k)
+                 if emb.null_count == 0 else None)  # scores only if any row lacks its embedding
+    report = write_run_drift(run_dir, reference, projected, scores, s3_endpoint=cfg.s3_endpoint, projected=True)
+    return {**report.to_dict(), "path": path, "plot": join(run_dir, "drift.png")}
+
+
+def adapt_bundle(cfg: ScoreConfig, manifest: Any, records: list[ImageRecord], run_dir: str) -> tuple[str, dict[str, Any]]:
+    """AdaBN in the driver: BatchNorm statistics re-estimated on up to `adapt_sample` archive images,
+    saved as a torch-only bundle `<run_dir>/adapted_bundle` (drift reference copied) for the actors."""
+    import torch
+
+    from pneumo.bundle import INT8_FILE, ONNX_FILE, load_model, read_file, save_bundle
+    from pneumo.drift import adapt_batchnorm
+
+    rng = np.random.default_rng(0)
+    pick = np.sort(rng.choice(len(records), min(cfg.adapt_sample, len(records)), replace=False))
+    sample = [records[i] for i in pick]
+    pre = read_and_preprocess({"path": np.array([r.path for r in sample], dtype=object),
+                               "size_bytes": np.array([r.size for r in sample], dtype=np.int64),
+                               "mtime_ns": np.array([r.mtime_ns for r in sample], dtype=np.int64)},
+                              manifest.input, cfg.s3_endpoint)
+    images = pre["image"][pre["status"] == "ok"]
+    if len(images) < 2:
+        return cfg.bundle, {"adabn": False, "reason": f"{len(images)} readable image(s) in the sample"}
+    device = "cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
+    model = load_model(cfg.bundle, manifest, cfg.s3_endpoint, device)
+    batches = [to_tensor(images[i: i + 32], manifest.input, device=device) for i in range(0, len(images), 32)]
+    adapt_batchnorm(model, batches)
+    extra = {name: read_file(cfg.bundle, manifest, name, cfg.s3_endpoint)
+             for name in manifest.files if name not in (ONNX_FILE, INT8_FILE)}
+    location = join(run_dir, "adapted_bundle")
+    adapted = save_bundle(model.cpu(), location, manifest.model, manifest.classes, manifest.input,
+                          threshold=manifest.threshold, metrics=manifest.metrics, training=manifest.training,
+                          model_options=manifest.model_options, version=f"{manifest.version}+adabn",
+                          s3_endpoint=cfg.s3_endpoint, onnx=False, extra_files=extra)
+    return location, {"adabn": True, "images": int(len(images)), "bundle": location,
+                      "bundle_sha256": adapted.sha256}
+
+
+def training_prior(manifest: Any) -> tuple[np.ndarray, str]:
+    """The class prior the model's posteriors assume: uniform after balanced training, else the
+    training split's class counts (`manifest.training["counts"]`), else val's."""
+    classes = manifest.classes
+    balance = (manifest.training.get("config") or {}).get("balance", "none")
+    if balance in ("weighted_loss", "oversample"):
+        return np.full(len(classes), 1.0 / len(classes)), f"uniform (trained with balance={balance})"
+    counts = manifest.training.get("counts") or {}
+    for split in ("train", "val"):
+        c = np.array([float((counts.get(split) or {}).get(k, 0)) for k in classes])
+        if c.sum() > 0 and (c > 0).all():
+            return c / c.sum(), f"{split} class counts"
+    raise ConfigError("--adapt: the bundle records no training class counts (manifest.training.counts); "
+                      "cannot estimate the archive's prevalence against an unknown training prior")
+
+
+def adjust_prevalence(cfg: ScoreConfig, manifest: Any, run_id: str, files: list[str], table: pa.Table,
+                      adabn: dict[str, Any] | None) -> tuple[pa.Table, dict[str, Any]]:
+    """EM post-pass before the commit: estimate the archive's class priors from the run's
+    probabilities, re-weight every ok row to them, re-decide labels, rewrite the parts."""
+    from pneumo.drift import estimate_prevalence_em
+    from pneumo.metrics import positive_score
+    from pneumo.predict import decide
+
+    em = "em" in cfg.adaptations
+    train, source = training_prior(manifest) if em else (np.full(len(manifest.classes), np.nan), "not asked")
+    neg = manifest.negative_index
+    ok = _ok_rows(table)
+    probs = np.array(ok.column("probabilities").to_pylist(), dtype=np.float64).reshape(len(ok), len(train))
+    em = em and len(ok) > 0
+    prior = estimate_prevalence_em(probs, train)[0] if em else train
+    prevalence, train_prevalence = float(1 - prior[neg]), float(1 - train[neg])
+    methods = "+".join(["adabn"] * bool(adabn and adabn.get("adabn")) + ["em"] * em)
+    run_dir = join(cfg.out, RUNS_DIR, run_id)
+    fs, inner = resolve_filesystem(run_dir, cfg.s3_endpoint)
+    tables = []
+    for name in files:
+        part = pq.read_table(f"{inner}/{name}", filesystem=fs, schema=OUTPUT_SCHEMA)
+        cols = {c: part.column(c).to_pylist() for c in ("probability", "probabilities", "label")}
+        rows = np.flatnonzero(np.array(part.column("status").to_pylist()) == "ok")
+        if em and len(rows):
+            w = np.array([cols["probabilities"][i] for i in rows], dtype=np.float64) * (prior / train)
+            p = w / w.sum(axis=1, keepdims=True)  # Bayes' rule under the estimated prior
+            score, label = positive_score(p, manifest.classes), decide(p, manifest.classes, manifest.threshold_value)
+            for j, i in enumerate(rows):
+                cols["probabilities"][i], cols["probability"][i], cols["label"][i] = p[j].tolist(), float(score[j]), label[j]
+        cols["adapted"] = [methods or "none"] * len(part)
+        cols["prevalence_estimate"] = [prevalence if em else None] * len(part)
+        for c, values in cols.items():
+            i = OUTPUT_SCHEMA.get_field_index(c)
+            part = part.set_column(i, OUTPUT_SCHEMA.field(c), pa.array(values, type=OUTPUT_SCHEMA.field(c).type))
+        sink = pa.BufferOutputStream()
+        pq.write_table(part, sink)
+        write_bytes(join(run_dir, name), sink.getvalue().to_pybytes(), cfg.s3_endpoint)
+        tables.append(part)
+    head = (f"adapt: estimated prevalence {prevalence:.2f} (training {train_prevalence:.2f}, {source}); "
+            f"probabilities re-weighted ({methods})") if em else f"adapt: {methods or 'nothing to adapt'}"
+    tail = (f"; AdaBN on {adabn['images']} images" if adabn and adabn.get("adabn") else
+            f"; AdaBN skipped: {adabn['reason']}" if adabn else "")
+    line = head + tail
+    info = {"methods": methods, "prevalence_estimate": prevalence if em else None,
+            "training_prevalence": train_prevalence if em else None, "training_prior": train.tolist() if em else None,
+            "prior_source": source, "class_priors": np.asarray(prior).tolist() if em else None,
+            "adabn": adabn, "line": line}
+    return (pa.concat_tables(tables) if tables else table), info
+
+
 def run_score(cfg: ScoreConfig) -> ScoreResult:
     """Score `cfg`'s input into `<out>/runs/<run_id>/`, verify one row per file, commit."""
     import ray
@@ -442,6 +630,10 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
     n_skipped = n_listed - len(records)
 
     files: list[str] = []
+    scoring_bundle, engine, adabn = cfg.bundle, cfg.engine, None
+    if "adabn" in cfg.adaptations and records:
+        scoring_bundle, adabn = adapt_bundle(cfg, bundle, records, run_dir)
+        engine = "torch"
     if records:
         _ensure_ray()
         pool = size_pool(cfg)
@@ -458,8 +650,8 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
         ds = ds.map_batches(
             BundlePredictor,
             fn_constructor_kwargs={
-                "bundle": cfg.bundle, "run_id": run_id, "s3_endpoint": cfg.s3_endpoint,
-                "engine": cfg.engine, "precision": cfg.precision, "channels_last": cfg.channels_last,
+                "bundle": scoring_bundle, "run_id": run_id, "s3_endpoint": cfg.s3_endpoint,
+                "engine": engine, "precision": cfg.precision, "channels_last": cfg.channels_last,
                 "explain_dir": join(run_dir, EXPLAIN_DIR) if cfg.explain else None,
                 "threads": pool.threads,
             },
@@ -481,6 +673,10 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
         missing, extra = expected - set(paths), len(paths) - len(set(paths))
         raise RuntimeError(f"run {run_id}: {len(paths)} rows for {len(records)} files "
                            f"({len(missing)} missing, {extra} duplicated); not committing")
+    drift = run_drift(cfg, bundle, run_dir, table)
+    adaptation = None
+    if cfg.adapt:
+        table, adaptation = adjust_prevalence(cfg, bundle, run_id, files, table, adabn)
     status = Counter(table.column("status").to_pylist())
     labels = Counter(v for v in table.column("label").to_pylist() if v is not None)
     errors = Counter(v for v in table.column("error_kind").to_pylist() if v is not None)
@@ -490,6 +686,7 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
         counts={"ok": status.get("ok", 0), "error": status.get("error", 0)},
         labels=dict(sorted(labels.items())), errors=dict(sorted(errors.items())),
         wall_s=round(wall, 3), images_per_s=round(len(records) / wall, 2) if wall > 0 else 0.0, files=files,
+        drift=drift, adaptation=adaptation,
     )
     marker = {
         **asdict(result), "finished_at": _now(), "started_at": started,
@@ -503,13 +700,18 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
 def format_summary(r: ScoreResult) -> str:
     labels = ", ".join(f"{k} {v}" for k, v in r.labels.items()) or "none"
     errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "none"
-    return "\n".join([
+    lines = [
         f"run {r.run_id}: committed to {r.run_dir}",
         f"  files listed {r.n_listed}, skipped (already scored) {r.n_skipped}, scored {r.n_scored}",
         f"  ok {r.counts['ok']}, errors {r.counts['error']} ({errors})",
         f"  labels: {labels}",
-        f"  wall {r.wall_s:.1f} s, {r.images_per_s:.1f} images/s",
-    ])
+    ]
+    if r.drift:
+        lines.append(f"  {r.drift['line']}")
+    if r.adaptation:
+        lines.append(f"  {r.adaptation['line']}")
+    lines.append(f"  wall {r.wall_s:.1f} s, {r.images_per_s:.1f} images/s")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

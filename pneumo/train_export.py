@@ -10,7 +10,10 @@
 3. Optionally calibrate on val (Platt or temperature scaling, folded into the head's weights, so
    every engine outputs calibrated probabilities), then re-export and re-score.
 4. Choose the threshold on val only; metrics for val and test at that threshold.
-5. Write the bundle once: weights, `model.onnx`, then `manifest.json` last (each file atomic).
+5. Build the drift reference (`pneumo.drift.DriftReference`) from the val embeddings and positive
+   scores at that threshold; it goes into the bundle as a hash-checked extra file.
+6. Write the bundle once: weights, `model.onnx`, the drift reference, then `manifest.json` last
+   (each file atomic).
 """
 
 from __future__ import annotations
@@ -27,8 +30,10 @@ from torch import nn
 
 from pneumo.bundle import ONNX_FILE, Manifest, save_bundle
 from pneumo.data import is_s3, join, write_bytes
+from pneumo.drift import DriftReference
 from pneumo.engine import choose_threshold, epoch_metrics
 from pneumo.export import ExportError, export_checked
+from pneumo.metrics import positive_score
 from pneumo.predict import Predictor
 from pneumo.preprocess import InputSpec
 
@@ -123,11 +128,23 @@ def export_run(cfg: Any, model: nn.Module, classes: list[str], spec: InputSpec,
     threshold = choose_threshold(splits["val"]["label"], probs["val"], classes, cfg.threshold_method,
                                  cfg.target_sensitivity)
     metrics = {s: epoch_metrics(splits[s]["label"], probs[s], classes, threshold["value"]) for s in splits}
+    extra_files = drift_reference_files(scored["val"][1], positive_score(probs["val"], classes), threshold["value"],
+                                        getattr(cfg, "seed", 0))
     manifest = save_bundle(model, bundle, cfg.model, classes, spec, threshold=threshold, metrics=metrics,
                            training=training_info, s3_endpoint=cfg.s3_endpoint, onnx=onnx,
-                           extra={"calibration": calibration})
+                           extra_files=extra_files, extra={"calibration": calibration})
     return manifest, RunOutputs(probs, {s: f for s, (_, f) in scored.items()}, threshold, metrics,
                                 predictor.engine)
+
+
+def drift_reference_files(features: np.ndarray, scores: np.ndarray, threshold: float, seed: int = 0) -> dict[str, bytes]:
+    """`{drift_reference.safetensors: bytes}` from the val split, or {} (logged) when val is too small."""
+    try:
+        return DriftReference.build(features, scores, threshold, seed=seed).to_files()
+    except ValueError as exc:
+        log.warning("no drift reference in the bundle: %s", exc)
+        print(f"[pneumo train] no drift reference: {exc}", flush=True)
+        return {}
 
 
 def write_reports(out: str, splits: dict[str, dict[str, np.ndarray]], probs: dict[str, np.ndarray],

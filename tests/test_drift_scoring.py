@@ -1,0 +1,234 @@
+"""Drift wired into training and batch scoring: the bundle's reference, `pneumo score`'s drift.json
+and drift.png, and `--adapt` (AdaBN + EM prevalence), on the real local Ray and real synthetic files.
+
+The bundle is made by training's own `export_run` (ONNX export with its parity check, val scored
+through `Predictor.from_model`, threshold chosen on val, drift reference built from val), over a
+cheap model: EfficientNet-Lite0 (ImageNet weights) at 96 px whose BatchNorm statistics are set on
+the training images (as training would leave them) and whose classifier is a logistic regression
+fitted on the pooled training embeddings. Archives are `pneumo.synth` drawings: from the training
+distribution (another seed), with an acquisition shift (lower contrast, blur), and with a changed
+prevalence (`pneumonia_frac=0.2` against 0.6 at training). Measured on that last archive (truth
+0.20, training 0.60): EM alone estimates 0.18; AdaBN then EM 0.02, because AdaBN re-estimated on a
+mostly-NORMAL archive pulls every score down (it assumes the class mix did not change).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pneumo.bundle import BundleError, read_file, read_manifest
+from pneumo.config import parse_config
+from pneumo.data import read_bytes
+from pneumo.drift import FILE_NAME, DriftReference
+from pneumo.scoring import SUCCESS_FILE, ScoreConfig, format_summary, read_results, run_score
+from pneumo.synth import Acquisition, synthesize
+
+SIZE = (96, 128)
+PX = 96  # model input: small to stay fast on two cores
+CLASSES = ["NORMAL", "PNEUMONIA"]
+# fp32: `auto` is bf16 on CPUs that run it natively, which moves this quick head's posteriors
+# (EM alone gave 0.12 instead of 0.18 below), so results would depend on the machine
+FAST = ["--batch-size", "32", "--read-batch-size", "32", "--max-actors", "1", "--precision", "fp32"]
+
+
+def _images(paths: list[Path], spec) -> np.ndarray:  # noqa: ANN001
+    from pneumo.preprocess import load_image
+
+    return np.stack([load_image(p.read_bytes(), p.name, spec) for p in paths])
+
+
+def _labels(paths: list[Path]) -> np.ndarray:
+    return np.array([p.parent.name == "PNEUMONIA" for p in paths], dtype=np.int64)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):  # noqa: ANN001, ANN201
+    """A bundle written by `export_run` (with its drift reference) and the archives to score."""
+    from sklearn.linear_model import LogisticRegression
+
+    from pneumo.drift import adapt_batchnorm
+    from pneumo.models import get_model, get_spec
+    from pneumo.preprocess import to_tensor
+    from pneumo.train_export import export_run
+
+    root = tmp_path_factory.mktemp("driftint")
+    paths = synthesize(root / "base", 300, seed=0, size_range=SIZE, splits=("train", "val"))
+    split = {s: sorted(p for p in paths if p.parent.parent.name == s) for s in ("train", "val")}
+    spec = get_spec("efficientnet_lite0").input.replace(size=PX)
+    model = get_model("efficientnet_lite0", 2, weights="pretrained")
+    train_x = _images(split["train"], spec)
+    batches = [to_tensor(train_x[i: i + 64], spec) for i in range(0, len(train_x), 64)]
+    adapt_batchnorm(model, batches[:1])  # BN statistics of the training data, as training leaves them
+    with torch.inference_mode():
+        feats = torch.cat([model.forward_head(model.forward_features(x), pre_logits=True) for x in batches]).numpy()
+    y = _labels(split["train"])
+    mu, sd = feats.mean(0), feats.std(0) + 1e-6
+    head = LogisticRegression(C=0.05, max_iter=2000).fit((feats - mu) / sd, y)
+    w, b = head.coef_[0] / sd, head.intercept_[0] - float((head.coef_[0] * mu / sd).sum())
+    with torch.no_grad():  # binary models have one logit (sigmoid): the LR's, scaler folded in
+        model.classifier.weight.copy_(torch.tensor(w[None], dtype=torch.float32))
+        model.classifier.bias.copy_(torch.tensor([b], dtype=torch.float32))
+    counts = {s: {c: int(sum(p.parent.name == c for p in split[s])) for c in CLASSES} for s in split}
+    cfg = SimpleNamespace(model="efficientnet_lite0", threshold_method="youden", target_sensitivity=0.95,
+                          s3_endpoint=None, seed=0)
+    val = {"val": {"image": _images(split["val"], spec), "label": _labels(split["val"])}}
+    manifest, outputs = export_run(cfg, model, CLASSES, spec, val, {"counts": counts}, str(root / "bundle"))
+    archives = {
+        "iid": synthesize(root / "iid", 80, seed=1, size_range=SIZE),
+        "contrast": synthesize(root / "contrast", 60, seed=2, size_range=SIZE, acquisition=Acquisition(contrast=0.5)),
+        "blur": synthesize(root / "blur", 60, seed=2, size_range=SIZE, acquisition=Acquisition(blur=0.02)),
+        "prevalence": synthesize(root / "prevalence", 100, seed=3, size_range=SIZE, pneumonia_frac=0.2),
+    }
+    return {"root": root, "bundle": root / "bundle", "manifest": manifest, "outputs": outputs, "counts": counts,
+            "archives": archives}
+
+
+def _score(data: Path, bundle: Path | str, out: str, *extra: str):  # noqa: ANN202
+    return run_score(parse_config(ScoreConfig, [str(data), "--bundle", str(bundle), "--out", out, *FAST, *extra]))
+
+
+# ---------------------------------------------------------------- (a) the bundle's reference
+
+
+def test_training_stores_the_reference_in_the_bundle(trained) -> None:  # noqa: ANN001
+    from pneumo.predict import Predictor
+
+    bundle, manifest = str(trained["bundle"]), trained["manifest"]
+    assert FILE_NAME in manifest.files
+    ref = DriftReference.from_bytes(read_file(bundle, read_manifest(bundle), FILE_NAME))
+    n_val = sum(trained["counts"]["val"].values())
+    assert ref.n == n_val and ref.threshold == manifest.threshold_value
+    assert ref.mean.shape == (trained["outputs"].features["val"].shape[1],)  # the head's input, pooled
+    from_predictor = Predictor(bundle, precision="fp32").drift_reference()
+    assert from_predictor.to_bytes() == ref.to_bytes()
+
+
+@pytest.mark.parametrize("tamper", ["flip_byte", "truncate", "swap_for_another_reference"])
+def test_a_tampered_reference_is_refused(trained, tmp_path: Path, tamper: str) -> None:  # noqa: ANN001
+    from pneumo.predict import Predictor
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(trained["bundle"], copy)
+    path = copy / FILE_NAME
+    data = path.read_bytes()
+    if tamper == "flip_byte":
+        data = data[:-1] + bytes([data[-1] ^ 1])
+    elif tamper == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        ref = DriftReference.from_bytes(data)
+        ref.threshold += 0.01
+        data = ref.to_bytes()
+    path.write_bytes(data)
+    with pytest.raises(BundleError, match="sha256|does not match"):
+        read_file(str(copy), read_manifest(str(copy)), FILE_NAME)
+    with pytest.raises(BundleError):
+        Predictor(str(copy)).drift_reference()
+
+
+# ---------------------------------------------------------------- (b, c) pneumo score judges drift
+
+
+@pytest.mark.parametrize("archive,out_kind,shift", [
+    ("iid", "s3", False),
+    ("contrast", "local", True),
+    ("blur", "local", True),
+])
+def test_score_writes_the_drift_verdict(ray_local, trained, tmp_path: Path, request, archive: str, out_kind: str,
+                                        shift: bool) -> None:  # noqa: ANN001
+    if out_kind == "s3":
+        s3 = request.getfixturevalue("s3_server")
+        out = s3.make_bucket("pneumo-drift") + "/scores"
+        extra: tuple[str, ...] = ("--s3-endpoint", s3.endpoint)
+    else:
+        out, extra = str(tmp_path / "out"), ()
+    result = _score(trained["root"] / archive, trained["bundle"], out, *extra)
+    endpoint = extra[1] if extra else None
+    report = json.loads(read_bytes(result.run_dir + "/drift.json", endpoint))
+    assert report["shift"] is shift and report["status"] == ("drift" if shift else "ok"), report["line"]
+    assert set(report["tests"]) == {"mmd", "ks", "positive_rate"} and report["n"] == result.counts["ok"]
+    assert read_bytes(result.run_dir + "/drift.png", endpoint)[:8] == b"\x89PNG\r\n\x1a\n"
+    marker = json.loads(read_bytes(result.run_dir + "/" + SUCCESS_FILE, endpoint))
+    assert marker["drift"]["shift"] is shift and marker["drift"]["line"] == report["line"]
+    assert result.drift["line"] in format_summary(result).splitlines()[4]
+    assert report["line"].startswith("DRIFT: " if shift else "drift: this run looks like")
+    df = read_results(out, endpoint)
+    assert (df.status == "ok").all() and df.adapted.isna().all() and df.prevalence_estimate.isna().all()
+    k = DriftReference.from_bytes((trained["bundle"] / FILE_NAME).read_bytes()).components.shape[0]
+    assert 2 <= k <= 32 and all(len(e) == k for e in df.embedding)
+
+
+def test_a_bundle_without_reference_is_not_judged(ray_local, trained, tmp_path: Path) -> None:  # noqa: ANN001
+    from pneumo.bundle import write_manifest
+
+    old = tmp_path / "old_bundle"
+    shutil.copytree(trained["bundle"], old)
+    manifest = read_manifest(str(old))
+    del manifest.files[FILE_NAME]
+    (old / FILE_NAME).unlink()
+    write_manifest(str(old), manifest)
+    result = _score(trained["root"] / "iid", old, str(tmp_path / "out"))
+    report = json.loads((Path(result.run_dir) / "drift.json").read_text())
+    assert report["shift"] is False and report["status"] == "no_reference"
+    assert "no reference in this bundle" in report["line"] and not (Path(result.run_dir) / "drift.png").exists()
+    assert result.counts["ok"] == 80 and read_results(str(tmp_path / "out")).embedding.isna().all()
+
+
+# ---------------------------------------------------------------- (d) --adapt
+
+
+@pytest.mark.parametrize("methods", ["em", "adabn,em"])
+def test_adapt_moves_the_prevalence_estimate_toward_the_truth(ray_local, trained, tmp_path: Path,
+                                                              methods: str) -> None:  # noqa: ANN001
+    paths = trained["archives"]["prevalence"]
+    truth = float(_labels(paths).mean())
+    train = trained["counts"]["train"]
+    train_prev = train["PNEUMONIA"] / sum(train.values())
+    out = str(tmp_path / "out")
+    result = _score(trained["root"] / "prevalence", trained["bundle"], out, "--adapt", "--adapt-sample", "64",
+                    "--adapt-methods", methods)
+    a, tag = result.adaptation, methods.replace(",", "+")
+    print(f"{methods}: truth {truth:.3f}, training {train_prev:.3f}, estimate {a['prevalence_estimate']:.3f}")
+    assert a["training_prevalence"] == pytest.approx(train_prev) and a["methods"] == tag
+    if methods == "em":  # EM alone on the bundle's own posteriors: close (0.18 for a truth of 0.20)
+        assert abs(a["prevalence_estimate"] - truth) < abs(train_prev - truth) / 4
+    else:
+        # toward the truth, but AdaBN assumes the class mix did not change: statistics re-estimated on
+        # an archive of mostly NORMAL images pull every score down, and EM then overshoots (~0.02)
+        assert abs(a["prevalence_estimate"] - truth) < abs(train_prev - truth) * 0.75
+        assert a["prevalence_estimate"] < train_prev - 0.3 and a["adabn"]["images"] == 64
+        adapted = read_manifest(str(Path(result.run_dir) / "adapted_bundle"))
+        assert FILE_NAME in adapted.files and not adapted.has_onnx
+    assert a["line"] in format_summary(result)
+    marker = json.loads((Path(result.run_dir) / SUCCESS_FILE).read_text())
+    assert marker["adaptation"]["prevalence_estimate"] == a["prevalence_estimate"]
+    assert marker["config"]["adapt"] is True
+    df = read_results(out)
+    assert len(df) == 100 and df.adapted.eq(tag).all()
+    assert df.prevalence_estimate.eq(a["prevalence_estimate"]).all()
+    assert df.model_version.str.endswith("+adabn").all() == ("adabn" in methods)
+    # probabilities re-weighted to the estimated prior: their mean is the estimate (EM's fixed point)
+    assert df.probability.mean() == pytest.approx(a["prevalence_estimate"], abs=1e-3)
+    assert np.allclose([v[1] for v in df.probabilities], df.probability)
+    assert ((df.probability >= trained["manifest"].threshold_value) == (df.label == "PNEUMONIA")).all()
+    for part in Path(result.run_dir).glob("part-*.parquet"):  # the parts themselves were rewritten
+        assert set(pq.read_table(part).column("adapted").to_pylist()) == {tag}
+    assert json.loads((Path(result.run_dir) / "drift.json").read_text())["n"] == 100
+
+
+def test_adapt_refuses_the_onnx_engine() -> None:
+    from pneumo.config import ConfigError
+
+    for bad in ({"engine": "onnxruntime"}, {"precision": "int8"}, {"adapt_sample": 1}, {"adapt_methods": "em,tta"}):
+        with pytest.raises(ConfigError, match="torch engine|adapt_sample|adapt_methods"):
+            ScoreConfig(data="d", bundle="b", out="o", adapt=True, **bad).validate()
+    ScoreConfig(data="d", bundle="b", out="o", adapt=True, engine="torch").validate()
+    ScoreConfig(data="d", bundle="b", out="o", adapt=True, engine="onnxruntime", adapt_methods="em").validate()
