@@ -224,7 +224,7 @@ def _ensemble(members: tuple[str, ...]) -> Callable[..., nn.Module]:
     def build(num_out: int, spec: InputSpec, **options: Any) -> nn.Module:
         from pneumo.ensemble import FeatureEnsemble
 
-        return FeatureEnsemble(members, num_out, **options)
+        return FeatureEnsemble(members, num_out, sizes=[get_spec(m).input.size for m in members], **options)
 
     return build
 

