@@ -174,7 +174,7 @@ def test_rayservice_reads_its_api_key_from_a_secret() -> None:
     (_, service), = kind("RayService")
     for group, c in pod_containers(service["spec"]["rayClusterConfig"]):
         assert _from_secret(_env(c), "PNEUMO_API_KEY") == ("pneumo-serve-api-key", "api_key"), group
-    from pneumo.serving import API_KEY_ENV
+    from pneumo.http_api import API_KEY_ENV
 
     assert API_KEY_ENV == "PNEUMO_API_KEY"
     example = {d["metadata"]["name"]: d for d in docs(KUBERAY / "secrets.example.yaml")}
