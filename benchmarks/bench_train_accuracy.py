@@ -4,9 +4,10 @@
         [--out /tmp/pneumo-bench-acc] [--recipes efficientnet_lite0,seed_cnn] [--seed-cnn-epochs 8]
 
 Val and test are carved out of the published train split by patient (10% + 10%, seed 0); the
-threshold is chosen on val only (each recipe's method) and applied unchanged to test. Prints one
-Markdown table row per recipe (test AUC, sensitivity, specificity, accuracy with bootstrap 95% CIs,
-epochs and wall time) and writes `<out>/results.json`.
+threshold is chosen on val only (each recipe's method) and applied unchanged to test. Prints, per
+recipe, a val row (what recipes are chosen on, with the worst acquisition group) and a carved-test
+row (AUC, sensitivity, specificity, accuracy with bootstrap 95% CIs, epochs and wall time), and
+writes `<out>/results.json`. The published test split is never read.
 """
 
 from __future__ import annotations
@@ -52,25 +53,31 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         summary = run(cfg)
         wall = time.perf_counter() - t0
-        rep = json.loads(Path(out, "report", "test", "report.json").read_text())
-        m, ci = rep["metrics"], rep["ci"]
+        reps = {split: json.loads(Path(out, "report", split, "report.json").read_text()) for split in ("val", "test")}
+        for split, rep in reps.items():
+            m, ci = rep["metrics"], rep["ci"]
 
-        def cell(k: str, m=m, ci=ci) -> str:
-            lo, hi = ci[k] if isinstance(ci[k], (list, tuple)) else (ci[k]["low"], ci[k]["high"])
-            return f"{m[k]:.3f} ({lo:.3f}-{hi:.3f})"
+            def cell(k: str, m=m, ci=ci) -> str:
+                lo, hi = ci[k] if isinstance(ci[k], (list, tuple)) else (ci[k]["low"], ci[k]["high"])
+                return f"{m[k]:.3f} ({lo:.3f}-{hi:.3f})"
 
-        row = (f"| {recipe}{' ' + args.extra if args.extra else ''} | {rep['n']} | {cell('auc')} | "
-               f"{cell('sensitivity')} | {cell('specificity')} | {cell('accuracy')} | "
-               f"{summary['threshold']['value']:.3f} ({summary['threshold']['method']}) | "
-               f"{summary['epochs_run']} | {wall / 60:.1f} min |")
-        rows.append(row)
-        results[recipe] = {"summary": summary, "test": {"metrics": m, "ci": ci, "n": rep["n"]}, "wall_s": wall}
-        print(row, flush=True)
+            worst = (rep.get("groups") or {}).get("worst", {})
+            worst_text = ", ".join(f"{k} {v['value']:.3f} ({v['group']})" for k, v in worst.items()) or "n/a"
+            row = (f"| {recipe}{' ' + args.extra if args.extra else ''} | {split} | {rep['n']} | {cell('auc')} | "
+                   f"{cell('sensitivity')} | {cell('specificity')} | {cell('accuracy')} | {worst_text} | "
+                   f"{summary['threshold']['value']:.3f} ({summary['threshold']['method']}) | "
+                   f"{summary['epochs_run']} | {wall / 60:.1f} min |")
+            rows.append(row)
+            print(row, flush=True)
+        results[recipe] = {"summary": summary, "wall_s": wall,
+                           **{s: {"metrics": r["metrics"], "ci": r["ci"], "n": r["n"], "groups": r.get("groups")}
+                              for s, r in reps.items()}}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"results{'-' + args.tag if args.tag else ''}.json").write_text(
         json.dumps(results, indent=2, default=str))
-    print("| recipe | test n | AUC (95% CI) | sensitivity | specificity | accuracy | threshold (val) | epochs | wall |")
-    print("| --- | ---: | --- | --- | --- | --- | --- | ---: | ---: |")
+    print("| recipe | split | n | AUC (95% CI) | sensitivity | specificity | accuracy | worst group | "
+          "threshold (val) | epochs | wall |")
+    print("| --- | --- | ---: | --- | --- | --- | --- | --- | --- | ---: | ---: |")
     print("\n".join(rows))
     return 0
 
