@@ -3,14 +3,15 @@
     .venv/bin/python benchmarks/bench_serve.py                  # full run (a few minutes)
     .venv/bin/python benchmarks/bench_serve.py --requests 100   # fewer requests per level
 
-Both sides serve the same bundle (efficientnet_lite0 with its packaged ImageNet weights and a
-2-class head, saved with pneumo.bundle) with the same preprocessing (pneumo.preprocess.load_image)
-and the same `Predictor` (channels_last, precision auto = fp32 on a CPU without bf16):
+All sides serve the same bundle (efficientnet_lite0 with its packaged ImageNet weights and a
+2-class head, saved with pneumo.bundle) with the same preprocessing (pneumo.preprocess.load_image):
 
 - (a) pneumo: `pneumo.serving.bind` on a local Ray: proxy -> one `PneumoService` deployment
-  (FastAPI ingress and `@serve.batch` in each replica; batches form from concurrent requests);
-- (b) baseline: one uvicorn process, one FastAPI endpoint, one image per forward pass
-  (sync endpoint in FastAPI's thread pool).
+  (FastAPI ingress and `@serve.batch` in each replica; batches form from concurrent requests),
+  engine auto (ONNX Runtime fp32 on CPU);
+- (b) baseline: one uvicorn process, one FastAPI endpoint, one image per forward pass (sync
+  endpoint in FastAPI's thread pool), eager torch fp32 (the issue's baseline);
+- (c) peer: the same plain process on ONNX Runtime fp32 (the hard peer on one machine).
 
 Load: an asyncio httpx client on loopback posting real JPEGs from ../shared/data/chest_xray_224
 (synthetic PNGs when absent); requests/s and p50/p95/p99 latency at concurrency 1, 8, 32, then
@@ -79,7 +80,7 @@ def load_images(n: int) -> tuple[list[bytes], str]:
 # ---------------------------------------------------------------- (b) the plain baseline
 
 
-def baseline_app(bundle: str, precision: str):  # noqa: ANN201
+def baseline_app(bundle: str, precision: str, engine: str = "torch"):  # noqa: ANN201
     """One FastAPI endpoint: decode with load_image, one forward pass per request."""
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
@@ -88,7 +89,7 @@ def baseline_app(bundle: str, precision: str):  # noqa: ANN201
     from pneumo.predict import Predictor
     from pneumo.preprocess import DecodeError, load_image
 
-    predictor = Predictor(bundle, device="cpu", precision=precision)
+    predictor = Predictor(bundle, device="cpu", precision=precision, engine=engine)
     app = FastAPI()
 
     def score(data: bytes) -> dict:
@@ -106,16 +107,17 @@ def baseline_app(bundle: str, precision: str):  # noqa: ANN201
     return app
 
 
-def run_baseline_server(bundle: str, port: int, precision: str) -> None:
+def run_baseline_server(bundle: str, port: int, precision: str, engine: str) -> None:
     import uvicorn
 
-    uvicorn.run(baseline_app(bundle, precision), host="127.0.0.1", port=port, log_level="warning", workers=1)
+    uvicorn.run(baseline_app(bundle, precision, engine), host="127.0.0.1", port=port, log_level="warning",
+                workers=1)
 
 
-def start_baseline(bundle: str, precision: str) -> tuple[subprocess.Popen, str]:
+def start_baseline(bundle: str, precision: str, engine: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     proc = subprocess.Popen([sys.executable, __file__, "--baseline-server", "--bundle", bundle,
-                             "--port", str(port), "--precision", precision])
+                             "--port", str(port), "--precision", precision, "--engine", engine])
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/docs", proc=proc)
     return proc, url + "/predict"
@@ -292,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bundle", help="bundle to serve (default: efficientnet_lite0 pretrained, saved to a temp dir)")
     p.add_argument("--requests", type=int, default=240, help="requests per level at concurrency 8 and 32")
     p.add_argument("--levels", default="1,8,32")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "int8"])
+    p.add_argument("--engine", default="torch", help=argparse.SUPPRESS)
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs for the local Ray")
     p.add_argument("--replicas", type=int, default=1, help="model replicas for the throughput runs")
     p.add_argument("--replica-cpus", type=float, default=2, help="CPUs (= torch threads) per model replica")
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.baseline_server:
-        run_baseline_server(a.bundle, a.port, a.precision)
+        run_baseline_server(a.bundle, a.port, a.precision, a.engine)
         return 0
 
     levels = [int(x) for x in a.levels.split(",")]
@@ -320,13 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle: {bundle} (efficientnet_lite0 unless --bundle); inputs: {source}")
     result: dict = {"machine": {"cpu": cpu, "cores": os.cpu_count()}, "inputs": source, "args": vars(a), "runs": []}
 
-    print("(b) baseline: plain FastAPI + uvicorn, one process, one image per forward pass")
-    proc, base_url = start_baseline(bundle, a.precision)
-    try:
-        result["runs"] += measure("baseline", base_url, images, levels, a.requests)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    for name, engine in (("baseline", "torch"), ("ort-peer", "onnxruntime")):
+        print(f"({'b' if engine == 'torch' else 'c'}) {name}: plain FastAPI + uvicorn, one process, one image per "
+              f"forward pass, {engine} {a.precision}")
+        proc, base_url = start_baseline(bundle, a.precision if engine == "torch" or a.precision != "bf16" else "fp32",
+                                        engine)
+        try:
+            result["runs"] += measure(name, base_url, images, levels, a.requests)
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
 
     print(f"(a) pneumo on Ray Serve: {a.replicas} model replica(s) x {a.replica_cpus} CPU, "
           f"@serve.batch max {a.max_batch_size}, wait {a.batch_wait_s}s")
@@ -334,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
 
     base = start_serve(a.ray_cpus)
     try:
-        args = {"precision": a.precision}
+        args = {"precision": "auto" if a.precision == "fp32" else a.precision}
         batching = {"max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_s}
         url = deploy(base, bundle, args, user_config=batching, ray_actor_options={"num_cpus": a.replica_cpus},
                      autoscaling_config={"min_replicas": a.replicas, "max_replicas": a.replicas,
@@ -342,12 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         result["runs"] += measure("pneumo", url, images, levels, a.requests)
 
         by = {(r["system"], r["concurrency"]): r for r in result["runs"]}
-        print("ratio pneumo / baseline (requests/s):")
-        result["ratio"] = {}
+        print("ratio pneumo / baseline (eager torch) and pneumo / ORT peer (requests/s):")
+        result["ratio"], result["ratio_vs_ort_peer"] = {}, {}
         for c in levels:
             ratio = by[("pneumo", c)]["rps"] / max(by[("baseline", c)]["rps"], 1e-9)
-            result["ratio"][c] = round(ratio, 2)
-            print(f"  c={c:<3} {ratio:5.2f}x")
+            peer = by[("pneumo", c)]["rps"] / max(by[("ort-peer", c)]["rps"], 1e-9)
+            result["ratio"][c], result["ratio_vs_ort_peer"][c] = round(ratio, 2), round(peer, 2)
+            print(f"  c={c:<3} {ratio:5.2f}x vs eager torch   {peer:5.2f}x vs ORT peer")
 
         if not a.skip_autoscale:
             print(f"autoscaling: min 1, max {a.autoscale_max} model replicas x 1 CPU, target_ongoing_requests 4, "
