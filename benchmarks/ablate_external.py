@@ -37,9 +37,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-DATA = "/work/shared/data/chest_xray_224"
-DATA448 = "/work/shared/data/chest_xray_448/train"
-CACHE = os.environ.get("ABLATE_CACHE", "/tmp/valid10a")
+SHARED = os.environ.get("PNEUMO_SHARED_DATA") or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+DATA = os.path.join(SHARED, "chest_xray_224")
+DATA448 = os.path.join(SHARED, "chest_xray_448", "train")
+CACHE = os.environ.get("ABLATE_CACHE", "/tmp/pneumo-ablate")
 FEAT = os.path.join(CACHE, "feats")
 TARGET = 0.95
 BN_IMAGES = 1000
