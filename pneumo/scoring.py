@@ -7,7 +7,10 @@ The pipeline (shaped like the Ray Data batch-inference docs):
 
 1. the driver lists the input (`pneumo.data.list_images`: every entry, whatever its name, or
    `read_manifest`) into records (path, size, mtime) and, with `--incremental`, drops those
-   already scored by the same bundle in earlier *committed* runs;
+   whose *content* the same bundle scored in earlier *committed* runs: (path, size, mtime) is a
+   pre-filter, and a file whose key matches a committed row is read and sha256-hashed by Ray Data
+   tasks (`unchanged_files`) and dropped only if the hash is the row's `etag_or_sha256` (a
+   same-size replacement may keep its old mtime: `cp -p`, rsync, a DICOM re-export);
 2. `ray.data.from_items(records)` then `map_batches(read_and_preprocess)` as Ray Data tasks:
    `pneumo.reading.read_image` reads the bytes, sha256s them and preprocesses them to
    uint8[S, S] (the same read path as training ingest and evaluation). A file that
@@ -17,10 +20,16 @@ The pipeline (shaped like the Ray Data batch-inference docs):
 3. `map_batches(BundlePredictor, compute=ActorPoolStrategy(min_size, max_size))`: each actor loads
    the bundle once (`pneumo.predict.Predictor`) and scores ok rows in `__call__`; error rows
    pass through with no probability. With `--explain`, Grad-CAM overlays for positives.
+   `__call__` never raises: a batch the model fails on is retried image by image and each image
+   that still fails is a `model` error row; an overlay that cannot be written makes its row an
+   `explain` error row (both kinds are retried by `--incremental`).
 4. `write_parquet` to `<out>/runs/<run_id>/part-*.parquet`; the driver reads the parts back,
    checks exactly one row per input file, then writes `<out>/runs/<run_id>/_SUCCESS.json`
    last. Readers (`read_results`, `--incremental`) trust only runs with that marker, so a run
-   killed halfway is ignored and its files are scored again next time.
+   killed halfway is ignored and its files are scored again next time. A marker that does not
+   parse, or whose parts are missing or unreadable, makes the run *damaged*: readers skip it
+   with a warning (`committed_runs(..., bad=[])` lists them), never raise, and `--incremental`
+   scores its files again.
 5. Drift, before the commit: each ok row carries its embedding projected on the bundle's drift
    reference (`embedding`, up to 32 floats); the driver compares all ok rows of the run with the
    reference (`pneumo.drift.write_run_drift`: `drift.json` + `drift.png` in the run folder) and
