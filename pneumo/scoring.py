@@ -7,7 +7,10 @@ The pipeline (shaped like the Ray Data batch-inference docs):
 
 1. the driver lists the input (`pneumo.data.list_images`: every entry, whatever its name, or
    `read_manifest`) into records (path, size, mtime) and, with `--incremental`, drops those
-   already scored by the same bundle in earlier *committed* runs;
+   whose *content* the same bundle scored in earlier *committed* runs: (path, size, mtime) is a
+   pre-filter, and a file whose key matches a committed row is read and sha256-hashed by Ray Data
+   tasks (`unchanged_files`) and dropped only if the hash is the row's `etag_or_sha256` (a
+   same-size replacement may keep its old mtime: `cp -p`, rsync, a DICOM re-export);
 2. `ray.data.from_items(records)` then `map_batches(read_and_preprocess)` as Ray Data tasks:
    `pneumo.reading.read_image` reads the bytes, sha256s them and preprocesses them to
    uint8[S, S] (the same read path as training ingest and evaluation). A file that
@@ -17,10 +20,16 @@ The pipeline (shaped like the Ray Data batch-inference docs):
 3. `map_batches(BundlePredictor, compute=ActorPoolStrategy(min_size, max_size))`: each actor loads
    the bundle once (`pneumo.predict.Predictor`) and scores ok rows in `__call__`; error rows
    pass through with no probability. With `--explain`, Grad-CAM overlays for positives.
+   `__call__` never raises: a batch the model fails on is retried image by image and each image
+   that still fails is a `model` error row; an overlay that cannot be written makes its row an
+   `explain` error row (both kinds are retried by `--incremental`).
 4. `write_parquet` to `<out>/runs/<run_id>/part-*.parquet`; the driver reads the parts back,
    checks exactly one row per input file, then writes `<out>/runs/<run_id>/_SUCCESS.json`
    last. Readers (`read_results`, `--incremental`) trust only runs with that marker, so a run
-   killed halfway is ignored and its files are scored again next time.
+   killed halfway is ignored and its files are scored again next time. A marker that does not
+   parse, or whose parts are missing or unreadable, makes the run *damaged*: readers skip it
+   with a warning (`committed_runs(..., bad=[])` lists them), never raise, and `--incremental`
+   scores its files again.
 5. Drift, before the commit: each ok row carries its embedding projected on the bundle's drift
    reference (`embedding`, up to 32 floats); the driver compares all ok rows of the run with the
    reference (`pneumo.drift.write_run_drift`: `drift.json` + `drift.png` in the run folder) and
@@ -46,6 +55,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import sys
 import time
 import uuid
@@ -72,14 +82,18 @@ from pneumo.data import (
 )
 from pneumo.precision import PRECISIONS
 from pneumo.preprocess import InputSpec, to_tensor
-from pneumo.reading import IO_KINDS, read_image
+from pneumo.reading import IO_KINDS, read_bytes_of, read_image
 
 SUCCESS_FILE = "_SUCCESS.json"
 RUNS_DIR = "runs"
 EXPLAIN_DIR = "explain"
-# Error kinds: `pneumo.reading.KINDS`. I/O kinds are retried by --incremental (`read` is the
-# name runs before the one read path gave to `unreadable`; their rows are retried too).
-RETRY_KINDS = (*IO_KINDS, "read")
+# Error kinds: `pneumo.reading.KINDS` for reading, plus `model` (the model failed on the image)
+# and `explain` (its Grad-CAM overlay could not be written) from the actors. I/O kinds, `model`
+# and `explain` are retried by --incremental (`read` is the name runs before the one read path
+# gave to `unreadable`; their rows are retried too).
+SCORING_KINDS = ("model", "explain")
+RETRY_KINDS = (*IO_KINDS, "read", *SCORING_KINDS)
+log = logging.getLogger(__name__)
 ADAPT_METHODS = ("adabn", "em")  # --adapt-methods, in the order they run
 
 OUTPUT_SCHEMA = pa.schema(
@@ -197,6 +211,7 @@ class ScoreResult:
     files: list[str] = field(default_factory=list)
     drift: dict[str, Any] = field(default_factory=dict)  # drift.json's verdict (+ its path)
     adaptation: dict[str, Any] | None = None  # --adapt: AdaBN and the EM prevalence estimate
+    ignored_runs: list[dict[str, str]] = field(default_factory=list)  # damaged runs --incremental left out
 
 
 # ---------------------------------------------------------------- input
@@ -262,8 +277,11 @@ def read_and_preprocess(batch: dict[str, np.ndarray], spec: InputSpec, s3_endpoi
 
 
 def explain_name(path: str) -> str:
-    """Overlay file name for an input path: `<stem>-<8 hex of the path>.png` (unique per path)."""
-    return f"{PurePosixPath(path).stem}-{hashlib.sha256(path.encode()).hexdigest()[:8]}.png"
+    """Overlay file name for an input path: `<stem>-<8 hex of the path>.png` (unique per path).
+    The stem is cut to 100 bytes so the name (and `write_bytes`' temporary name) stays far under
+    the 255-byte file-name limit, however long the input's name."""
+    stem = PurePosixPath(path).stem.encode()[:100].decode(errors="ignore")
+    return f"{stem}-{hashlib.sha256(path.encode()).hexdigest()[:8]}.png"
 
 
 def _strings(values: np.ndarray) -> list[str | None]:
@@ -307,54 +325,100 @@ class BundlePredictor:
         write_bytes(loc, overlay_png(image, heat), self.s3_endpoint)
         return loc
 
+    def _predict_batch(self, images: np.ndarray) -> list[tuple[Any, ...]]:
+        """(probabilities, positive score, label, projected embedding or None) per image."""
+        p, features = self.predictor.predict_with_features(images)
+        z = self.reference.project(features) if self.reference is not None else [None] * len(images)
+        pos, labels = self.predictor.positive_probability(p), self.predictor.labels(p)
+        return [(p[j], pos[j], labels[j], z[j]) for j in range(len(images))]
+
+    def _predict(self, images: np.ndarray) -> list[tuple[Any, ...] | Exception]:
+        """`_predict_batch` on the whole batch; if that raises, image by image, so one image the
+        model fails on costs only its own row (an exception in its place)."""
+        try:
+            return self._predict_batch(images)
+        except Exception:  # noqa: BLE001 - retried image by image below
+            if len(images) == 1:
+                raise
+        out: list[tuple[Any, ...] | Exception] = []
+        for j in range(len(images)):
+            try:
+                out.extend(self._predict_batch(images[j: j + 1]))
+            except Exception as exc:  # noqa: BLE001 - this image's `model` error row
+                out.append(exc)
+        return out
+
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        """Score a batch; never raises: a failure becomes `model` / `explain` error rows."""
         n = len(batch["path"])
-        ok = np.flatnonzero(np.asarray(batch["status"]) == "ok")
-        label: list[str | None] = [None] * n
-        prob: list[float | None] = [None] * n
-        probs: list[list[float] | None] = [None] * n
-        explain: list[str | None] = [None] * n
-        embedding: list[np.ndarray | None] = [None] * n
-        if len(ok):
-            images = np.asarray(batch["image"])[ok]
-            p, features = self.predictor.predict_with_features(images)
-            if self.reference is not None:
-                for j, z in zip(ok, self.reference.project(features)):
-                    embedding[j] = z
-            pos = self.predictor.positive_probability(p)
-            labels = self.predictor.labels(p)
-            negative = self.predictor.classes[self.predictor.manifest.negative_index]
-            for j, i in enumerate(ok):
-                label[i], prob[i], probs[i] = labels[j], float(pos[j]), [float(v) for v in p[j]]
-                if self.explain_dir and labels[j] != negative:
-                    explain[i] = self._explain(str(batch["path"][i]), images[j])
+        cols: dict[str, list[Any]] = {
+            "status": _strings(batch["status"]), "error": _strings(batch["error"]),
+            "error_kind": _strings(batch["error_kind"]), "label": [None] * n, "probability": [None] * n,
+            "probabilities": [None] * n, "explain_path": [None] * n, "embedding": [None] * n,
+        }
+        ok = [i for i in range(n) if cols["status"][i] == "ok"]
+        try:
+            self._score(batch, ok, cols)
+        except Exception as exc:  # noqa: BLE001 - anything else: the batch's ok rows become `model` errors
+            for i in ok:
+                _fail(cols, i, "model", f"model failed on the batch ({_reason(exc)})")
+        return self._table(batch, cols)
+
+    def _score(self, batch: dict[str, np.ndarray], ok: list[int], cols: dict[str, list[Any]]) -> None:
+        if not ok:
+            return
+        images = np.asarray(batch["image"])[ok]
+        negative = self.predictor.classes[self.predictor.manifest.negative_index]
+        for j, (i, res) in enumerate(zip(ok, self._predict(images))):
+            if isinstance(res, Exception):
+                _fail(cols, i, "model", f"model failed on this image ({_reason(res)})")
+                continue
+            p, pos, label, z = res
+            cols["label"][i], cols["probability"][i] = label, float(pos)
+            cols["probabilities"][i], cols["embedding"][i] = [float(v) for v in p], z
+            if self.explain_dir and label != negative:
+                try:
+                    cols["explain_path"][i] = self._explain(str(batch["path"][i]), images[j])
+                except Exception as exc:  # noqa: BLE001 - e.g. the explain folder cannot be written
+                    _fail(cols, i, "explain", f"Grad-CAM overlay not written ({_reason(exc)})")
+
+    def _table(self, batch: dict[str, np.ndarray], cols: dict[str, list[Any]]) -> pa.Table:
+        n = len(batch["path"])
         now = _dt.datetime.now(_dt.UTC)
         cols = {
+            **cols,
             "path": [str(v) for v in batch["path"]],
             "size_bytes": np.asarray(batch["size_bytes"], dtype=np.int64),
             "etag_or_sha256": _strings(batch["etag_or_sha256"]),
             "mtime_ns": np.asarray(batch["mtime_ns"], dtype=np.int64),
-            "status": _strings(batch["status"]),
-            "error": _strings(batch["error"]),
-            "error_kind": _strings(batch["error_kind"]),
-            "label": label,
-            "probability": prob,
-            "probabilities": probs,
             "threshold": [self.meta["threshold"]] * n,
             "model": [self.meta["model"]] * n,
             "model_version": [self.meta["model_version"]] * n,
             "bundle_sha256": [self.meta["bundle_sha256"]] * n,
             "scored_at": [now] * n,
             "run_id": [self.run_id] * n,
-            "explain_path": explain,
             "engine": [self.meta["engine"]] * n,
             "precision": [self.meta["precision"]] * n,
-            "embedding": embedding,
             "adapted": [None] * n,  # set by the --adapt post-pass
             "prevalence_estimate": [None] * n,
         }
         return pa.table({name: pa.array(cols[name], type=OUTPUT_SCHEMA.field(name).type) for name in OUTPUT_SCHEMA.names},
                         schema=OUTPUT_SCHEMA)
+
+
+def _reason(exc: BaseException) -> str:
+    """An exception as error-row text without a path: an OSError's message names the file (and
+    file names carry patient ids), so only its type and strerror are kept."""
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or 'I/O error'}"
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _fail(cols: dict[str, list[Any]], i: int, kind: str, message: str) -> None:
+    """Row `i` becomes an error row of `kind` (`model` or `explain`): no prediction, no overlay."""
+    for name in ("label", "probability", "probabilities", "explain_path", "embedding"):
+        cols[name][i] = None
+    cols["status"][i], cols["error_kind"][i], cols["error"][i] = "error", kind, message
 
 
 # ---------------------------------------------------------------- committed runs
@@ -370,8 +434,49 @@ def _part_names():  # noqa: ANN202 - a Ray FilenameProvider, imported lazily
     return PartNames(file_format="parquet")
 
 
-def committed_runs(out: str, s3_endpoint: str | None = None) -> list[dict[str, Any]]:
-    """The `_SUCCESS.json` markers of every committed run under `<out>/runs/`, oldest first."""
+@dataclass(frozen=True)
+class BadRun:
+    """A run folder with a `_SUCCESS.json` that readers cannot trust, and why (no input names)."""
+
+    run_id: str
+    reason: str
+
+
+def _ignore(bad: list[BadRun] | None, run_id: str, exc: BaseException) -> None:
+    """Report a damaged run: one warning line (run id and reason) and an entry in `bad`."""
+    entry = BadRun(run_id, f"{type(exc).__name__}: {exc}"[:300])
+    log.warning("ignoring run %s: %s (its files are scored again by --incremental)", entry.run_id, entry.reason)
+    if bad is not None:
+        bad.append(entry)
+
+
+def _check_marker(fs: pafs.FileSystem, run_path: str, run_id: str) -> dict[str, Any]:
+    """The run's marker, if it parses and every part it lists is there with a readable Parquet
+    footer, the parts' rows adding up to the marker's `n_scored`; raises otherwise."""
+    with fs.open_input_stream(f"{run_path}/{SUCCESS_FILE}") as f:
+        marker = json.loads(f.read())
+    if not isinstance(marker, dict) or not isinstance(marker.get("files"), list) \
+            or not isinstance(marker.get("finished_at"), str):
+        raise ValueError("marker is not a run record (files, finished_at)")
+    if marker.get("run_id") != run_id:
+        raise ValueError(f"marker names run {marker.get('run_id')!r}, not its folder")
+    rows = 0
+    for name in marker["files"]:
+        if not isinstance(name, str) or "/" in name:
+            raise ValueError(f"bad part name {name!r}")
+        rows += pq.read_metadata(f"{run_path}/{name}", filesystem=fs).num_rows
+    if isinstance(marker.get("n_scored"), int) and rows != marker["n_scored"]:
+        raise ValueError(f"parts hold {rows} rows, the marker says {marker['n_scored']}")
+    return marker
+
+
+def committed_runs(out: str, s3_endpoint: str | None = None, *, bad: list[BadRun] | None = None) -> list[dict[str, Any]]:
+    """The `_SUCCESS.json` markers of every committed run under `<out>/runs/`, oldest first.
+
+    A run folder without a marker is not committed (killed or still running) and is left out
+    silently. A marker that does not parse, or whose listed parts are missing or have no
+    readable Parquet footer, is left out with a warning and appended to `bad`: readers never
+    raise on a damaged run, and `--incremental` scores its files again."""
     fs, root = resolve_filesystem(join(out, RUNS_DIR), s3_endpoint)
     info = fs.get_file_info(root)
     if info.type != pafs.FileType.Directory:
@@ -380,11 +485,12 @@ def committed_runs(out: str, s3_endpoint: str | None = None) -> list[dict[str, A
     for fi in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
         if fi.type != pafs.FileType.Directory:
             continue
-        marker = fi.path + "/" + SUCCESS_FILE
-        if fs.get_file_info(marker).type != pafs.FileType.File:
+        if fs.get_file_info(fi.path + "/" + SUCCESS_FILE).type != pafs.FileType.File:
             continue  # not committed: killed or still running
-        with fs.open_input_stream(marker) as f:
-            markers.append(json.loads(f.read()))
+        try:
+            markers.append(_check_marker(fs, fi.path, fi.base_name))
+        except Exception as exc:  # noqa: BLE001 - torn marker, missing or torn part, S3 trouble
+            _ignore(bad, fi.base_name, exc)
     return sorted(markers, key=lambda m: (m["finished_at"], m["run_id"]))
 
 
@@ -394,10 +500,15 @@ def _read_parts(out: str, run_id: str, files: list[str], s3_endpoint: str | None
     return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
 
 
-def read_committed(out: str, s3_endpoint: str | None = None) -> pa.Table:
-    """Every row of every committed run (a path may appear once per run)."""
-    runs = committed_runs(out, s3_endpoint)
-    tables = [_read_parts(out, m["run_id"], m["files"], s3_endpoint) for m in runs]
+def read_committed(out: str, s3_endpoint: str | None = None, *, bad: list[BadRun] | None = None) -> pa.Table:
+    """Every row of every committed run, oldest run first (a path may appear once per run). A run
+    whose parts cannot be read is left out whole, like a damaged marker (see `committed_runs`)."""
+    tables = []
+    for m in committed_runs(out, s3_endpoint, bad=bad):
+        try:
+            tables.append(_read_parts(out, m["run_id"], m["files"], s3_endpoint))
+        except Exception as exc:  # noqa: BLE001 - a part torn past its footer
+            _ignore(bad, m["run_id"], exc)
     return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
 
 
@@ -410,14 +521,58 @@ def read_results(out: str, s3_endpoint: str | None = None):  # noqa: ANN201 - pa
     return df.drop_duplicates("path", keep="last").sort_values("path").reset_index(drop=True)
 
 
-def already_scored(out: str, bundle_sha256: str, s3_endpoint: str | None = None) -> set[tuple[str, int, int]]:
-    """(path, size, mtime_ns) of files that committed runs scored with this bundle (retryable errors excluded)."""
-    t = read_committed(out, s3_endpoint)
-    keys = set()
-    for row in t.select(["path", "size_bytes", "mtime_ns", "bundle_sha256", "error_kind"]).to_pylist():
-        if row["bundle_sha256"] == bundle_sha256 and row["error_kind"] not in RETRY_KINDS:
-            keys.add((row["path"], row["size_bytes"], row["mtime_ns"]))
-    return keys
+def already_scored(out: str, bundle_sha256: str, s3_endpoint: str | None = None, *,
+                   bad: list[BadRun] | None = None) -> dict[tuple[str, int, int], str | None]:
+    """(path, size, mtime_ns) -> sha256 of the bytes (`etag_or_sha256`, None where the file was
+    never read) for files that committed runs scored with this bundle, the latest run's row per
+    key; rows of retried error kinds (`RETRY_KINDS`) are left out, so those files are scored again."""
+    t = read_committed(out, s3_endpoint, bad=bad)
+    done: dict[tuple[str, int, int], str | None] = {}
+    cols = ["path", "size_bytes", "mtime_ns", "etag_or_sha256", "bundle_sha256", "error_kind"]
+    for row in t.select(cols).to_pylist():  # oldest run first: a later row for the same key wins
+        key = (row["path"], row["size_bytes"], row["mtime_ns"])
+        if row["bundle_sha256"] != bundle_sha256:
+            continue
+        if row["error_kind"] in RETRY_KINDS:
+            done.pop(key, None)
+        else:
+            done[key] = row["etag_or_sha256"]
+    return done
+
+
+def _same_content(batch: dict[str, np.ndarray], s3_endpoint: str | None) -> dict[str, np.ndarray]:
+    """Ray Data task: for each (path, sha256 committed for it), whether the bytes now hash the same
+    (False when they cannot be read: the file is scored again and gets its error row)."""
+    same = np.zeros(len(batch["path"]), dtype=bool)
+    for i, (path, sha) in enumerate(zip(batch["path"], batch["sha256"])):
+        try:
+            same[i] = hashlib.sha256(read_bytes_of(str(path), s3_endpoint)).hexdigest() == sha
+        except Exception:  # noqa: BLE001, S112 - unreadable now: not unchanged
+            continue
+    return {"path": np.asarray(batch["path"], dtype=object), "same": same}
+
+
+def unchanged_files(cfg: ScoreConfig, records: list[ImageRecord],
+                    done: dict[tuple[str, int, int], str | None]) -> set[str]:
+    """`--incremental`: the paths among `records` whose content is what a committed run scored.
+
+    (path, size, mtime) is only a pre-filter: a key no committed row has is scored without
+    reading twice. A key that matches is confirmed by content: Ray Data tasks read and sha256 the
+    bytes and compare them with the committed row's `etag_or_sha256`, because a same-size
+    replacement can keep the old mtime (`cp -p`, rsync, a DICOM re-export). A committed row with
+    no hash (a folder entry, never read) is matched by its key alone."""
+    import ray
+
+    known = {r.path: done[(r.path, r.size, r.mtime_ns)] for r in records if (r.path, r.size, r.mtime_ns) in done}
+    unchanged = {path for path, sha in known.items() if sha is None}
+    items = [{"path": path, "sha256": sha} for path, sha in known.items() if sha is not None]
+    if items:
+        _ensure_ray()
+        ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items), -(-len(items) // cfg.read_batch_size))))
+        ds = ds.map_batches(_same_content, fn_kwargs={"s3_endpoint": cfg.s3_endpoint},
+                            batch_size=cfg.read_batch_size, batch_format="numpy", num_cpus=cfg.read_cpus)
+        unchanged |= {str(row["path"]) for row in ds.take_all() if row["same"]}
+    return unchanged
 
 
 # ---------------------------------------------------------------- the run
@@ -624,9 +779,10 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
 
     records = list_inputs(cfg)
     n_listed = len(records)
+    ignored: list[BadRun] = []
     if cfg.incremental:
-        done = already_scored(cfg.out, bundle.sha256, cfg.s3_endpoint)
-        records = [r for r in records if (r.path, r.size, r.mtime_ns) not in done]
+        unchanged = unchanged_files(cfg, records, already_scored(cfg.out, bundle.sha256, cfg.s3_endpoint, bad=ignored))
+        records = [r for r in records if r.path not in unchanged]
     n_skipped = n_listed - len(records)
 
     files: list[str] = []
@@ -686,7 +842,7 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
         counts={"ok": status.get("ok", 0), "error": status.get("error", 0)},
         labels=dict(sorted(labels.items())), errors=dict(sorted(errors.items())),
         wall_s=round(wall, 3), images_per_s=round(len(records) / wall, 2) if wall > 0 else 0.0, files=files,
-        drift=drift, adaptation=adaptation,
+        drift=drift, adaptation=adaptation, ignored_runs=[asdict(b) for b in ignored],
     )
     marker = {
         **asdict(result), "finished_at": _now(), "started_at": started,
@@ -702,10 +858,13 @@ def format_summary(r: ScoreResult) -> str:
     errors = ", ".join(f"{k} {v}" for k, v in r.errors.items()) or "none"
     lines = [
         f"run {r.run_id}: committed to {r.run_dir}",
-        f"  files listed {r.n_listed}, skipped (already scored) {r.n_skipped}, scored {r.n_scored}",
+        f"  files listed {r.n_listed}, skipped (already scored, same content) {r.n_skipped}, scored {r.n_scored}",
         f"  ok {r.counts['ok']}, errors {r.counts['error']} ({errors})",
         f"  labels: {labels}",
     ]
+    if r.ignored_runs:
+        ids = ", ".join(b["run_id"] for b in r.ignored_runs)
+        lines.append(f"  ignored {len(r.ignored_runs)} damaged run(s) (marker or parts unreadable): {ids}")
     if r.drift:
         lines.append(f"  {r.drift['line']}")
     if r.adaptation:

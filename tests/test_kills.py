@@ -1,6 +1,7 @@
-"""Real kills: SIGKILL a `pneumo train` driver (and its embedded Ray) after epoch 2, rerun, resume at 3.
+"""Real kills: SIGKILL a `pneumo train` driver (and its embedded Ray) after epoch 2, rerun, resume at 3;
+SIGKILL `pneumo score --incremental` at random moments, again and again, then finish: every file once.
 
-The run is a real `pneumo train` process in its own process group with its own embedded Ray
+Each run is a real `pneumo train` / `pneumo score` process in its own process group with its own embedded Ray
 (RAY_ADDRESS=local, its own RAY_TMPDIR), so the kill takes the driver, the controller and the
 workers down at once, as a crashed node or an OOM-killed job would.
 """
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,121 @@ def test_training_driver_sigkilled_after_epoch_2_resumes_at_epoch_3(synth_data, 
     assert epochs == [1, 2, 3, 4, 5]  # nothing repeated, nothing skipped
     assert training["starts"][0] == 0 and training["starts"][-1] >= 2  # the rerun began after epoch 2 or later
     assert training["epochs_run"] == 5
+
+
+# ---------------------------------------------------------------- pneumo score, killed again and again
+
+SCORE_FAST = ["--incremental", "--batch-size", "4", "--read-batch-size", "4", "--max-actors", "1"]
+N_IMAGES = 80
+BAD = {"empty.png": b"", "notes.jpeg": b"not an image\n", "readme.txt": b"listed, unsupported",
+       "truncated.jpeg": b"\xff\xd8\xff\xe0" + b"\0" * 64}
+RAY_UP = "Started a local Ray instance"
+# Where each kill is aimed (shuffled by a seeded RNG, the commit last), each with a random jitter:
+# a delay after the start, after Ray is up, after the run's first part file, at its marker.
+AIMS = ["start-up"] * 3 + ["ray up"] * 3 + ["parts"] * 4
+PER_CYCLE_S = 240
+
+
+def _new_runs(out: Path, before: set[str]) -> list[Path]:
+    runs = out / "runs"
+    return [p for p in runs.iterdir() if p.name not in before] if runs.is_dir() else []
+
+
+def _phase(out: Path, before: set[str], log: str) -> str:
+    """Where the killed run was, from what it left on disk and in its log."""
+    new = _new_runs(out, before)
+    if any((p / "_SUCCESS.json").exists() for p in new):
+        return "committed, not yet exited"
+    if any(p.glob("part-*.parquet") for p in new):
+        return "parts written, no marker"
+    return "Ray up, no part yet" if RAY_UP in log else "start-up (imports, listing, Ray start)"
+
+
+def _wait_for(proc: subprocess.Popen, ready, timeout: float) -> bool:  # noqa: ANN001
+    """Until `ready()` (True) or the process ends or `timeout` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if ready():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.slow
+def test_score_sigkilled_at_random_moments_then_incremental_scores_every_file_once(tmp_path) -> None:
+    """`pneumo score --incremental` SIGKILLed (whole process group, embedded Ray) at seeded random
+    moments in each phase of its run (start-up, Ray up, writing parts, at the commit), over and
+    over while the archive grows; readers never raise after a kill, and one last run leaves every
+    input with exactly one committed row."""
+    import random
+
+    from test_scoring import _jpeg, make_bundle
+
+    from pneumo.scoring import committed_runs, read_committed, read_results
+
+    bundle, data, out = make_bundle(tmp_path / "bundle"), tmp_path / "data", tmp_path / "out"
+    for i in range(N_IMAGES):
+        (data / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
+        (data / f"d{i % 4}" / f"img{i:03d}.jpeg").write_bytes(_jpeg(i, size=(64, 64), level=None if i % 3 else 150))
+    for name, blob in BAD.items():
+        (data / name).write_bytes(blob)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="pk", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
+    cmd = [PNEUMO, "score", str(data), "--bundle", str(bundle), "--out", str(out), *SCORE_FAST]
+    rng = random.Random(11)
+    aims = rng.sample(AIMS, len(AIMS)) + ["commit"]
+    kills, phases, added, t_start = 0, Counter(), 0, time.monotonic()
+    try:
+        for cycle, aim in enumerate(aims, 1):
+            before = {p.name for p in _new_runs(out, set())}
+            log_path = tmp_path / f"cycle{cycle}.log"
+            with open(log_path, "w") as log:
+                proc = subprocess.Popen(cmd, env=_env(ray_tmp), stdout=log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
+                t0 = time.monotonic()
+                try:
+                    if aim == "start-up":
+                        delay = rng.uniform(0.1, 4.0)
+                        _wait_for(proc, lambda d=delay, t=t0: time.monotonic() - t > d, PER_CYCLE_S)
+                    elif aim == "ray up":
+                        _wait_for(proc, lambda p=log_path: RAY_UP in p.read_text(errors="replace"), PER_CYCLE_S)
+                        _wait_for(proc, lambda d=rng.uniform(0.0, 4.0), t=time.monotonic(): time.monotonic() - t > d, 10)
+                    elif aim == "parts":
+                        _wait_for(proc, lambda b=before: any(p.glob("part-*") for p in _new_runs(out, b)), PER_CYCLE_S)
+                        _wait_for(proc, lambda d=rng.uniform(0.0, 1.5), t=time.monotonic(): time.monotonic() - t > d, 10)
+                    else:
+                        _wait_for(proc, lambda b=before: any((p / "_SUCCESS.json").exists() for p in _new_runs(out, b)),
+                                  PER_CYCLE_S)
+                    if proc.poll() is None:
+                        kills += 1
+                        phases[_phase(out, before, log_path.read_text(errors="replace"))] += 1
+                    else:
+                        phases["finished before the kill"] += 1
+                finally:
+                    _kill_tree(proc, ray_tmp)
+            committed_runs(str(out))  # after every kill: readers never raise
+            read_results(str(out))
+            for _ in range(3):  # the archive grows between nights
+                (data / "new").mkdir(exist_ok=True)
+                (data / "new" / f"n{added:03d}.jpeg").write_bytes(_jpeg(1000 + added, size=(64, 64)))
+                added += 1
+
+        t0 = time.monotonic()
+        final = subprocess.run(cmd, env=_env(ray_tmp), capture_output=True, text=True, timeout=600)
+        final_s = time.monotonic() - t0
+    finally:
+        subprocess.run(["pkill", "-9", "-f", str(ray_tmp)], check=False)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert final.returncode == 0, final.stderr[-3000:]
+
+    inputs = sorted(str(p) for p in data.rglob("*") if p.is_file())
+    rows = read_committed(str(out)).to_pandas()
+    counts = Counter(rows.path)
+    duplicates = sorted(p for p, c in counts.items() if c > 1)
+    missing = sorted(set(inputs) - set(counts))
+    summary = (f"kill test: {kills} kills in {len(aims)} cycles, phases {dict(phases)}; final run {final_s:.0f} s; "
+               f"{len(inputs)} inputs, {len(rows)} committed rows in {len(committed_runs(str(out)))} runs, "
+               f"duplicates {len(duplicates)}, missing {len(missing)}, {time.monotonic() - t_start:.0f} s in all")
+    print(summary)
+    assert kills >= 10, summary
+    assert not duplicates and not missing and len(rows) == len(inputs), summary
+    assert set(rows[rows.status == "error"].path) == {str(data / name) for name in BAD}

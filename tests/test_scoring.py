@@ -70,12 +70,17 @@ def _score(data: str | None, bundle: Path | str, out: Path | str, *extra: str):
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """A random-weight seed_cnn bundle whose threshold splits bright from dark images."""
+    return make_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+def make_bundle(root: Path) -> Path:
+    """`root/b`: a random-weight seed_cnn bundle whose threshold splits bright from dark images
+    (also used by the real-kill test in test_kills.py)."""
     import torch
 
     from pneumo.predict import Predictor
 
     torch.manual_seed(0)
-    root = tmp_path_factory.mktemp("bundle")
     model = get_model("seed_cnn", 2, input_spec=SPEC)
     save_bundle(model, str(root / "b0"), "seed_cnn", ["NORMAL", "PNEUMONIA"], SPEC)
     p = Predictor(str(root / "b0"), precision="fp32")
@@ -236,6 +241,132 @@ def test_killed_run_is_ignored_and_rerun_completes_without_duplicates(ray_local,
     rows = read_committed(str(out)).to_pandas()
     assert sorted(rows.path) == sorted(str(p) for p in data.glob("*.jpeg"))  # every file once: none lost, no dups
     assert set(rows.run_id) == {first.run_id, rerun.run_id}
+
+
+def test_damaged_markers_are_skipped_with_a_warning_and_rescored(ray_local, bundle, tmp_path, caplog) -> None:  # noqa: ANN001
+    data, out = _folder(tmp_path, {})
+    runs = []
+    for k, group in enumerate(("torn", "gone", "garbage")):  # three committed runs, two files each
+        for i in range(2):
+            (data / f"{group}{i}.jpeg").write_bytes(_jpeg(60 + 2 * k + i))
+        runs.append(_score(str(data), bundle, out, "--incremental"))
+    assert [r.n_scored for r in runs] == [2, 2, 2]
+    torn, gone, garbage = (Path(r.run_dir) for r in runs)
+    marker = (torn / SUCCESS_FILE).read_text()
+    (torn / SUCCESS_FILE).write_text(marker[: len(marker) // 2])  # truncated JSON
+    next(gone.glob("part-*.parquet")).unlink()  # the marker names a deleted part
+    next(garbage.glob("part-*.parquet")).write_bytes(b"PAR1 not a parquet file")  # ... an unreadable one
+
+    bad: list = []
+    with caplog.at_level("WARNING", logger="pneumo.scoring"):
+        assert read_results(str(out)).empty  # no exception, nothing trusted
+        assert committed_runs(str(out), bad=bad) == []
+    assert sorted(b.run_id for b in bad) == sorted(r.run_id for r in runs)
+    lines = [r.getMessage() for r in caplog.records if r.name == "pneumo.scoring"]
+    assert len(lines) == 6 and all(line.startswith("ignoring run ") for line in lines)  # one per run per read
+    assert {line.split()[2].rstrip(":") for line in lines} == {r.run_id for r in runs}
+    assert not any(f"{g}{i}.jpeg" in line for line in lines for g in ("torn", "gone", "garbage") for i in (0, 1))
+
+    rerun = _score(str(data), bundle, out, "--incremental")  # every file of a damaged run is scored again
+    assert (rerun.n_scored, rerun.n_skipped) == (6, 0)
+    assert sorted(b["run_id"] for b in rerun.ignored_runs) == sorted(r.run_id for r in runs)
+    assert [m["run_id"] for m in committed_runs(str(out))] == [rerun.run_id]
+    rows = read_committed(str(out)).to_pandas()
+    assert sorted(rows.path) == sorted(str(p) for p in data.glob("*.jpeg"))
+
+
+def _folder(tmp_path: Path, files: dict[str, bytes]) -> tuple[Path, Path]:
+    """`tmp_path/data` holding `files`, and the output folder `tmp_path/out`."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for name, blob in files.items():
+        (data / name).write_bytes(blob)
+    return data, tmp_path / "out"
+
+
+def test_incremental_compares_content_not_size_and_mtime(ray_local, bundle, tmp_path) -> None:  # noqa: ANN001
+    data, out = _folder(tmp_path, {f"x{i}.jpeg": _jpeg(70 + i) for i in range(3)})
+    first = _score(str(data), bundle, out, "--incremental")
+    assert first.n_scored == 3
+
+    target = data / "x1.jpeg"
+    st = target.stat()
+    old = target.read_bytes()
+    new = _jpeg(77)[: len(old)].ljust(len(old), b"\0")  # same size, other bytes (like cp -p of a re-export)
+    assert new != old and len(new) == len(old)
+    target.write_bytes(new)
+    import os
+
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # the old mtime kept
+    assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+    second = _score(str(data), bundle, out, "--incremental")
+    assert (second.n_scored, second.n_skipped) == (1, 2)  # the untouched files are skipped
+    latest = read_results(str(out)).set_index("path")
+    assert latest.loc[str(target), "run_id"] == second.run_id
+    assert latest.loc[str(target), "etag_or_sha256"] == hashlib.sha256(new).hexdigest()
+    assert len(read_committed(str(out))) == 4  # no duplicate rows for the skipped files
+
+    third = _score(str(data), bundle, out, "--incremental")
+    assert (third.n_scored, third.n_skipped) == (0, 3)
+
+
+def test_failed_overlays_are_explain_error_rows_and_long_names_fit(ray_local, bundle, tmp_path) -> None:  # noqa: ANN001
+    long = "p" * 245  # + ".jpeg": a 250-character file name
+    data, out = _folder(tmp_path, {f"{long}.jpeg": _jpeg(80, level=190), f"{long[:-1]}d.jpeg": _jpeg(81, level=0),
+                                   "bright.jpeg": _jpeg(82, level=190), "dark.jpeg": _jpeg(83, level=0)})
+    run_dir = out / "runs" / "20000101T000000Z-noexpl"
+    run_dir.mkdir(parents=True)
+    (run_dir / "explain").write_text("a file where the explain folder should be")
+
+    first = _score(str(data), bundle, out, "--incremental", "--explain", "--run-id", run_dir.name)
+    rows = read_results(str(out))
+    assert len(rows) == 4 and first.counts["ok"] + first.counts["error"] == 4
+    failed = rows[rows.status == "error"]
+    assert len(failed) >= 1 and (failed.error_kind == "explain").all() and first.errors == {"explain": len(failed)}
+    assert failed.label.isna().all() and failed.probability.isna().all()
+    assert failed.error.str.startswith("Grad-CAM overlay not written").all()
+    assert not failed.error.str.contains("ppp").any()  # no file names in messages
+    assert (rows[rows.status == "ok"].label == "NORMAL").all()
+
+    second = _score(str(data), bundle, out, "--incremental", "--explain")  # `explain` rows are retried
+    assert (second.n_scored, second.n_skipped) == (len(failed), 4 - len(failed))
+    redone = read_results(str(out)).set_index("path").loc[list(failed.path)]
+    assert (redone.status == "ok").all() and (redone.label == "PNEUMONIA").all()
+    assert any(len(Path(p).name) == 250 for p in redone.index)  # a 250-character name got its overlay
+    for path in redone.explain_path:
+        assert Path(path).is_file() and len(Path(path).name) < 120
+
+
+def test_a_model_failure_costs_only_the_failing_image(bundle) -> None:  # noqa: ANN001
+    from pneumo.scoring import BundlePredictor
+
+    actor = BundlePredictor(str(bundle), run_id="t")
+    real = actor.predictor.predict_with_features
+
+    def poisoned(images):  # noqa: ANN001, ANN202 - the engine fails on any batch holding image 2
+        if (np.asarray(images) == 7).all(axis=(1, 2)).any():
+            raise RuntimeError("engine error: bad input")
+        return real(images)
+
+    actor.predictor.predict_with_features = poisoned
+    n = 5
+    images = np.stack([np.full((64, 64), 7 if i == 2 else 40 * i + 10, np.uint8) for i in range(n)])
+    batch = {"path": np.array([f"/a/{i}.jpeg" for i in range(n)], dtype=object),
+             "size_bytes": np.full(n, 10), "mtime_ns": np.full(n, 1), "etag_or_sha256": np.full(n, "x", dtype=object),
+             "status": np.array(["ok", "ok", "ok", "ok", "error"], dtype=object),
+             "error": np.array([None] * 4 + ["broken"], dtype=object),
+             "error_kind": np.array([None] * 4 + ["corrupt"], dtype=object), "image": images}
+    rows = actor(batch).to_pylist()
+    assert [r["status"] for r in rows] == ["ok", "ok", "error", "ok", "error"]
+    assert [r["error_kind"] for r in rows] == [None, None, "model", None, "corrupt"]
+    assert rows[2]["error"] == "model failed on this image (RuntimeError: engine error: bad input)"
+    assert all(rows[i]["probability"] is not None for i in (0, 1, 3)) and rows[2]["probability"] is None
+
+    actor.predictor.predict_with_features = None  # anything else failing: the batch's ok rows, not the run
+    rows = actor(batch).to_pylist()
+    assert [r["error_kind"] for r in rows] == ["model"] * 4 + ["corrupt"]
+    assert rows[0]["error"].startswith("model failed on")
 
 
 # ---------------------------------------------------------------- S3 in, S3 out, manifest
