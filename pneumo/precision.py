@@ -14,9 +14,10 @@
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it runs: read tasks and CLIs import this module without it
+    import torch
 
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
 TORCH_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
@@ -30,6 +31,8 @@ class PrecisionError(ValueError):
 
 def bf16_native(device: torch.device) -> bool:
     """True where bf16 matmuls/convs run natively (CUDA with bf16, or a CPU with AVX-512 bf16 / AMX)."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     try:
@@ -67,6 +70,8 @@ def resolve(precision: str, device: torch.device, engine: str = "torch", trainin
 
 def autocast(device: torch.device, precision: str) -> Any:
     """The torch autocast context for a resolved precision (a no-op for fp32)."""
+    import torch
+
     if precision == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     if precision == "fp16":
