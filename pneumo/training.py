@@ -164,7 +164,7 @@ class TrainConfig:
     report: bool = field(default=True, metadata={"help": "write the evaluation report and plots"})
 
     def validate(self) -> None:
-        from pneumo.models import WeightsUnavailable, default_weights, locate_pretrained
+        from pneumo.weights import WeightsUnavailable, default_weights, locate_pretrained
 
         if self.weights == "auto":
             self.weights = default_weights(self.model)
