@@ -1,5 +1,5 @@
 """The training engine: one epoch of either loop, the loss/optimizer/schedule builders and the
-epoch metrics, for `pneumo.training.train_func` (and tests, without Ray).
+epoch metrics, for `pneumo.train_worker.train_func` (and tests, without Ray).
 
 `make_loop(ts).run_epoch(train, val, number) -> (train, eval)` hides which loop runs: `ImageLoop`
 (image batches, augmentation, two-stage fine-tuning) or `pneumo.feature_cache.FeatureLoop`
@@ -210,7 +210,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @dataclass
 class TrainState:
-    """Everything one worker's loop needs (built by `pneumo.training.setup_training`).
+    """Everything one worker's loop needs (built by `pneumo.train_worker.setup_training`).
 
     `trainable` is what the optimizer steps, wrapped by `wrap` (Ray's `prepare_model` -> DDP on
     workers, identity in tests): the whole model, or only its classifier with `cache_features`.
