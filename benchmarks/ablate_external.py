@@ -89,7 +89,7 @@ def build_backbone(bb: str):
         from pneumo.models import get_model
 
         model = get_model("efficientnet_lite0", 2, weights="pretrained")
-    else:  # same file format as lite0: map key-by-key in order (pneumo.models._map_in_order)
+    else:  # same file format as lite0: map key-by-key in order (pneumo.weights._map_in_order)
         model = timm.create_model(timm_name, pretrained=False, num_classes=1000)
         path = getattr(importlib.import_module(pkg), cls).get_model_file_path()
         raw = torch.load(path, map_location="cpu", weights_only=True)

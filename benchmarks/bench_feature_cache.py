@@ -3,7 +3,7 @@
     python benchmarks/bench_feature_cache.py [--n 512] [--threads 2] [--model efficientnet_lite0]
 
 Before: eager torch, channels_last fp32 (what `cache_features` ran until the ONNX engine).
-After:  `pneumo.engine.backbone_features` as training runs it now: the scoring graph exported to
+After:  `pneumo.feature_cache.backbone_features` as training runs it now: the scoring graph exported to
 ONNX and run by ONNX Runtime (checked against torch on the first batch).
 Both on the same decoded real X-rays (../shared/data/chest_xray_224), batch 64, in one run.
 """
@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pneumo.engine import backbone_features  # noqa: E402
+from pneumo.feature_cache import backbone_features  # noqa: E402
 from pneumo.models import get_model, get_spec  # noqa: E402
 from pneumo.reading import read_image  # noqa: E402
 

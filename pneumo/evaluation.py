@@ -1,13 +1,14 @@
-"""Evaluation reports: metrics with bootstrap 95% CIs, confusion matrix, calibration, PNG plots.
+"""`pneumo evaluate`: a model bundle on a labelled split, on Ray Data, into an evaluation report.
 
     pneumo evaluate BUNDLE DATA --split test --out runs/demo/eval [--s3-endpoint URL]
 
-`write_report` turns labels + probabilities into `report.json`, `report.md` and PNGs (training
-calls it for its val/test splits); `evaluate_bundle` does the whole path for any bundle on any
-labelled split: list the split with the same patient-grouped carve-out training used (read from
-the bundle's manifest), preprocess with `pneumo.preprocess.load_image`, score with
-`pneumo.predict.Predictor`, and report at the bundle's own threshold. Files that cannot be
-read or decoded are listed in the report, never dropped silently.
+`evaluate_bundle(cfg)` lists the split with the same patient-grouped carve-out training used
+(read from the bundle's manifest), then runs the pipeline batch scoring runs
+(`pneumo.scoring`): `ray.data.from_items` -> `read_and_preprocess` tasks (`pneumo.reading`)
+-> a `BundlePredictor` actor pool sized by `size_pool`, and back in the driver joins the
+labels by path, writes `predictions.csv` and reports at the bundle's own threshold
+(`pneumo.report.write_report`). Files that cannot be read or decoded are listed in the
+report, never dropped silently.
 
 The positive score is `1 - P(NORMAL)`; a case is called pneumonia when `score >= threshold`.
 """
@@ -15,13 +16,8 @@ The positive score is `1 - P(NORMAL)`; a case is called pneumonia when `score >=
 from __future__ import annotations
 
 import csv
-import datetime as _dt
-import json
-import math
-import os
 import sys
-from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,240 +30,12 @@ from pneumo.data import (
     SPLITS,
     DataError,
     ImageRecord,
-    acquisition_group,
     fingerprint,
     labelled_splits,
 )
 from pneumo.precision import PRECISIONS
 from pneumo.predict import ENGINES
-from pneumo.privacy import redact_errors
-
-REPORT_METRICS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
-                                   "average_precision")
-METRIC_NAMES: dict[str, str] = {
-    "auc": "AUC (ROC)", "accuracy": "Accuracy", "sensitivity": "Sensitivity (recall)",
-    "specificity": "Specificity", "ppv": "PPV (precision)", "npv": "NPV", "f1": "F1",
-    "average_precision": "Average precision",
-}
-PLOTS: dict[str, str] = {"roc": "roc.png", "pr": "pr.png", "calibration": "calibration.png",
-                         "confusion": "confusion.png", "training_curves": "training_curves.png"}
-
-
-# ---------------------------------------------------------------- report
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: numpy scalars/arrays to Python, nan/inf to None, tuples to lists."""
-    if isinstance(value, Mapping):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [_clean(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _fmt(value: Any, digits: int = 4) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "n/a"
-    return f"{value:.{digits}f}"
-
-
-def _threshold_text(threshold: Mapping[str, Any], split: str) -> str:
-    method = threshold.get("method", "default")
-    value = float(threshold["value"])
-    if method == "target_sensitivity":
-        how = f"the highest threshold reaching sensitivity >= {threshold.get('target')} on the validation split"
-    elif method == "youden":
-        how = "maximising Youden's J (sensitivity + specificity - 1) on the validation split"
-    else:
-        how = f"method `{method}` (not tuned on data)"
-    chosen_on = threshold.get("chosen_on", "val" if method in M.THRESHOLD_METHODS else None)
-    text = (f"Decision threshold **{value:.4f}** on the positive score 1 - P(NORMAL) (pneumonia when "
-            f"score >= threshold), chosen by {how}. It is chosen on validation data only, never on test.")
-    if chosen_on == split:
-        text += (f"\n\n> Note: this report is on the `{split}` split, the same data the threshold was chosen on, "
-                 "so its thresholded metrics are optimistic; the `test` report is the honest one.")
-    return text
-
-
-def _markdown(report: dict[str, Any], threshold: Mapping[str, Any]) -> str:
-    split, classes = report["split"], report["classes"]
-    level = int(round(100 * report["ci_level"]))
-    lines = [f"# Evaluation: `{split}` split", ""]
-    if report.get("bundle"):
-        b = report["bundle"]
-        lines += [f"Model `{b.get('model')}`, bundle `{b.get('location')}` (version `{b.get('version')}`).", ""]
-    counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
-    lines += [f"{report['n']} images ({counts}); positive class: pneumonia (any class but NORMAL).", ""]
-    if report["n_errors"]:
-        lines += [f"**{report['n_errors']} file(s) could not be read or decoded and are not in the metrics** "
-                  "(listed below).", ""]
-    lines += ["## Metrics", "",
-              f"| metric | value | {level}% CI |", "| --- | ---: | ---: |"]
-    for key in REPORT_METRICS:
-        ci = report["ci"].get(key)
-        ci_text = f"{_fmt(ci[0])} - {_fmt(ci[1])}" if ci else ""
-        lines.append(f"| {METRIC_NAMES[key]} | {_fmt(report['metrics'].get(key))} | {ci_text} |")
-    lines += ["", f"CIs: {report['bootstrap']}.", "",
-              "## Threshold", "", _threshold_text(threshold, split), "",
-              "## Confusion matrix", "", "Rows: true class; columns: predicted class (at the threshold).", "",
-              "| true \\ predicted | " + " | ".join(classes) + " |",
-              "| --- |" + " ---: |" * len(classes)]
-    for name, row in zip(classes, report["confusion_matrix"]):
-        lines.append(f"| **{name}** | " + " | ".join(f"{v:,}" for v in row) + " |")
-    c = report["confusion"]
-    lines += ["", f"Pneumonia vs normal: TP {c['tp']}, FN {c['fn']}, FP {c['fp']}, TN {c['tn']}.", ""]
-    if "multiclass" in report:
-        mc = report["multiclass"]
-        lines += ["## Per class (one-vs-rest)", "", f"Class accuracy {_fmt(mc['accuracy'])}, "
-                  f"macro AUC {_fmt(mc['macro_auc'])}.", "",
-                  "| class | AUC | recall | precision | support |", "| --- | ---: | ---: | ---: | ---: |"]
-        for name, pc in mc["per_class"].items():
-            lines.append(f"| {name} | {_fmt(pc['auc'])} | {_fmt(pc['recall'])} | {_fmt(pc['precision'])} | "
-                         f"{pc['support']} |")
-        lines.append("")
-    if report.get("groups"):
-        lines += _groups_markdown(report["groups"])
-    cal = report["calibration"]
-    lines += ["## Calibration", "",
-              f"ECE {_fmt(cal['ece'])}, MCE {_fmt(cal['mce'])}, Brier score {_fmt(cal['brier'])} "
-              f"({len(cal['counts'])} equal-width bins of the positive score).", ""]
-    if report["plots"]:
-        lines += ["## Plots", ""]
-        for name, file in report["plots"].items():
-            lines += [f"![{name}]({file})", ""]
-    if report["errors"]:
-        lines += [f"## Files not evaluated ({report['n_errors']})", "", "| file | kind | reason |",
-                  "| --- | --- | --- |"]
-        for e in report["errors"]:
-            reason = str(e.get("reason", e.get("error", ""))).replace("|", "/")
-            lines.append(f"| `{e.get('path', '?')}` | {e.get('kind', '')} | {reason} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def _groups_markdown(g: Mapping[str, Any]) -> list[str]:
-    lines = ["## Per acquisition group", "",
-             "Pooled figures hide a weak series; the worst group is the figure to plan with.", "",
-             "| group | n | positives | sensitivity | specificity | AUC |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for name, row in g["groups"].items():
-        lines.append(f"| {name} | {row['n']} | {row['positives']} | {_fmt(row.get('sensitivity'))} | "
-                     f"{_fmt(row.get('specificity'))} | {_fmt(row.get('auc'))} |")
-    for key in ("sensitivity", "specificity", "auc"):
-        if key in g["worst"]:
-            w = g["worst"][key]
-            lines.append(f"\nWorst {key}: **{_fmt(w['value'])}** ({w['group']}), mean over groups "
-                         f"{_fmt(g['mean'][key])}.")
-    return [*lines, ""]
-
-
-def write_report(
-    out_dir: str | os.PathLike,
-    y_true: Sequence[int] | np.ndarray,
-    probs: np.ndarray,
-    classes: Sequence[str],
-    threshold: Mapping[str, Any],
-    split: str,
-    history: Sequence[Mapping[str, Any]] | None = None,
-    extra: Mapping[str, Any] | None = None,
-    *,
-    errors: Sequence[Mapping[str, Any]] | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    alpha: float = 0.05,
-    paths: Sequence[str] | None = None,
-) -> dict[str, Any]:
-    """Write `report.json`, `report.md` and the PNGs for one split; returns the report dict.
-
-    `y_true`: class indices into `classes`; `probs`: float[N, len(classes)]; `threshold`: the
-    bundle's threshold dict (`value`, `method`, `target`). Metrics are pneumonia (any class but
-    NORMAL) vs NORMAL on 1 - P(NORMAL) at `threshold["value"]`, each with a stratified bootstrap
-    `1 - alpha` CI; three-class reports add per-class one-vs-rest metrics. `errors` (files not
-    evaluated, as {path, kind, reason}) are listed in the report; `extra` is stored as is.
-    With `paths`, metrics per acquisition group (`pneumo.data.acquisition_group`) and the worst
-    group are added: a validation that flatters less than the pooled figures.
-    """
-    from pneumo import plots
-
-    classes = list(classes)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    y_idx = np.asarray(y_true, dtype=np.int64).reshape(-1)
-    probs = np.asarray(probs, dtype=np.float64).reshape(len(y_idx), len(classes))
-    value = float(threshold["value"])
-    neg = M.negative_index(classes)
-    y, score = y_idx != neg, M.positive_score(probs, classes)
-    binary = M.binary_metrics(y, score, value)
-    multi = M.multiclass_metrics(y_idx, probs, classes, threshold=value)
-    ci = M.bootstrap_ci(y, score, value, n_boot=n_boot, seed=seed, alpha=alpha)
-    errors = redact_errors(errors or [])  # file names carry patient ids (pneumo.privacy)
-    report: dict[str, Any] = {
-        "split": split,
-        "n": int(y.size),
-        "n_errors": len(errors),
-        "classes": classes,
-        "counts": {c: int((y_idx == i).sum()) for i, c in enumerate(classes)},
-        "positive": "any class but NORMAL; score = 1 - P(NORMAL)",
-        "threshold": dict(threshold),
-        "metrics": {k: binary[k] for k in REPORT_METRICS},
-        "ci": {k: list(v) for k, v in ci.items()},
-        "ci_level": 1 - alpha,
-        "bootstrap": f"stratified percentile bootstrap, {n_boot} resamples, seed {seed}",
-        "confusion": binary["confusion"],
-        "confusion_matrix": multi["confusion_matrix"],
-        "calibration": M.calibration(y, np.clip(score, 0.0, 1.0)),
-        "plots": {},
-        "errors": errors,
-        "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-    }
-    if paths is not None and len(paths) == y.size and y.size:
-        report["groups"] = M.group_metrics(y, score, [acquisition_group(p) for p in paths], value)
-    if len(classes) > 2:
-        report["multiclass"] = {k: multi[k] for k in ("accuracy", "macro_auc", "per_class")}
-    if extra:
-        report["bundle"] = extra.get("bundle")
-        report["extra"] = {k: v for k, v in extra.items() if k != "bundle"}
-    if y.size:
-        report["plots"]["roc"] = plots.roc_plot(y, score, out / PLOTS["roc"], threshold=value,
-                                                title=f"ROC, {split} split (pneumonia vs normal)").name
-        report["plots"]["pr"] = plots.pr_plot(y, score, out / PLOTS["pr"], threshold=value,
-                                              title=f"Precision-recall, {split} split").name
-        report["plots"]["calibration"] = plots.calibration_plot(
-            y, np.clip(score, 0.0, 1.0), out / PLOTS["calibration"], title=f"Reliability, {split} split").name
-        report["plots"]["confusion"] = plots.confusion_plot(
-            multi["confusion_matrix"], classes, out / PLOTS["confusion"],
-            title=f"Confusion matrix, {split} split (threshold {value:.3f})").name
-    if history:
-        report["plots"]["training_curves"] = plots.training_curves(history, out / PLOTS["training_curves"]).name
-    report = _clean(report)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(_markdown(report, threshold))
-    return report
-
-
-def summary_table(report: Mapping[str, Any]) -> str:
-    """A plain-text metric table with CIs, for the terminal."""
-    level = int(round(100 * report["ci_level"]))
-    t = report["threshold"]
-    lines = [f"[pneumo evaluate] {report['split']} split: {report['n']} images"
-             + (f", {report['n_errors']} not evaluated (unreadable/undecodable)" if report["n_errors"] else ""),
-             f"  threshold {float(t['value']):.4f} ({t.get('method', 'default')}"
-             + (f", target sensitivity {t['target']}" if t.get("target") else "") + ")",
-             f"  {'metric':<22}{'value':>8}   {level}% CI"]
-    for key in REPORT_METRICS:
-        ci = report["ci"].get(key)
-        ci_text = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
-        lines.append(f"  {METRIC_NAMES[key]:<22}{_fmt(report['metrics'].get(key)):>8}   {ci_text}")
-    c = report["confusion"]
-    lines.append(f"  confusion: TP {c['tp']}  FN {c['fn']}  FP {c['fp']}  TN {c['tn']}")
-    if "multiclass" in report:
-        lines.append(f"  class accuracy {_fmt(report['multiclass']['accuracy'])}, "
-                     f"macro AUC {_fmt(report['multiclass']['macro_auc'])}")
-    return "\n".join(lines)
-
+from pneumo.report import summary_table, write_report
 
 # ---------------------------------------------------------------- evaluate a bundle
 
@@ -300,105 +68,6 @@ def split_parameters(
     return out
 
 
-def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
-
-
-def _load(record: ImageRecord, spec: Any, s3_endpoint: str | None) -> np.ndarray | dict[str, str]:
-    """uint8[S, S] for a record, or an error row {path, kind, reason} (`pneumo.reading` kinds)."""
-    from pneumo.reading import read_image
-
-    res = read_image(record.path, spec, s3_endpoint)
-    if res.error is None:
-        return res.image
-    return {"path": record.path, "kind": res.error.kind, "reason": res.error.message}
-
-
-def evaluate_bundle(
-    bundle: str,
-    data: str,
-    split: str = "test",
-    out: str | os.PathLike = "eval",
-    s3_endpoint: str | None = None,
-    batch_size: int = 64,
-    label_set: str | None = None,
-    val_frac: float | None = None,
-    test_frac: float | None = None,
-    seed: int | None = None,
-    device: str = "auto",
-    precision: str = "auto",
-    engine: str = "auto",
-    workers: int = 4,
-    n_boot: int = 1000,
-) -> dict[str, Any]:
-    """Evaluate `bundle` on `split` of the labelled dataset at `data`; writes the report to `out`.
-
-    The split is carved exactly as in training (parameters from the bundle's manifest unless
-    given). Writes `predictions.csv` (path, label, score, predicted, per-class probabilities)
-    next to the report. Returns the report dict.
-    """
-    from pneumo.predict import Predictor, decide
-
-    if split not in SPLITS:
-        raise DataError(f"split {split!r}; valid: {', '.join(SPLITS)}")
-    predictor = Predictor(bundle, s3_endpoint=s3_endpoint, device=device, precision=precision, engine=engine,
-                          max_batch=batch_size)
-    manifest, classes = predictor.manifest, list(predictor.classes)
-    params = split_parameters(manifest.training, classes, label_set, val_frac, test_frac, seed)
-    records = labelled_splits(data, s3_endpoint=s3_endpoint, **params)
-    chosen = [r for r in records if r.split == split]
-    if not chosen:
-        present = sorted({r.split for r in records if r.split})
-        raise DataError(f"{data}: no images in split {split!r} (splits present: {', '.join(present)}; "
-                        f"carve-out val_frac={params['val_frac']}, test_frac={params['test_frac']})")
-    rows: list[tuple[ImageRecord, np.ndarray]] = []
-    errors: list[dict[str, str]] = []
-    spec = predictor.spec
-    probs_parts = []
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for chunk in _chunks(chosen, max(batch_size, 1) * 4):
-            batch = []
-            for rec, result in zip(chunk, pool.map(lambda r: _load(r, spec, s3_endpoint), chunk)):
-                if isinstance(result, dict):
-                    errors.append(result)
-                else:
-                    batch.append((rec, result))
-            if batch:
-                probs_parts.append(predictor.predict(np.stack([img for _, img in batch])))
-                rows.extend(batch)
-    probs = np.concatenate(probs_parts) if probs_parts else np.zeros((0, len(classes)), np.float32)
-    y_idx = np.array([classes.index(rec.label) for rec, _ in rows], dtype=np.int64)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    predicted = decide(probs, classes, predictor.threshold) if len(probs) else []
-    score = M.positive_score(probs, classes)
-    with open(out / "predictions.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "label", "score", "predicted", *[f"p_{c}" for c in classes]])
-        for (rec, _), s, p, pr in zip(rows, score, predicted, probs):
-            w.writerow([rec.path, rec.label, f"{s:.6f}", p, *[f"{v:.6f}" for v in pr]])
-    trained_on = manifest.training.get("data_fingerprint")
-    extra = {
-        "bundle": {"location": str(bundle), "model": manifest.model, "version": manifest.version,
-                   "sha256": manifest.sha256},
-        "data": str(data),
-        "split_parameters": params,
-        "data_fingerprint": fingerprint(records),
-        "same_data_as_training": (fingerprint(records) == trained_on) if trained_on else None,
-        "predictions": "predictions.csv",
-        "engine": predictor.engine,
-        "precision": predictor.precision,
-        "device": str(predictor.device),
-    }
-    history = manifest.training.get("history") or None
-    return write_report(out, y_idx, probs, classes, manifest.threshold, split, history, extra,
-                        errors=errors, n_boot=n_boot, paths=[rec.path for rec, _ in rows])
-
-
-# ---------------------------------------------------------------- CLI
-
-
 @dataclass
 class EvaluateConfig:
     """Evaluate a model bundle on a labelled split: metrics with bootstrap 95% CIs, report and plots."""
@@ -408,23 +77,134 @@ class EvaluateConfig:
     split: str = field(default="test", metadata={"choices": list(SPLITS), "help": "split to evaluate"})
     out: str = field(default="eval", metadata={"help": "output folder for report.json, report.md and PNGs"})
     s3_endpoint: str | None = field(default=None, metadata={"help": "S3-compatible endpoint, e.g. http://host:8333"})
-    batch_size: int = field(default=64, metadata={"help": "images per forward pass"})
+    batch_size: int = field(default=64, metadata={"help": "images per model call"})
     label_set: str | None = field(default=None, metadata={"choices": list(LABEL_SETS),
                                                           "help": "default: the bundle's training label set"})
     val_frac: float | None = field(default=None, metadata={"help": "carve-out; default: as in training"})
     test_frac: float | None = field(default=None, metadata={"help": "carve-out; default: as in training"})
     seed: int | None = field(default=None, metadata={"help": "carve-out seed; default: as in training"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    device: str = field(default="auto", metadata={
+        "help": "auto (a GPU per model actor where the cluster has GPUs), cpu or cuda"})
     precision: str = field(default="auto", metadata={"choices": list(PRECISIONS)})
     engine: str = field(default="auto", metadata={"choices": list(ENGINES), "help": "auto: ONNX Runtime on CPU"})
-    workers: int = field(default=4, metadata={"help": "threads reading and decoding images"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the CIs"})
 
     def validate(self) -> None:
         from pneumo.config import ConfigError
 
-        if self.batch_size < 1 or self.workers < 1 or self.n_boot < 1:
-            raise ConfigError("batch_size, workers and n_boot must be >= 1")
+        if self.batch_size < 1 or self.n_boot < 1:
+            raise ConfigError("batch_size and n_boot must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"device={self.device!r}; valid: auto, cpu, cuda")
+
+
+def _gpus_per_actor(device: str) -> float:
+    """One GPU per model actor for cuda, none for cpu; auto: one where the Ray cluster has GPUs."""
+    import ray
+
+    if device == "auto":
+        return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+    return 0.0 if device == "cpu" else 1.0
+
+
+def score_records(cfg: EvaluateConfig, records: Sequence[ImageRecord], spec: Any) -> dict[str, dict[str, Any]]:
+    """Batch scoring's Ray Data pipeline over `records`: their output rows (`pneumo.scoring.OUTPUT_SCHEMA`) by path."""
+    import ray
+
+    from pneumo.scoring import (
+        BundlePredictor,
+        ScoreConfig,
+        _ensure_ray,
+        read_and_preprocess,
+        size_pool,
+    )
+
+    _ensure_ray()
+    gpus = _gpus_per_actor(cfg.device)
+    score_cfg = ScoreConfig(data=cfg.data, bundle=cfg.bundle, out=cfg.out, s3_endpoint=cfg.s3_endpoint,
+                            engine=cfg.engine, precision=cfg.precision, batch_size=cfg.batch_size,
+                            gpus_per_actor=gpus)
+    pool = size_pool(score_cfg)
+    items = [{"path": r.path, "size_bytes": int(r.size), "mtime_ns": int(r.mtime_ns)} for r in records]
+    n_blocks = max(1, min(len(items), -(-len(items) // score_cfg.read_batch_size)))
+    ds = ray.data.from_items(items, override_num_blocks=n_blocks).map_batches(
+        read_and_preprocess,
+        fn_kwargs={"spec": spec, "s3_endpoint": cfg.s3_endpoint},
+        batch_size=score_cfg.read_batch_size, batch_format="numpy", num_cpus=score_cfg.read_cpus,
+    ).map_batches(
+        BundlePredictor,
+        fn_constructor_kwargs={"bundle": cfg.bundle, "run_id": "evaluate", "s3_endpoint": cfg.s3_endpoint,
+                               "engine": cfg.engine, "precision": cfg.precision, "threads": pool.threads},
+        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=pool.cpus_per_actor, num_gpus=gpus,
+    )
+    columns = ["path", "status", "error", "error_kind", "probabilities", "engine", "precision"]
+    return {row["path"]: row for row in ds.select_columns(columns).take_all()}
+
+
+def evaluate_bundle(cfg: EvaluateConfig) -> dict[str, Any]:
+    """Evaluate `cfg.bundle` on `cfg.split` of the labelled dataset at `cfg.data`; writes the report to `cfg.out`.
+
+    The split is carved exactly as in training (parameters from the bundle's manifest unless
+    given). Writes `predictions.csv` (path, label, score, predicted, per-class probabilities)
+    next to the report. Returns the report dict.
+    """
+    from pneumo.bundle import read_manifest
+    from pneumo.predict import decide
+
+    if cfg.split not in SPLITS:
+        raise DataError(f"split {cfg.split!r}; valid: {', '.join(SPLITS)}")
+    manifest = read_manifest(cfg.bundle, cfg.s3_endpoint)
+    classes = list(manifest.classes)
+    params = split_parameters(manifest.training, classes, cfg.label_set, cfg.val_frac, cfg.test_frac, cfg.seed)
+    records = labelled_splits(cfg.data, s3_endpoint=cfg.s3_endpoint, **params)
+    chosen = [r for r in records if r.split == cfg.split]
+    if not chosen:
+        present = sorted({r.split for r in records if r.split})
+        raise DataError(f"{cfg.data}: no images in split {cfg.split!r} (splits present: {', '.join(present)}; "
+                        f"carve-out val_frac={params['val_frac']}, test_frac={params['test_frac']})")
+    scored = score_records(cfg, chosen, manifest.input)
+    rows: list[ImageRecord] = []
+    errors: list[dict[str, str]] = []
+    probs_rows = []
+    for rec in chosen:  # the listing's order, whatever order the actors finished in
+        row = scored[rec.path]
+        if row["status"] == "ok":
+            rows.append(rec)
+            probs_rows.append(np.asarray(row["probabilities"], dtype=np.float32))
+        else:
+            errors.append({"path": rec.path, "kind": row["error_kind"], "reason": row["error"]})
+    probs = np.stack(probs_rows) if probs_rows else np.zeros((0, len(classes)), np.float32)
+    y_idx = np.array([classes.index(rec.label) for rec in rows], dtype=np.int64)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    predicted = decide(probs, classes, manifest.threshold_value) if len(probs) else []
+    score = M.positive_score(probs, classes)
+    with open(out / "predictions.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "score", "predicted", *[f"p_{c}" for c in classes]])
+        for rec, s, p, pr in zip(rows, score, predicted, probs):
+            w.writerow([rec.path, rec.label, f"{s:.6f}", p, *[f"{v:.6f}" for v in pr]])
+    trained_on = manifest.training.get("data_fingerprint")
+    first = scored[chosen[0].path]  # every row carries its actor's engine and precision
+    extra = {
+        "bundle": {"location": str(cfg.bundle), "model": manifest.model, "version": manifest.version,
+                   "sha256": manifest.sha256},
+        "data": str(cfg.data),
+        "split_parameters": params,
+        "data_fingerprint": fingerprint(records),
+        "same_data_as_training": (fingerprint(records) == trained_on) if trained_on else None,
+        "predictions": "predictions.csv",
+        "engine": first["engine"],
+        "precision": first["precision"],
+        "device": "cuda" if _gpus_per_actor(cfg.device) else "cpu",
+    }
+    history = manifest.training.get("history") or None
+    return write_report(out, y_idx, probs, classes, manifest.threshold, cfg.split, history, extra,
+                        errors=errors, n_boot=cfg.n_boot, paths=[rec.path for rec in rows])
+
+
+# ---------------------------------------------------------------- CLI
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,11 +214,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = parse_config(EvaluateConfig, argv, prog="pneumo evaluate")
     try:
-        report = evaluate_bundle(
-            cfg.bundle, cfg.data, split=cfg.split, out=cfg.out, s3_endpoint=cfg.s3_endpoint,
-            batch_size=cfg.batch_size, label_set=cfg.label_set, val_frac=cfg.val_frac, test_frac=cfg.test_frac,
-            seed=cfg.seed, device=cfg.device, precision=cfg.precision, engine=cfg.engine, workers=cfg.workers, n_boot=cfg.n_boot,
-        )
+        report = evaluate_bundle(cfg)
     except (DataError, BundleError) as exc:
         print(f"pneumo evaluate: error: {exc}", file=sys.stderr)
         return 2

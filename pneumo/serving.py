@@ -108,13 +108,14 @@ class _Loaded:
     predictor: Any
     bundle: str
     s3_endpoint: str | None
-    drift: Any = None  # pneumo.drift.DriftWindow when the bundle has a drift reference
+    drift: Any = None  # pneumo.drift_window.DriftWindow when the bundle has a drift reference
     explain_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 def _load(args: ServeArgs, bundle: str, s3_endpoint: str | None) -> _Loaded:
     from pneumo import drift
     from pneumo.bundle import read_file
+    from pneumo.drift_window import DriftWindow
     from pneumo.predict import Predictor
 
     p = Predictor(bundle, s3_endpoint, device=args.device, precision=args.precision, engine=args.engine,
@@ -122,7 +123,7 @@ def _load(args: ServeArgs, bundle: str, s3_endpoint: str | None) -> _Loaded:
     window = None
     if args.drift_window and drift.FILE_NAME in p.manifest.files:
         ref = drift.DriftReference.from_bytes(read_file(bundle, p.manifest, drift.FILE_NAME, s3_endpoint))
-        window = drift.DriftWindow(ref, size=args.drift_window, every_s=args.drift_every_s)
+        window = DriftWindow(ref, size=args.drift_window, every_s=args.drift_every_s)
     _probe(p)  # a bundle that cannot score is refused before it serves
     return _Loaded(p, bundle, s3_endpoint, window)
 

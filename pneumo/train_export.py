@@ -152,7 +152,7 @@ def write_reports(out: str, splits: dict[str, dict[str, np.ndarray]], probs: dic
                   skipped: list[dict] | None = None, s3_endpoint: str | None = None) -> dict[str, Any]:
     """The evaluation helper's JSON + Markdown + PNG report for val (and test) under `<out>/report/`
     (written locally, then copied when `out` is s3://)."""
-    from pneumo.evaluation import write_report
+    from pneumo.report import write_report
 
     errors = [{"path": e["path"], "split": e["split"], "kind": e["error"].split(":")[0],
                "reason": e["error"].partition(": ")[2]} for e in skipped or []]

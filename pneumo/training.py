@@ -4,7 +4,7 @@
 
 Flow: `pneumo.data.labelled_splits` (val/test carved by patient when missing) ->
 `pneumo.ingest.build_datasets` (Ray Data, shared preprocessing, bad files reported) ->
-`TorchTrainer(train_func)` on `num_workers` workers (CPU by default, `--gpus-per-worker` for
+`TorchTrainer(pneumo.train_worker.train_func)` on `num_workers` workers (CPU by default, `--gpus-per-worker` for
 GPU with AMP + channels_last), each consuming its `get_dataset_shard("train")` with on-the-fly
 augmentation -> per-epoch `ray.train.report` of val loss / accuracy / AUC / sensitivity /
 specificity with a rank-0 checkpoint (safetensors + JSON, best kept by val AUC) -> the best
@@ -17,8 +17,8 @@ hands it to the workers); a worker failure restarts the group from the latest ch
 (`FailureConfig(max_failures)`), so epochs are neither repeated nor skipped.
 
 Module layout: `pneumo.engine` (one epoch of either loop, loss/optimizer/schedule, metrics),
-`pneumo.checkpoints` (epoch checkpoints, resume point) and this module (config, worker setup, the
-Ray Train loop, the driver).
+`pneumo.checkpoints` (epoch checkpoints, resume point), `pneumo.train_worker` (worker setup, the
+Ray Train loop) and this module (config, the driver).
 
 Fault injection, for tests only: with `PNEUMO_TEST_FAIL_AT_EPOCH=N:MARKER` in the driver's
 environment (`fit` forwards it to the workers), the last worker exits at epoch N unless the file
@@ -27,31 +27,18 @@ MARKER exists, and creates it first, so the failure happens once.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
-
 from pneumo import logs
 from pneumo.augment import Augment
-from pneumo.checkpoints import (
-    latest_checkpoint,
-    load_weights,
-    read_state,
-    restore_checkpoint,
-    save_checkpoint,
-)
-from pneumo.config import ConfigError, config_text, from_dict, parse_config, to_dict
+from pneumo.checkpoints import load_weights, read_state
+from pneumo.config import ConfigError, config_text, parse_config, to_dict
 from pneumo.data import (
     LABEL_SETS,
     fingerprint,
@@ -61,29 +48,16 @@ from pneumo.data import (
     resolve_filesystem,
     write_bytes,
 )
-from pneumo.engine import (
-    OPTIMIZERS,
-    SCHEDULERS,
-    TrainState,
-    class_weights_for,
-    make_loop,
-    make_loss,
-    make_optimizer,
-    make_scheduler,
-    precision_for,
-    progress_line,
-    run_epoch,
-)
+from pneumo.engine import OPTIMIZERS, SCHEDULERS, class_weights_for
 from pneumo.export import TTA_MODES
 from pneumo.metrics import THRESHOLD_METHODS
-from pneumo.models import FINETUNE_MODES, get_model, get_spec, list_models, set_finetune
+from pneumo.models import FINETUNE_MODES, get_model, get_spec, list_models
 from pneumo.precision import TORCH_PRECISIONS_AUTO
 from pneumo.preprocess import EQUALIZE_MODES, InputSpec
 from pneumo.privacy import redact_errors
 from pneumo.train_export import CALIBRATIONS
 
 BALANCE = ("none", "weighted_loss", "oversample")
-FAULT_ENV = "PNEUMO_TEST_FAIL_AT_EPOCH"
 
 
 JOB_PLACEHOLDER = "{job}"
@@ -164,7 +138,7 @@ class TrainConfig:
     report: bool = field(default=True, metadata={"help": "write the evaluation report and plots"})
 
     def validate(self) -> None:
-        from pneumo.models import WeightsUnavailable, default_weights, locate_pretrained
+        from pneumo.weights import WeightsUnavailable, default_weights, locate_pretrained
 
         if self.weights == "auto":
             self.weights = default_weights(self.model)
@@ -221,86 +195,6 @@ class TrainConfig:
         return Augment(self.rotation, self.shift, self.zoom, self.hflip)
 
 
-# ---------------------------------------------------------------- the Ray Train loop
-
-
-def setup_training(cfg: TrainConfig, classes: list[str], spec: InputSpec, class_weights: list[float] | None = None,
-                   device: torch.device | None = None, rank: int = 0, world: int = 1,
-                   wrap: Callable[[nn.Module], nn.Module] | None = None, resume: str | None = None) -> TrainState:
-    """One worker's model, optimizer, schedule, loss and counters, restored from the checkpoint
-    folder `resume` when given, on `device` and wrapped by `wrap` (Ray's `prepare_model`; identity
-    by default, so tests can call this without Ray)."""
-    device = device or torch.device("cpu")
-    torch.set_num_threads(max(1, cfg.threads or cfg.cpus_per_worker))
-    torch.manual_seed(cfg.seed + rank)
-    precision = precision_for(cfg.precision, device)
-    model = get_model(cfg.model, len(classes), weights=cfg.weights, input_spec=spec)
-    set_finetune(model, cfg.model, cfg.finetune, cfg.n_blocks)  # the optimizer gets the final stage's set
-    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
-    scheduler = make_scheduler(cfg, optimizer)
-    loss_fn = make_loss(len(classes), class_weights if cfg.balance == "weighted_loss" else None).to(device)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_loss": math.inf, "bad_epochs": 0,
-                             "best_auc": -1.0, "best_epoch": 0, "stopped": False}
-    if resume is not None:
-        state = restore_checkpoint(resume, model, optimizer, scheduler)
-    state.setdefault("starts", []).append(state["epoch"])  # where each attempt began (resume/failure audit)
-    model = model.to(device)
-    if cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ts = TrainState(cfg, list(classes), spec, model, optimizer, scheduler, loss_fn, scaler, device, precision,
-                    state, rank, world, wrap or (lambda m: m),
-                    generator=torch.Generator().manual_seed(cfg.seed * 1000 + rank))
-    ts.set_stage(ts.stage_for(state["epoch"]))
-    return ts
-
-
-def _test_fault(rank: int, world: int, number: int) -> None:
-    """`PNEUMO_TEST_FAIL_AT_EPOCH=N:MARKER` (tests only): the last worker exits at epoch N, once."""
-    at, _, marker = os.environ.get(FAULT_ENV, "").partition(":")
-    if at and int(at) == number and rank == world - 1 and marker and not os.path.exists(marker):
-        Path(marker).write_text(f"worker {rank} exited at epoch {number}\n")
-        logs.worker_line(f"[pneumo train] test failure injection: rank {rank} exits at epoch {number}")
-        os._exit(1)
-
-
-def train_func(config: dict[str, Any]) -> None:
-    """Ray Train worker loop: `config` = {"cfg": TrainConfig as dict, "classes", "spec", "class_weights"}."""
-    import ray.train
-    import ray.train.torch
-
-    cfg = from_dict(TrainConfig, config["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    checkpoint = latest_checkpoint(ray.train.get_checkpoint(), config.get("storage"), cfg.run_name,
-                                   cfg.s3_endpoint)
-    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as resume:
-        ts = setup_training(cfg, list(config["classes"]), InputSpec.from_dict(config["spec"]),
-                            config.get("class_weights"), ray.train.torch.get_device(), rank, world,
-                            ray.train.torch.prepare_model, resume)
-    if checkpoint is not None and rank == 0:
-        logs.worker_line(f"[pneumo train] resuming after epoch {ts.state['epoch']} from {checkpoint.path}")
-    loop = make_loop(ts)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    for epoch in range(ts.state["epoch"], cfg.epochs):
-        if ts.state.get("stopped"):
-            break
-        _test_fault(rank, world, epoch + 1)
-        metrics = run_epoch(ts, loop, train_shard, val_shard, epoch + 1)
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                save_checkpoint(tmp, ts.model, ts.optimizer, ts.scheduler, ts.state)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-        if rank == 0:
-            logs.worker_line(progress_line(metrics, cfg.epochs))
-        if metrics["early_stopped"]:
-            if rank == 0:
-                logs.worker_line(f"[pneumo train] early stopping: val loss has not improved for {cfg.patience} epochs")
-            break
-
-
 # ---------------------------------------------------------------- driver
 
 
@@ -317,6 +211,11 @@ def fit(cfg: TrainConfig, datasets: dict[str, Any], classes: list[str], spec: In
     """Run the TorchTrainer; returns the Ray Train `Result`."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
+
+    from pneumo.train_worker import (  # lazy: pneumo.train_worker imports this module
+        FAULT_ENV,
+        train_func,
+    )
 
     storage_path, storage_fs = _storage(cfg)
     use_gpu = cfg.gpus_per_worker > 0

@@ -30,7 +30,8 @@ class ListShard:
 
 def pretrained_available(model: str) -> bool:
     """Whether `model`'s pretrained weights are on this machine (pneumo never downloads them)."""
-    from pneumo.models import WeightsUnavailable, get_spec, load_pretrained_state
+    from pneumo.models import get_spec
+    from pneumo.weights import WeightsUnavailable, load_pretrained_state
 
     spec = get_spec(model)
     if not spec.has_pretrained:

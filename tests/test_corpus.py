@@ -31,7 +31,6 @@ from test_scoring import SPEC, _score, bundle  # noqa: F401 - the tiny-bundle fi
 from test_serve import served  # noqa: F401 - the Serve fixture (4 M pixel limit)
 
 from pneumo import data as D
-from pneumo.evaluation import _load as eval_load
 from pneumo.ingest import load_batch
 from pneumo.preprocess import DecodeError, decode, load_image
 from pneumo.reading import KINDS, read_image
@@ -185,12 +184,10 @@ def test_scoring_ingest_and_evaluation_share_one_error_vocabulary(corpus) -> Non
     scored = read_and_preprocess({"path": paths, "size_bytes": np.asarray([r.size for r in records]),
                                   "mtime_ns": np.asarray([r.mtime_ns for r in records])}, SPEC, None)
     ingested = load_batch({"path": paths, "label": np.zeros(len(paths), np.int64)}, SPEC.to_dict())
-    for i, rec in enumerate(records):
-        evaluated = eval_load(rec, SPEC, None)
+    for i, rec in enumerate(records):  # evaluation reads with scoring's read_and_preprocess
         kinds = {
             "scoring": scored["error_kind"][i] or "ok",
             "ingest": ingested["error_kind"][i] or "ok",
-            "evaluation": evaluated["kind"] if isinstance(evaluated, dict) else "ok",
             "read_image": (read_image(rec.path, SPEC).error or type("o", (), {"kind": "ok"})).kind,
         }
         rel = os.path.relpath(rec.path, root)

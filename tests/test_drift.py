@@ -21,12 +21,12 @@ from pneumo.drift import (
     FILE_NAME,
     MIN_IMAGES,
     DriftReference,
-    DriftWindow,
     adapt_batchnorm,
     compare,
     estimate_prevalence_em,
     write_run_drift,
 )
+from pneumo.drift_window import DriftWindow
 from pneumo.synth import Acquisition, synthesize
 
 SIZE = (96, 128)

@@ -11,7 +11,8 @@ import pytest
 
 from pneumo import plots
 from pneumo.data import labelled_splits
-from pneumo.evaluation import REPORT_METRICS, evaluate_bundle, split_parameters, write_report
+from pneumo.evaluation import EvaluateConfig, evaluate_bundle, split_parameters
+from pneumo.report import REPORT_METRICS, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPORT_KEYS = {"split", "n", "n_errors", "classes", "counts", "threshold", "metrics", "ci", "ci_level", "bootstrap",
@@ -142,7 +143,7 @@ def test_split_parameters_come_from_training_config_unless_given():
         split_parameters({}, ["CAT", "DOG"])
 
 
-def test_evaluate_bundle_end_to_end_reports_corrupt_file(tiny, tmp_path):
+def test_evaluate_bundle_end_to_end_reports_corrupt_file(tiny, tmp_path, ray_local):
     from pneumo.predict import Predictor
     from pneumo.preprocess import load_image
 
@@ -150,8 +151,8 @@ def test_evaluate_bundle_end_to_end_reports_corrupt_file(tiny, tmp_path):
     everything = labelled_splits(str(tiny["data"]), **TRAIN_SPLIT)
     split = next(r.split for r in everything if r.path.endswith(CORRUPT))  # the split holding the bad file
     records = [r for r in everything if r.split == split]
-    report = evaluate_bundle(str(tiny["bundle"]), str(tiny["data"]), split=split, out=out, batch_size=8,
-                             workers=2, n_boot=100)
+    report = evaluate_bundle(EvaluateConfig(str(tiny["bundle"]), str(tiny["data"]), split=split, out=str(out),
+                                            batch_size=8, n_boot=100))
     # the corrupt file is reported, not dropped, by a salted hash of its path (file names carry
     # patient ids; pneumo.privacy); everything else is scored
     from pneumo.privacy import redact
@@ -179,12 +180,12 @@ def test_evaluate_bundle_end_to_end_reports_corrupt_file(tiny, tmp_path):
         assert (out / name).is_file(), name
 
 
-def test_pneumo_evaluate_cli(tiny, tmp_path, capsys):
+def test_pneumo_evaluate_cli(tiny, tmp_path, capsys, ray_local):
     from pneumo.cli import main
 
     out = tmp_path / "cli"
     rc = main(["evaluate", str(tiny["bundle"]), str(tiny["data"]), "--split", "test", "--out", str(out),
-               "--n-boot", "100", "--workers", "2"])
+               "--n-boot", "100"])
     printed = capsys.readouterr().out
     assert rc == 0
     assert "[pneumo evaluate] test split" in printed and "AUC (ROC)" in printed and "95% CI" in printed
@@ -213,13 +214,13 @@ def test_pneumo_evaluate_rejects_unknown_flag(tiny, capsys):
     assert exc.value.code == 2
 
 
-def test_evaluate_bundle_and_data_on_s3(tiny, tmp_path, s3_server):
+def test_evaluate_bundle_and_data_on_s3(tiny, tmp_path, s3_server, ray_local):
     bucket = s3_server.make_bucket("pneumo-eval")
     s3_server.upload_dir(tiny["data"], "pneumo-eval", "data")
     s3_server.upload_dir(tiny["bundle"], "pneumo-eval", "bundle")
-    report = evaluate_bundle(f"{bucket}/bundle", f"{bucket}/data", split="test", out=tmp_path,
-                             s3_endpoint=s3_server.endpoint, workers=2, n_boot=50)
-    local = evaluate_bundle(str(tiny["bundle"]), str(tiny["data"]), split="test", out=tmp_path / "local",
-                            workers=2, n_boot=50)
+    report = evaluate_bundle(EvaluateConfig(f"{bucket}/bundle", f"{bucket}/data", split="test", out=str(tmp_path),
+                                            s3_endpoint=s3_server.endpoint, n_boot=50))
+    local = evaluate_bundle(EvaluateConfig(str(tiny["bundle"]), str(tiny["data"]), split="test",
+                                           out=str(tmp_path / "local"), n_boot=50))
     assert report["n"] == local["n"] > 0
     assert report["metrics"] == local["metrics"]

@@ -7,16 +7,15 @@ import torch
 
 from pneumo.models import (
     FINETUNE_MODES,
-    WeightsUnavailable,
     get_model,
     get_spec,
     list_models,
-    load_backbone,
     num_outputs,
     set_finetune,
     set_train_mode,
 )
 from pneumo.preprocess import InputSpec
+from pneumo.weights import WeightsUnavailable, load_backbone
 
 EXPECTED = {
     "seed_cnn", "cnn_dropout", "inception_v3", "resnet18", "resnet50", "resnetv2_50",

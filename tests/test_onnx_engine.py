@@ -230,7 +230,7 @@ def test_int8_needs_onnxruntime() -> None:
 
 
 def test_feature_cache_runs_on_onnxruntime_and_matches_torch(caplog) -> None:
-    from pneumo.engine import backbone_features
+    from pneumo.feature_cache import backbone_features
 
     spec = get_spec("efficientnet_lite0").input.replace(size=64)
     model = get_model("efficientnet_lite0", 2, input_spec=spec).eval()

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from pneumo.config import parse_config
-from pneumo.training import FAULT_ENV, TrainConfig, run
+from pneumo.train_worker import FAULT_ENV
+from pneumo.training import TrainConfig, run
 
 BASE = ["--model", "seed_cnn", "--weights", "none", "--batch-size", "16", "--val-frac", "0.2",
         "--test-frac", "0.2", "--num-workers", "2", "--optimizer", "adam", "--lr", "0.001"]

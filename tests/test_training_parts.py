@@ -23,7 +23,8 @@ from pneumo.checkpoints import (
 from pneumo.config import parse_config
 from pneumo.data import LABEL_SETS
 from pneumo.engine import class_weights_for, make_loop, make_loss, run_epoch
-from pneumo.training import TrainConfig, fit, setup_training
+from pneumo.train_worker import setup_training
+from pneumo.training import TrainConfig, fit
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "ray_jobs" / "recipes").glob("*.yaml"))
 # the smallest input each architecture takes (CPU time), for a one-step smoke
