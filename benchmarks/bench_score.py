@@ -150,7 +150,8 @@ def bench_ort(bundle: Path, x: torch.Tensor, batch_size: int, threads: int, min_
 
 
 def bench_pneumo(data: Path, bundle: Path, out: Path, actors: str, batch_size: int, cores: int) -> dict:
-    from pneumo.scoring import ScoreConfig, run_score, size_pool
+    from pneumo.score_tasks import size_pool
+    from pneumo.scoring import ScoreConfig, run_score
 
     argv = [str(data), "--bundle", str(bundle), "--out", str(out), "--batch-size", str(batch_size),
             "--read-batch-size", "32"]

@@ -108,36 +108,17 @@ def _gpus_per_actor(device: str) -> float:
 
 
 def score_records(cfg: EvaluateConfig, records: Sequence[ImageRecord], spec: Any) -> dict[str, dict[str, Any]]:
-    """Batch scoring's Ray Data pipeline over `records`: their output rows (`pneumo.scoring.OUTPUT_SCHEMA`) by path."""
-    import ray
-
-    from pneumo.scoring import (
-        BundlePredictor,
-        ScoreConfig,
-        _ensure_ray,
-        read_and_preprocess,
-        size_pool,
-    )
+    """Batch scoring's Ray Data pipeline (`pneumo.score_tasks.score_dataset`) over `records`: their
+    output rows (`OUTPUT_SCHEMA`) by path."""
+    from pneumo.score_tasks import _ensure_ray, score_dataset
+    from pneumo.scoring import ScoreConfig
 
     _ensure_ray()
-    gpus = _gpus_per_actor(cfg.device)
     score_cfg = ScoreConfig(data=cfg.data, bundle=cfg.bundle, out=cfg.out, s3_endpoint=cfg.s3_endpoint,
                             engine=cfg.engine, precision=cfg.precision, batch_size=cfg.batch_size,
-                            gpus_per_actor=gpus)
-    pool = size_pool(score_cfg)
+                            gpus_per_actor=_gpus_per_actor(cfg.device))
     items = [{"path": r.path, "size_bytes": int(r.size), "mtime_ns": int(r.mtime_ns)} for r in records]
-    n_blocks = max(1, min(len(items), -(-len(items) // score_cfg.read_batch_size)))
-    ds = ray.data.from_items(items, override_num_blocks=n_blocks).map_batches(
-        read_and_preprocess,
-        fn_kwargs={"spec": spec, "s3_endpoint": cfg.s3_endpoint},
-        batch_size=score_cfg.read_batch_size, batch_format="numpy", num_cpus=score_cfg.read_cpus,
-    ).map_batches(
-        BundlePredictor,
-        fn_constructor_kwargs={"bundle": cfg.bundle, "run_id": "evaluate", "s3_endpoint": cfg.s3_endpoint,
-                               "engine": cfg.engine, "precision": cfg.precision, "threads": pool.threads},
-        compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=pool.cpus_per_actor, num_gpus=gpus,
-    )
+    ds = score_dataset(items, spec, cfg.bundle, score_cfg, run_id="evaluate")
     columns = ["path", "status", "error", "error_kind", "probabilities", "engine", "precision"]
     return {row["path"]: row for row in ds.select_columns(columns).take_all()}
 

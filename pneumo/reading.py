@@ -1,6 +1,6 @@
 """The one read path: a location (local path or s3://) -> model-ready `uint8[S, S]` or an error.
 
-Batch scoring (`pneumo.scoring.read_and_preprocess`), training ingest (`pneumo.ingest.load_batch`)
+Batch scoring (`pneumo.score_tasks.read_and_preprocess`), training ingest (`pneumo.ingest.load_batch`)
 and evaluation (`pneumo.evaluation`) all call `read_image`, so they read, hash, decode and name
 errors the same way. `read_image` never raises for a bad file: it returns a `ReadResult` whose
 `error` is an `ImageError(kind, message)`, with `kind` from one vocabulary (`KINDS`):

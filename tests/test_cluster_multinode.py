@@ -217,7 +217,7 @@ def test_batch_scoring_job_runs_on_both_nodes(two_node_cluster: LocalCluster, tm
     from ray.util.state.common import ListApiOptions, StateResource
 
     from pneumo.config import from_dict
-    from pneumo.scoring import read_results
+    from pneumo.runs import read_results
     from pneumo.submit import SubmitConfig, make_client, submit, wait
 
     cluster = two_node_cluster

@@ -34,7 +34,8 @@ from pneumo import data as D
 from pneumo.ingest import load_batch
 from pneumo.preprocess import DecodeError, decode, load_image
 from pneumo.reading import KINDS, read_image
-from pneumo.scoring import read_and_preprocess, read_results
+from pneumo.runs import read_results
+from pneumo.score_tasks import read_and_preprocess
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,7 +28,8 @@ from pneumo.bundle import BundleError, read_file, read_manifest
 from pneumo.config import parse_config
 from pneumo.data import read_bytes
 from pneumo.drift import FILE_NAME, DriftReference
-from pneumo.scoring import SUCCESS_FILE, ScoreConfig, format_summary, read_results, run_score
+from pneumo.runs import SUCCESS_FILE, read_results
+from pneumo.scoring import ScoreConfig, format_summary, run_score
 from pneumo.synth import Acquisition, synthesize
 
 SIZE = (96, 128)

@@ -129,7 +129,7 @@ def test_score_sigkilled_at_random_moments_then_incremental_scores_every_file_on
 
     from test_scoring import _jpeg, make_bundle
 
-    from pneumo.scoring import committed_runs, read_committed, read_results
+    from pneumo.runs import committed_runs, read_committed, read_results
 
     bundle, data, out = make_bundle(tmp_path / "bundle"), tmp_path / "data", tmp_path / "out"
     for i in range(N_IMAGES):

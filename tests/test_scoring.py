@@ -23,15 +23,9 @@ from pneumo.bundle import save_bundle
 from pneumo.config import parse_config
 from pneumo.models import get_model
 from pneumo.preprocess import InputSpec
-from pneumo.scoring import (
-    OUTPUT_SCHEMA,
-    SUCCESS_FILE,
-    ScoreConfig,
-    committed_runs,
-    read_committed,
-    read_results,
-    run_score,
-)
+from pneumo.runs import SUCCESS_FILE, committed_runs, read_committed, read_results
+from pneumo.score_tasks import OUTPUT_SCHEMA
+from pneumo.scoring import ScoreConfig, run_score
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = InputSpec(size=64, channels=1, mean=(0.0,), std=(1.0,))
@@ -339,7 +333,7 @@ def test_failed_overlays_are_explain_error_rows_and_long_names_fit(ray_local, bu
 
 
 def test_a_model_failure_costs_only_the_failing_image(bundle) -> None:  # noqa: ANN001
-    from pneumo.scoring import BundlePredictor
+    from pneumo.score_tasks import BundlePredictor
 
     actor = BundlePredictor(str(bundle), run_id="t")
     real = actor.predictor.predict_with_features
