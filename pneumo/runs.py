@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +25,12 @@ import pyarrow.parquet as pq
 
 from pneumo.data import ImageRecord, join, resolve_filesystem
 from pneumo.reading import read_bytes_of
-from pneumo.score_tasks import OUTPUT_SCHEMA, RETRY_KINDS, _ensure_ray, log
+from pneumo.score_tasks import OUTPUT_SCHEMA, RETRY_KINDS, _ensure_ray
 
 if TYPE_CHECKING:
     from pneumo.scoring import ScoreConfig
 
+log = logging.getLogger(__name__)
 SUCCESS_FILE = "_SUCCESS.json"
 RUNS_DIR = "runs"
 

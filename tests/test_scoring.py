@@ -252,11 +252,11 @@ def test_damaged_markers_are_skipped_with_a_warning_and_rescored(ray_local, bund
     next(garbage.glob("part-*.parquet")).write_bytes(b"PAR1 not a parquet file")  # ... an unreadable one
 
     bad: list = []
-    with caplog.at_level("WARNING", logger="pneumo.scoring"):
+    with caplog.at_level("WARNING", logger="pneumo.runs"):
         assert read_results(str(out)).empty  # no exception, nothing trusted
         assert committed_runs(str(out), bad=bad) == []
     assert sorted(b.run_id for b in bad) == sorted(r.run_id for r in runs)
-    lines = [r.getMessage() for r in caplog.records if r.name == "pneumo.scoring"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pneumo.runs"]
     assert len(lines) == 6 and all(line.startswith("ignoring run ") for line in lines)  # one per run per read
     assert {line.split()[2].rstrip(":") for line in lines} == {r.run_id for r in runs}
     assert not any(f"{g}{i}.jpeg" in line for line in lines for g in ("torn", "gone", "garbage") for i in (0, 1))
