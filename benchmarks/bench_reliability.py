@@ -85,7 +85,7 @@ def replica_rss_mb() -> float:
     rss = 0.0
     for proc in Path("/proc").iterdir():
         try:
-            if b"SERVE_REPLICA::pneumo" not in (proc / "cmdline").read_bytes():
+            if b"ServeReplica:pneumo" not in (proc / "cmdline").read_bytes():
                 continue
             line = next(ln for ln in (proc / "status").read_text().splitlines() if ln.startswith("VmRSS:"))
             rss = max(rss, int(line.split()[1]) / 1024)

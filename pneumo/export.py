@@ -135,6 +135,9 @@ def ort_session(model: bytes | str, threads: int = 0) -> Any:
     so.inter_op_num_threads = 1
     if threads:
         so.intra_op_num_threads = int(threads)
+    # No busy-waiting between runs: in an actor or a replica the same cores also decode, proxy and
+    # answer HTTP, and spinning intra-op threads would take those cycles (measured in BENCHMARKS.md).
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.log_severity_level = 3
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
