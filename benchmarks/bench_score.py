@@ -153,8 +153,7 @@ def bench_pneumo(data: Path, bundle: Path, out: Path, actors: str, batch_size: i
     from pneumo.score_tasks import size_pool
     from pneumo.scoring import ScoreConfig, run_score
 
-    argv = [str(data), "--bundle", str(bundle), "--out", str(out), "--batch-size", str(batch_size),
-            "--read-batch-size", "32"]
+    argv = [str(data), "--bundle", str(bundle), "--out", str(out), "--batch-size", str(batch_size)]
     if actors != "auto":
         k = int(actors)
         argv += ["--min-actors", str(k), "--max-actors", str(k), "--cpus-per-actor",
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=3000, help="images to score")
     ap.add_argument("--fullres-frac", type=float, default=1 / 3, help="share of full-resolution originals")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=64, help="pneumo's default, also used by (b)")
     ap.add_argument("--actors", default="auto,2", help="actor pools to measure: auto (the default sizing) or N")
     ap.add_argument("--forward-n", type=int, default=256, help="preloaded images for (b)")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 forward reference")

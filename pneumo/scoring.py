@@ -108,8 +108,8 @@ class ScoreConfig:
         "choices": list(PRECISIONS), "help": "auto = fp32 on ONNX Runtime, bf16 on torch only where native; "
                                              "int8 needs a gated model.int8.onnx"})
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory layout (torch engine)"})
-    batch_size: int = field(default=32, metadata={"help": "images per model call"})
-    read_batch_size: int = field(default=16, metadata={"help": "files per read+preprocess task batch"})
+    batch_size: int = field(default=64, metadata={"help": "images per model call"})
+    read_batch_size: int = field(default=64, metadata={"help": "files per read+preprocess task batch"})
     read_cpus: float = field(default=0.25, metadata={
         "help": "CPUs per read+preprocess task (decoding is cheap next to the model)"})
     min_actors: int = field(default=1, metadata={"help": "actor pool minimum size"})
@@ -176,6 +176,7 @@ class ScoreResult:
     drift: dict[str, Any] = field(default_factory=dict)  # drift.json's verdict (+ its path)
     adaptation: dict[str, Any] | None = None  # --adapt: AdaBN and the EM prevalence estimate
     ignored_runs: list[dict[str, str]] = field(default_factory=list)  # damaged runs --incremental left out
+    stages: dict[str, float] = field(default_factory=dict)  # seconds per stage: where the wall time went
 
 
 # ---------------------------------------------------------------- input
@@ -223,6 +224,13 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
 
     cfg.validate()
     t0 = time.perf_counter()
+    stages: dict[str, float] = {}
+    mark = [t0]
+
+    def stage(name: str) -> None:
+        now = time.perf_counter()
+        stages[name] = round(now - mark[0], 3)
+        mark[0] = now
     started = _now()
     run_id = cfg.run_id or new_run_id()
     run_dir = join(cfg.out, RUNS_DIR, run_id)
@@ -237,6 +245,7 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
         unchanged = unchanged_files(cfg, records, already_scored(cfg.out, bundle.sha256, cfg.s3_endpoint, bad=ignored))
         records = [r for r in records if r.path not in unchanged]
     n_skipped = n_listed - len(records)
+    stage("list")
 
     files: list[str] = []
     scoring_bundle, engine, adabn = cfg.bundle, cfg.engine, None
@@ -251,6 +260,7 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
         fs, inner = resolve_filesystem(run_dir, cfg.s3_endpoint)
         ds.write_parquet(inner, filesystem=fs, filename_provider=_part_names())
         files = _list_parts(run_dir, cfg.s3_endpoint)
+    stage("read_score_write")
 
     # Verify before committing: exactly one row per input file.
     table = _read_parts(cfg.out, run_id, files, cfg.s3_endpoint)
@@ -260,20 +270,24 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
         missing, extra = expected - set(paths), len(paths) - len(set(paths))
         raise RuntimeError(f"run {run_id}: {len(paths)} rows for {len(records)} files "
                            f"({len(missing)} missing, {extra} duplicated); not committing")
+    stage("verify")
     drift = run_drift(cfg, bundle, run_dir, table)
+    stage("drift")
     adaptation = None
     if cfg.adapt:
         table, adaptation = adjust_prevalence(cfg, bundle, run_id, files, table, adabn)
     status = Counter(table.column("status").to_pylist())
     labels = Counter(v for v in table.column("label").to_pylist() if v is not None)
     errors = Counter(v for v in table.column("error_kind").to_pylist() if v is not None)
+    if cfg.adapt:
+        stage("adapt_em")
     wall = time.perf_counter() - t0
     result = ScoreResult(
         run_id=run_id, run_dir=run_dir, n_listed=n_listed, n_skipped=n_skipped, n_scored=len(records),
         counts={"ok": status.get("ok", 0), "error": status.get("error", 0)},
         labels=dict(sorted(labels.items())), errors=dict(sorted(errors.items())),
         wall_s=round(wall, 3), images_per_s=round(len(records) / wall, 2) if wall > 0 else 0.0, files=files,
-        drift=drift, adaptation=adaptation, ignored_runs=[asdict(b) for b in ignored],
+        drift=drift, adaptation=adaptation, ignored_runs=[asdict(b) for b in ignored], stages=stages,
     )
     marker = {
         **asdict(result), "finished_at": _now(), "started_at": started,
@@ -300,7 +314,8 @@ def format_summary(r: ScoreResult) -> str:
         lines.append(f"  {r.drift['line']}")
     if r.adaptation:
         lines.append(f"  {r.adaptation['line']}")
-    lines.append(f"  wall {r.wall_s:.1f} s, {r.images_per_s:.1f} images/s")
+    lines.append(f"  wall {r.wall_s:.1f} s, {r.images_per_s:.1f} images/s ("
+                 + ", ".join(f"{k} {v:.1f} s" for k, v in r.stages.items()) + ")")
     return "\n".join(lines)
 
 
