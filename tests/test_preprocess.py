@@ -9,6 +9,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+from helpers import dicom_bytes
 from PIL import Image
 
 from pneumo.preprocess import (
@@ -36,33 +37,6 @@ def gray_pattern(w: int = W, h: int = H) -> np.ndarray:
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:  # noqa: ANN003
     buf = io.BytesIO()
     img.save(buf, format=fmt, **kw)
-    return buf.getvalue()
-
-
-def dicom_bytes(pixels: np.ndarray, photometric: str = "MONOCHROME2", window: tuple[float, float] | None = None,
-                preamble: bool = True, rows_cols: tuple[int, int] | None = None) -> bytes:
-    """An uncompressed 16-bit DICOM of `pixels` (uint16), built with pydicom."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CR"
-    ds.Rows, ds.Columns = rows_cols or pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    if window is not None:
-        ds.WindowCenter, ds.WindowWidth = window
-    ds.PixelData = pixels.astype("<u2").tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=preamble)
     return buf.getvalue()
 
 

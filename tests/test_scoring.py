@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers import dicom_bytes
 from PIL import Image
-from test_preprocess import dicom_bytes  # the lead's pydicom writer (tests/ is on sys.path)
 
 from pneumo.bundle import save_bundle
 from pneumo.config import parse_config

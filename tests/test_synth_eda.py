@@ -150,7 +150,7 @@ def test_eda_three_class(synth_data: Path) -> None:
 @pytest.fixture
 def messy_copy(synth_data: Path, tmp_path: Path) -> Path:
     """The synthetic set plus a duplicate (under another patient), a corrupt JPEG, an RGB PNG and a DICOM."""
-    from test_preprocess import dicom_bytes
+    from helpers import dicom_bytes
 
     root = tmp_path / "messy"
     shutil.copytree(synth_data, root)
