@@ -542,6 +542,70 @@ def test_request_timeout_is_503_with_retry_after(served):
         assert c.get("/slow/readyz").status_code == 200  # slow is not broken: it still scores
 
 
+def test_replica_killed_under_load_costs_under_1_percent(served):
+    """Two replicas under steady load; one replica actor is killed (as an OOM kill would): Serve
+    routes around it and starts a replacement; fewer than 1% of requests may fail."""
+    import ray
+    from ray import serve
+
+    from pneumo.serving import ServeArgs, bind
+
+    two = {"min_replicas": 2, "max_replicas": 2, "initial_replicas": 2}
+    serve.run(bind(ServeArgs(bundle=str(served.root / "b1")), autoscaling_config=two,
+                   ray_actor_options={"num_cpus": 0.25}), name="killable", route_prefix="/killable", blocking=False)
+    try:
+        with served.client() as c:
+            deadline = time.monotonic() + 120
+            while c.get("/killable/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "killable app not ready"
+                time.sleep(0.5)
+
+        def replicas() -> list[str]:
+            return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                          if "SERVE_REPLICA::killable#" in a["name"])
+
+        deadline = time.monotonic() + 60
+        while len(replicas()) < 2:
+            assert time.monotonic() < deadline, replicas()
+            time.sleep(0.5)
+        codes: list[int] = []
+        lock = threading.Lock()
+        stop = threading.Event()
+        body = _png(64, 64)
+
+        def load() -> None:
+            with served.client() as c:
+                while not stop.is_set():
+                    try:
+                        code = c.post("/killable/v1/predict", content=body,
+                                      headers={"content-type": "image/png"}).status_code
+                    except httpx.HTTPError:
+                        code = -1
+                    with lock:
+                        codes.append(code)
+
+        workers = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+        for w in workers:
+            w.start()
+        time.sleep(4)
+        victim = replicas()[0]
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        time.sleep(8)
+        stop.set()
+        for w in workers:
+            w.join(timeout=60)
+        failed = [c for c in codes if c != 200]
+        print(f"replica kill: {len(codes)} requests, {len(failed)} not 200 ({sorted(set(failed))})")
+        assert len(codes) >= 50, len(codes)
+        assert len(failed) / len(codes) < 0.01, (len(failed), len(codes), sorted(set(failed)))
+        deadline = time.monotonic() + 90
+        while len(replicas()) < 2 or victim in replicas():  # a replacement, not the killed one
+            assert time.monotonic() < deadline, replicas()
+            time.sleep(0.5)
+    finally:
+        serve.delete("killable")
+
+
 # ---------------------------------------------------------------- the web page in real Chromium
 
 
