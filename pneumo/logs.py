@@ -1,7 +1,7 @@
 """Quiet by default: one progress line per stage when nobody watches a terminal.
 
     logs.quiet_ray()                  # before the first Ray Data / Ray Train call of a verb
-    logs.stage("score", "read+score 600 files")  ->  "[pneumo score] read+score 600 files"
+    logs.worker_line(text)            # one line from inside a Ray Train worker, printed once
 
 In a non-interactive run (CI, `ray job submit`, cron: stdout is not a TTY) Ray Data would print
 its progress as a page of `logging_progress` lines per dataset. `quiet_ray` turns those progress
@@ -32,10 +32,6 @@ def quiet_ray() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if not hasattr(handler, "baseFilename") and type(handler).__name__ != "SessionFileHandler":
             handler.setLevel(logging.WARNING)
-
-
-def stage(verb: str, text: str) -> None:
-    print(f"[pneumo {verb}] {text}", flush=True)
 
 
 def worker_line(text: str) -> None:
