@@ -56,7 +56,7 @@ PACKAGES = {
 
 
 def load_records():
-    from pneumo.data import labelled_splits
+    from pneumo.data.datasets import labelled_splits
 
     recs = labelled_splits(DATA, "binary", 0.1, 0.1, seed=0)
     base = [os.path.basename(r.path) for r in recs]
@@ -86,7 +86,7 @@ def build_backbone(bb: str):
 
     timm_name, pkg, cls, _ = PACKAGES[bb]
     if bb == "lite0":  # the project's own path
-        from pneumo.models import get_model
+        from pneumo.models.factory import get_model
 
         model = get_model("efficientnet_lite0", 2, weights="pretrained")
     else:  # same file format as lite0: map key-by-key in order (pneumo.weights._map_in_order)
@@ -105,7 +105,7 @@ def build_backbone(bb: str):
 
 
 def spec_for(bb: str, size: int, equalize: str):
-    from pneumo.models import get_spec
+    from pneumo.models.zoo import get_spec
 
     return get_spec("efficientnet_lite0").input.replace(size=size, equalize=equalize)
 
@@ -114,7 +114,7 @@ def decode_batch(paths, spec, shift=False):
     """pneumo's load_image; with `shift`, an exposure shift before the equaliser (INTENSITY probe)."""
     from PIL import Image
 
-    from pneumo.preprocess import equalize, load_image
+    from pneumo.io.preprocess import equalize, load_image
 
     out = np.empty((len(paths), spec.size, spec.size), dtype=np.uint8)
     for i, p in enumerate(paths):
@@ -142,7 +142,7 @@ def reestimate_bn(model, paths, spec, batch=50):
     """BN running stats from X-ray images: reset, cumulative average (momentum=None), no grad."""
     import torch
 
-    from pneumo.preprocess import to_tensor
+    from pneumo.io.preprocess import to_tensor
 
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in bns:
@@ -193,7 +193,7 @@ def features(ctx, bb, size=None, eq="none", bn=False, flip=False, src="224"):
     f = os.path.join(FEAT, key + ".npy")
     if os.path.exists(f):
         return np.load(f)
-    from pneumo.preprocess import to_tensor
+    from pneumo.io.preprocess import to_tensor
 
     os.makedirs(FEAT, exist_ok=True)
     spec = spec_for(bb, size, eq)
@@ -240,13 +240,13 @@ def score(clf, X):
 
 
 def auc(y, s):
-    from pneumo.metrics import roc_auc
+    from pneumo.report.metrics import roc_auc
 
     return float(roc_auc(y, s))
 
 
 def thr_for(y, s, target=TARGET):
-    from pneumo.metrics import choose_threshold
+    from pneumo.report.metrics import choose_threshold
 
     return choose_threshold(y, s, "target_sensitivity", target)
 
@@ -429,7 +429,7 @@ def speed(ctx, n_batches=8, batch=32):
     """Forward img/s per backbone (ONNX Runtime, 2 threads): best and median batch over n_batches.
 
     The machine is shared, so the best batch is the closer estimate of an idle 2-core run."""
-    from pneumo.preprocess import to_tensor
+    from pneumo.io.preprocess import to_tensor
 
     out = {}
     for bb in ("lite0", "lite1", "lite2"):

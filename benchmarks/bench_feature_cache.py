@@ -21,9 +21,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pneumo.feature_cache import backbone_features  # noqa: E402
-from pneumo.models import get_model, get_spec  # noqa: E402
-from pneumo.reading import read_image  # noqa: E402
+from pneumo.io.reading import read_image  # noqa: E402
+from pneumo.models.factory import get_model  # noqa: E402
+from pneumo.models.zoo import get_spec  # noqa: E402
+from pneumo.train.feature_cache import backbone_features  # noqa: E402
 
 
 def main() -> int:

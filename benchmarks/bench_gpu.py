@@ -26,11 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pneumo import precision as P  # noqa: E402
-from pneumo.bundle import save_bundle  # noqa: E402
-from pneumo.engine import make_loss, train_one_epoch  # noqa: E402
-from pneumo.models import get_model, get_spec  # noqa: E402
-from pneumo.predict import Predictor  # noqa: E402
-from pneumo.preprocess import to_tensor  # noqa: E402
+from pneumo.bundle.predict import Predictor  # noqa: E402
+from pneumo.bundle.store import save_bundle  # noqa: E402
+from pneumo.io.preprocess import to_tensor  # noqa: E402
+from pneumo.models.factory import get_model  # noqa: E402
+from pneumo.models.zoo import get_spec  # noqa: E402
+from pneumo.train.engine import train_one_epoch  # noqa: E402
+from pneumo.train.parts import make_loss  # noqa: E402
 
 
 def sync(device: torch.device) -> None:

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from pneumo.serving import ServeArgs, bind
+    from pneumo.serve.app import ServeArgs, bind
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_rel_")
     bundle = make_bundle(Path(tmp.name) / "bundle")

@@ -36,12 +36,13 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pneumo.bundle import save_bundle  # noqa: E402
+from pneumo.bundle.predict import Predictor  # noqa: E402
+from pneumo.bundle.store import save_bundle  # noqa: E402
 from pneumo.config import parse_config  # noqa: E402
-from pneumo.models import get_model, get_spec  # noqa: E402
+from pneumo.io.preprocess import load_image, to_tensor  # noqa: E402
+from pneumo.models.factory import get_model  # noqa: E402
+from pneumo.models.zoo import get_spec  # noqa: E402
 from pneumo.precision import autocast, bf16_native  # noqa: E402
-from pneumo.predict import Predictor  # noqa: E402
-from pneumo.preprocess import load_image, to_tensor  # noqa: E402
 
 MODEL = "efficientnet_lite0"
 
@@ -136,7 +137,7 @@ def bench_forward(model: torch.nn.Module, x: torch.Tensor, batch_size: int, prec
 
 def bench_ort(bundle: Path, x: torch.Tensor, batch_size: int, threads: int, min_seconds: float = 8.0) -> float:
     """ONNX Runtime alone on preloaded float tensors: the ceiling for pneumo's model actor."""
-    from pneumo.export import run_session
+    from pneumo.models.onnx import run_session
 
     session = Predictor(str(bundle), threads=threads)._session
     arr = x.numpy()
@@ -150,8 +151,9 @@ def bench_ort(bundle: Path, x: torch.Tensor, batch_size: int, threads: int, min_
 
 
 def bench_pneumo(data: Path, bundle: Path, out: Path, actors: str, batch_size: int, cores: int) -> dict:
-    from pneumo.score_tasks import size_pool
-    from pneumo.scoring import ScoreConfig, run_score
+    from pneumo.score.config import ScoreConfig
+    from pneumo.score.driver import run_score
+    from pneumo.score.tasks import size_pool
 
     argv = [str(data), "--bundle", str(bundle), "--out", str(out), "--batch-size", str(batch_size)]
     if actors != "auto":
@@ -218,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         import ray
 
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-        from pneumo.scoring import ScoreConfig, run_score
+        from pneumo.score.config import ScoreConfig
+        from pneumo.score.driver import run_score
 
         warm = work / "warm"
         warm.mkdir()

@@ -51,8 +51,9 @@ def free_port() -> int:
 
 
 def make_bundle(out: Path) -> str:
-    from pneumo.bundle import save_bundle
-    from pneumo.models import get_model, get_spec
+    from pneumo.bundle.store import save_bundle
+    from pneumo.models.factory import get_model
+    from pneumo.models.zoo import get_spec
 
     model = get_model("efficientnet_lite0", 2, weights="pretrained")
     save_bundle(model, str(out), "efficientnet_lite0", ["NORMAL", "PNEUMONIA"], get_spec("efficientnet_lite0").input)
@@ -86,8 +87,8 @@ def baseline_app(bundle: str, precision: str, engine: str = "torch"):  # noqa: A
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
-    from pneumo.predict import Predictor
-    from pneumo.preprocess import DecodeError, load_image
+    from pneumo.bundle.predict import Predictor
+    from pneumo.io.preprocess import DecodeError, load_image
 
     predictor = Predictor(bundle, device="cpu", precision=precision, engine=engine)
     app = FastAPI()
@@ -217,7 +218,7 @@ def deploy(base: str, bundle: str, args: dict, **options) -> str:  # noqa: ANN00
     """App settings in `args` (ServeArgs), scaling and batching as deployment `options`."""
     from ray import serve
 
-    from pneumo.serving import ServeArgs, bind
+    from pneumo.serve.app import ServeArgs, bind
 
     serve.run(bind(ServeArgs(bundle=bundle, **args), **options), name="pneumo", route_prefix="/")
     wait_http(base + "/readyz")

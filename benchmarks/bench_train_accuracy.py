@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from pneumo.config import parse_config
-    from pneumo.training import TrainConfig, run
+    from pneumo.train.config import TrainConfig
+    from pneumo.train.driver import run
 
     ray.init(num_cpus=os.cpu_count() or 2, include_dashboard=False, ignore_reinit_error=True)
     rows, results = [], {}

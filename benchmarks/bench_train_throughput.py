@@ -36,11 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     import torch
 
-    from pneumo.checkpoints import read_state
     from pneumo.config import from_dict
-    from pneumo.engine import make_loss, make_optimizer, precision_for, train_one_epoch
-    from pneumo.models import get_model, set_finetune
-    from pneumo.training import TrainConfig, fit
+    from pneumo.models.factory import get_model
+    from pneumo.models.finetune import set_finetune
+    from pneumo.train.checkpoints import read_state
+    from pneumo.train.config import TrainConfig
+    from pneumo.train.driver import fit
+    from pneumo.train.engine import make_optimizer, precision_for, train_one_epoch
+    from pneumo.train.parts import make_loss
 
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, args.size, args.size), dtype=np.uint8)

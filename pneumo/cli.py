@@ -22,15 +22,15 @@ import importlib
 import sys
 
 VERBS: dict[str, tuple[str, str]] = {
-    "synth": ("pneumo.synth", "write synthetic chest-like X-rays in the labelled layout"),
-    "eda": ("pneumo.eda", "describe a dataset: counts, sizes, modes, duplicates, PNG charts"),
-    "models": ("pneumo.models", "list the registered models and their input specs"),
-    "train": ("pneumo.training", "train with Ray Train and export a model bundle"),
-    "evaluate": ("pneumo.evaluation", "evaluate a model bundle on a labelled split"),
-    "export": ("pneumo.upgrade:export_main", "add a parity-checked ONNX graph to an existing bundle"),
-    "quantize": ("pneumo.upgrade:quantize_main", "add a gated int8 ONNX graph to a bundle"),
-    "score": ("pneumo.scoring", "batch-score an archive into Parquet with Ray Data"),
-    "serve": ("pneumo.serve_cli", "serve a model bundle with Ray Serve"),
+    "synth": ("pneumo.data.synth", "write synthetic chest-like X-rays in the labelled layout"),
+    "eda": ("pneumo.data.eda", "describe a dataset: counts, sizes, modes, duplicates, PNG charts"),
+    "models": ("pneumo.models.zoo", "list the registered models and their input specs"),
+    "train": ("pneumo.train.cli", "train with Ray Train and export a model bundle"),
+    "evaluate": ("pneumo.score.evaluate", "evaluate a model bundle on a labelled split"),
+    "export": ("pneumo.bundle.upgrade:export_main", "add a parity-checked ONNX graph to an existing bundle"),
+    "quantize": ("pneumo.bundle.upgrade:quantize_main", "add a gated int8 ONNX graph to a bundle"),
+    "score": ("pneumo.score.driver", "batch-score an archive into Parquet with Ray Data"),
+    "serve": ("pneumo.serve.cli", "serve a model bundle with Ray Serve"),
     "submit": ("pneumo.submit", "submit, follow, inspect or stop a job on a Ray cluster"),
     "demo": ("pneumo.demo", "run the whole path on synthetic data on an embedded local Ray"),
 }

@@ -23,6 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pneumo.config import parse_config
+from pneumo.data import eda, synth
+from pneumo.ray_env import ensure_ray
+from pneumo.score import driver as score_driver
+from pneumo.serve.app import ServeArgs, bind
+from pneumo.train import cli as train_cli
 
 
 @dataclass
@@ -52,7 +57,6 @@ def _step(title: str) -> float:
 def _serve_one_request(bundle: str, image: Path) -> dict:
     from ray import serve
 
-    from pneumo.serving import ServeArgs, bind
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -72,16 +76,11 @@ def _serve_one_request(bundle: str, image: Path) -> dict:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    import ray
-
-    from pneumo import eda, scoring, synth, training
 
     out = Path(cfg.out).resolve()
     data, train_out, scores = out / "data", out / "train", out / "scores"
     started = time.perf_counter()
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False,
-                 log_to_driver=False)
+    ensure_ray(address="local", num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False)
 
     t = _step("1/5 synth: synthetic chest X-rays")
     synth.main([str(data), "--n", str(cfg.n), "--seed", str(cfg.seed)])
@@ -92,7 +91,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"({time.perf_counter() - t:.1f}s)")
 
     t = _step("3/5 train: Ray Train, then export a model bundle")
-    rc = training.main([
+    rc = train_cli.main([
         str(data), "--out", str(train_out), "--model", cfg.model, "--weights", "none",
         "--image-size", str(cfg.image_size), "--epochs", str(cfg.epochs), "--num-workers", str(cfg.num_workers),
         "--batch-size", "16", "--lr", "0.001", "--seed", str(cfg.seed), "--threshold-method", "youden",
@@ -103,7 +102,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"({time.perf_counter() - t:.1f}s)")
 
     t = _step("4/5 score: Ray Data batch scoring into Parquet")
-    rc = scoring.main([str(data), "--bundle", bundle, "--out", str(scores)])
+    rc = score_driver.main([str(data), "--bundle", bundle, "--out", str(scores)])
     if rc:
         raise SystemExit(f"demo: scoring failed (exit {rc})")
     print(f"({time.perf_counter() - t:.1f}s)")

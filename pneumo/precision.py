@@ -1,4 +1,4 @@
-"""Numeric precision: the one list of precisions and how each engine resolves them.
+"""Engines and numeric precision: the one list of each, and how each engine resolves a precision.
 
     resolve("auto", device, engine="onnxruntime")   -> "fp32"
     resolve("auto", torch.device("cuda"))           -> "bf16" where the GPU runs it natively
@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # torch is imported where it runs: read tasks and CLIs import this module without it
     import torch
 
+ENGINES: tuple[str, ...] = ("auto", "torch", "onnxruntime")  # `pneumo.bundle.predict.Predictor`'s engines
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16", "fp16", "int8")
 TORCH_PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 TORCH_PRECISIONS_AUTO: tuple[str, ...] = ("auto", *TORCH_PRECISIONS)  # training's choices

@@ -11,7 +11,7 @@ Options: `python ray_jobs/evaluate.py --help`.
 
 import sys
 
-from pneumo.evaluation import main
+from pneumo.score.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

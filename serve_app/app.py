@@ -5,10 +5,10 @@
     pneumo serve demo_out/train/bundle --port 8000                         # the same app via the CLI
 
 `build_app(args: ServeArgs)` is the typed builder: Serve validates the config's `args:` against
-`pneumo.serving.ServeArgs` (unknown keys rejected) before calling it. It binds the one
+`pneumo.serve.app.ServeArgs` (unknown keys rejected) before calling it. It binds the one
 deployment, `PneumoService`; its options come from the config's `deployments:` entry.
 """
 
-from pneumo.serving import PneumoService, ServeArgs, build_app
+from pneumo.serve.app import PneumoService, ServeArgs, build_app
 
 __all__ = ["build_app", "ServeArgs", "PneumoService"]

@@ -1,9 +1,13 @@
-"""Shared fixtures: a real local Ray, a real S3 server (SeaweedFS `weed mini`), synthetic data.
+"""Shared fixtures: a real local Ray, a real S3 server (SeaweedFS `weed mini`), synthetic data,
+tiny bundles and a real Serve deployment. Builders they use live in helpers.py.
 
 - `ray_local` (session): `ray.init(address="local", num_cpus=4)`, shut down at the end.
 - `s3_server` (session): `weed mini` on 127.0.0.1 with free ports; `.endpoint`, `.make_bucket(name)`.
 - `synth_data` (session): 120 synthetic images (256-384 px) in `<root>/train/{NORMAL,PNEUMONIA}/`.
 - `shared_data`: Path to ../shared/data (or $PNEUMO_SHARED_DATA), else the test is skipped.
+- `threshold_bundle` (module): a random seed_cnn whose threshold splits bright from dark images.
+- `served` (module): serve_app/config.yaml's app on a free port, four copies (open, API key,
+  tight queue, impossible timeout) of a tiny bundle with a drift reference; a second bundle to swap in.
 
 Dummy AWS credentials (`TEST_AWS_ENV`) are put into the environment for the whole session before
 Ray or weed start, so Ray workers inherit them and S3 reads work from inside Ray tasks too.
@@ -14,7 +18,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,8 +26,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from helpers import (
+    REPO,
+    SERVE_API_KEY,
+    SERVE_APPS,
+    Served,
+    deploy,
+    deploy_config,
+    free_port,
+    free_ports,
+    make_serve_bundle,
+    make_threshold_bundle,
+    wait_for,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 TEST_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "pneumo-test",
     "AWS_SECRET_ACCESS_KEY": "pneumo-test-secret",
@@ -61,35 +76,6 @@ def ray_local(test_aws_env):  # noqa: ANN001
 
 
 # ---------------------------------------------------------------- S3 (SeaweedFS)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(n: int, grpc_offset_free: bool = False) -> list[int]:
-    """`n` distinct free TCP ports on 127.0.0.1 (with `grpc_offset_free`, port+10000 is free too)."""
-    ports: list[int] = []
-    held: list[socket.socket] = []
-    try:
-        while len(ports) < n:
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-            if grpc_offset_free and (port + 10000 > 65535 or not _port_free(port + 10000)):
-                s.close()
-                continue
-            held.append(s)
-            ports.append(port)
-    finally:
-        for s in held:
-            s.close()
-    return ports
 
 
 @dataclass
@@ -206,7 +192,7 @@ def _wait_ready(server: S3Server, timeout: float) -> None:
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:  # noqa: ANN001
     """A small synthetic labelled data set: `<root>/train/{NORMAL,PNEUMONIA}/*.jpeg` (120 images)."""
-    from pneumo.synth import synthesize
+    from pneumo.data.synth import synthesize
 
     root = tmp_path_factory.mktemp("synth")
     synthesize(root, SYNTH_N, seed=0, size_range=SYNTH_SIZE)
@@ -224,3 +210,34 @@ def shared_data() -> Path:
     if not root.is_dir():
         pytest.skip(f"real data not found at {root} (set PNEUMO_SHARED_DATA or place ../shared/data)")
     return root
+
+
+# ---------------------------------------------------------------- bundles and Serve
+
+
+@pytest.fixture(scope="module")
+def threshold_bundle(tmp_path_factory) -> Path:  # noqa: ANN001
+    """A random-weight seed_cnn bundle whose threshold splits bright from dark images."""
+    return make_threshold_bundle(tmp_path_factory.mktemp("bundle"))
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tmp_path_factory) -> Iterator[Served]:  # noqa: ANN001
+    from ray import serve
+
+    root = tmp_path_factory.mktemp("serve")
+    sha1 = make_serve_bundle(root / "b1", seed=1, drift=True)
+    sha2 = make_serve_bundle(root / "b2", seed=2)
+    key_file = root / "api_key"
+    key_file.write_text(SERVE_API_KEY + "\n")
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        deploy(deploy_config(str(root / "b1"), str(key_file)))
+        s = Served(f"http://127.0.0.1:{port}", root, sha1, sha2, str(key_file))
+        with s.client() as c:
+            wait_for(lambda: all(c.get(f"{a}/readyz").status_code == 200 for a in SERVE_APPS), 60,
+                     "every Serve app ready", interval=0.5)
+        yield s
+    finally:
+        serve.shutdown()

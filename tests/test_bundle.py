@@ -8,18 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from pneumo.bundle import (
-    MANIFEST_FILE,
-    WEIGHTS_FILE,
-    BundleError,
-    load_bundle,
-    read_manifest,
-    save_bundle,
-)
-from pneumo.export import probabilities as logits_to_probs
-from pneumo.models import get_model, get_spec
-from pneumo.predict import Predictor, decide
-from pneumo.preprocess import InputSpec
+from pneumo.bundle.manifest import MANIFEST_FILE, WEIGHTS_FILE, BundleError, read_manifest
+from pneumo.bundle.predict import Predictor
+from pneumo.bundle.store import load_bundle, save_bundle
+from pneumo.io.preprocess import InputSpec
+from pneumo.io.storage import Location
+from pneumo.labels import decide
+from pneumo.models.factory import get_model
+from pneumo.models.graph import probabilities as logits_to_probs
+from pneumo.models.zoo import get_spec
 
 SMALL = InputSpec(size=48, channels=1, mean=(0.5,), std=(0.25,))
 
@@ -78,9 +75,9 @@ def test_missing_bundle_is_clear(tmp_path) -> None:
 def test_bundle_on_s3(tmp_path, s3_server) -> None:
     s3_server.make_bucket("bundles")
     model = get_model("seed_cnn", 2, input_spec=SMALL)
-    save_bundle(model, "s3://bundles/run1/bundle", "seed_cnn", ["NORMAL", "PNEUMONIA"], SMALL,
-                s3_endpoint=s3_server.endpoint)
-    loaded, manifest = load_bundle("s3://bundles/run1/bundle", s3_endpoint=s3_server.endpoint)
+    where = Location.resolve("s3://bundles/run1/bundle", s3_server.endpoint)
+    save_bundle(model, where, "seed_cnn", ["NORMAL", "PNEUMONIA"], SMALL)
+    loaded, manifest = load_bundle(where)
     assert manifest.model == "seed_cnn"
     assert torch.equal(loaded.classifier.weight, model.classifier.weight)
 

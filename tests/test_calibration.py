@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from pneumo.export import scoring_module
-from pneumo.models import get_model, get_spec
-from pneumo.preprocess import InputSpec, to_tensor
-from pneumo.train_export import fit_calibration, fold_calibration
+from pneumo.io.preprocess import InputSpec, to_tensor
+from pneumo.models.calibration import fit_calibration, fold_calibration
+from pneumo.models.factory import get_model
+from pneumo.models.graph import scoring_module
+from pneumo.models.zoo import get_spec
 
 SPEC = InputSpec(size=48, channels=1, mean=(0.5,), std=(0.25,))
 
@@ -45,8 +46,8 @@ def test_fit_then_fold_gives_the_fitted_probabilities(name: str, k: int, method:
 
 
 def test_prevalence_knob_follows_bayes_and_is_opt_in(tmp_path) -> None:
-    from pneumo.bundle import save_bundle
-    from pneumo.predict import Predictor
+    from pneumo.bundle.predict import Predictor
+    from pneumo.bundle.store import save_bundle
 
     model = get_model("seed_cnn", 2, input_spec=SPEC).eval()
     save_bundle(model, str(tmp_path / "b"), "seed_cnn", ["NORMAL", "PNEUMONIA"], SPEC,

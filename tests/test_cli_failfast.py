@@ -41,6 +41,6 @@ def test_config_errors_fail_before_ray_starts(args: list[str], message: str, tmp
 @pytest.mark.parametrize("model, expected", [("seed_cnn", "none"), ("efficientnet_lite0", "pretrained")])
 def test_default_weights_are_the_models_own(model: str, expected: str) -> None:
     from pneumo.config import parse_config
-    from pneumo.training import TrainConfig
+    from pneumo.train.config import TrainConfig
 
     assert parse_config(TrainConfig, ["DATA", "--model", model]).weights == expected

@@ -174,7 +174,7 @@ def test_rayservice_reads_its_api_key_from_a_secret() -> None:
     (_, service), = kind("RayService")
     for group, c in pod_containers(service["spec"]["rayClusterConfig"]):
         assert _from_secret(_env(c), "PNEUMO_API_KEY") == ("pneumo-serve-api-key", "api_key"), group
-    from pneumo.http_api import API_KEY_ENV
+    from pneumo.serve.http_api import API_KEY_ENV
 
     assert API_KEY_ENV == "PNEUMO_API_KEY"
     example = {d["metadata"]["name"]: d for d in docs(KUBERAY / "secrets.example.yaml")}
@@ -241,7 +241,7 @@ def test_each_training_rayjob_is_a_new_run(monkeypatch: pytest.MonkeyPatch) -> N
     hands the entrypoint (RAY_JOB_CONFIG_JSON_ENV_VAR metadata) and KubeRay makes unique per RayJob.
     Two RayJobs are two runs; a given --name (no {job}) still resumes that run."""
     from pneumo.config import parse_config
-    from pneumo.training import TrainConfig
+    from pneumo.train.config import TrainConfig
 
     (_, job), = [(p, d) for p, d in kind("RayJob") if p.name == "rayjob-train.yaml"]
     argv = shlex.split(job["spec"]["entrypoint"])
@@ -310,7 +310,7 @@ def test_serve_config_passes_ray_serve_schema(monkeypatch: pytest.MonkeyPatch) -
     from ray.serve.schema import ServeDeploySchema
 
     monkeypatch.syspath_prepend(str(REPO))  # serve_app is imported from the working dir / PYTHONPATH
-    from pneumo.serving import ServeArgs
+    from pneumo.serve.app import ServeArgs
 
     config = yaml.safe_load(SERVE_CONFIG.read_text())
     schema = ServeDeploySchema.model_validate(config)
@@ -325,7 +325,7 @@ def test_serve_config_passes_ray_serve_schema(monkeypatch: pytest.MonkeyPatch) -
 def test_rayservice_is_rendered_from_serve_config_and_valid() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from pneumo.serving import ServeArgs
+    from pneumo.serve.app import ServeArgs
 
     sys.path.insert(0, str(CLUSTER))
     try:

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from conftest import free_ports
+from helpers import free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -197,9 +197,10 @@ def two_node_cluster() -> Iterator[LocalCluster]:
 
 def _tiny_archive_and_bundle(tmp: Path) -> tuple[Path, Path, list[str]]:
     """16 small synthetic X-rays + one corrupt file (still one row), and a random-weight seed_cnn bundle."""
-    from pneumo.bundle import save_bundle
-    from pneumo.models import get_model, get_spec
-    from pneumo.synth import synthesize
+    from pneumo.bundle.store import save_bundle
+    from pneumo.data.synth import synthesize
+    from pneumo.models.factory import get_model
+    from pneumo.models.zoo import get_spec
 
     data = tmp / "archive"
     synthesize(data, N_IMAGES, seed=3, size_range=(64, 96), workers=1)
@@ -217,7 +218,7 @@ def test_batch_scoring_job_runs_on_both_nodes(two_node_cluster: LocalCluster, tm
     from ray.util.state.common import ListApiOptions, StateResource
 
     from pneumo.config import from_dict
-    from pneumo.runs import read_results
+    from pneumo.score.runs import read_results
     from pneumo.submit import SubmitConfig, make_client, submit, wait
 
     cluster = two_node_cluster
@@ -311,7 +312,7 @@ def test_requests_without_the_token_are_refused(two_node_cluster: LocalCluster, 
 
     client = make_client(cluster.dashboard, str(cluster.token_file))
     assert all(info.entrypoint != "python -c 'print(1)'" for info in client.list_jobs())
-    probe = ("python -c \"from pneumo.config import from_dict; from pneumo.training import TrainConfig; "
+    probe = ("python -c \"from pneumo.config import from_dict; from pneumo.train.config import TrainConfig; "
              "print('RUN', from_dict(TrainConfig, {'data': 'd', 'name': 'efficientnet_lite0-{job}'}).run_name)\"")
     cfg = from_dict(SubmitConfig, {"entrypoint": probe, "working_dir": str(REPO), "address": cluster.dashboard,
                                    "token_file": str(cluster.token_file)})

@@ -1,7 +1,7 @@
 """The bad-input corpus (tests/corpus/make_corpus.py) through every path that reads images.
 
 One table of kinds, four checks: decode gives the right `DecodeError` kind or an image; the one
-read path (`pneumo.reading.read_image`) gives the same kind to scoring, training ingest and
+read path (`pneumo.io.reading.read_image`) gives the same kind to scoring, training ingest and
 evaluation; a real batch-scoring run gives exactly one row per listed entry; the real Serve
 endpoint answers every corpus file with the right 4xx (never a 500). Plus the memory bound for
 a PNG bomb (in a subprocess), compressed DICOM against pydicom's uncompressed references, EXIF
@@ -27,17 +27,17 @@ from corpus.make_corpus import (
     pattern,
     rgba_bomb_png,
 )
-from test_scoring import SPEC, _score, bundle  # noqa: F401 - the tiny-bundle fixture
-from test_serve import served  # noqa: F401 - the Serve fixture (4 M pixel limit)
+from helpers import REPO, TINY_SPEC_KW, score
 
-from pneumo import data as D
-from pneumo.ingest import load_batch
-from pneumo.preprocess import DecodeError, decode, load_image
-from pneumo.reading import KINDS, read_image
-from pneumo.runs import read_results
-from pneumo.score_tasks import read_and_preprocess
+from pneumo.data import listing as D
+from pneumo.data.ingest import load_batch
+from pneumo.io.preprocess import DecodeError, InputSpec, decode, load_image
+from pneumo.io.reading import KINDS, read_image
+from pneumo.io.storage import Location
+from pneumo.score.runs import read_results
+from pneumo.score.tasks import read_and_preprocess
 
-REPO = Path(__file__).resolve().parents[1]
+SPEC = InputSpec(**TINY_SPEC_KW)
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +132,7 @@ def test_htj2k_transfer_syntax_decodes() -> None:
 
 PEAK_SCRIPT = """
 import sys
-from pneumo.preprocess import InputSpec, load_image
+from pneumo.io.preprocess import InputSpec, load_image
 
 def kib(field):  # VmHWM: this process's peak RSS (ru_maxrss would count the forking parent's)
     return int(next(ln for ln in open("/proc/self/status") if ln.startswith(field)).split()[1])
@@ -183,8 +183,8 @@ def test_scoring_ingest_and_evaluation_share_one_error_vocabulary(corpus) -> Non
     by_rel = {os.path.relpath(r.path, root): r for r in records}
     paths = np.asarray([r.path for r in records], dtype=object)
     scored = read_and_preprocess({"path": paths, "size_bytes": np.asarray([r.size for r in records]),
-                                  "mtime_ns": np.asarray([r.mtime_ns for r in records])}, SPEC, None)
-    ingested = load_batch({"path": paths, "label": np.zeros(len(paths), np.int64)}, SPEC.to_dict())
+                                  "mtime_ns": np.asarray([r.mtime_ns for r in records])}, SPEC, Location.of(root))
+    ingested = load_batch({"path": paths, "label": np.zeros(len(paths), np.int64)}, SPEC.to_dict(), Location.of(root))
     for i, rec in enumerate(records):  # evaluation reads with scoring's read_and_preprocess
         kinds = {
             "scoring": scored["error_kind"][i] or "ok",
@@ -210,7 +210,7 @@ def test_file_changed_or_deleted_between_listing_and_reading(tmp_path) -> None: 
     b.unlink()  # deleted after listing
     out = read_and_preprocess({"path": np.asarray([r.path for r in records], dtype=object),
                                "size_bytes": np.asarray([r.size for r in records]),
-                               "mtime_ns": np.asarray([r.mtime_ns for r in records])}, SPEC, None)
+                               "mtime_ns": np.asarray([r.mtime_ns for r in records])}, SPEC, Location.of(tmp_path))
     import hashlib
 
     assert list(out["status"]) == ["ok", "error"] and out["error_kind"][1] == "missing"
@@ -221,20 +221,21 @@ def test_file_changed_or_deleted_between_listing_and_reading(tmp_path) -> None: 
 def test_zero_byte_s3_object_is_an_empty_row(s3_server) -> None:  # noqa: ANN001
     s3_server.make_bucket("corpus-empty")
     s3_server.client().put_object(Bucket="corpus-empty", Key="x/empty.png", Body=b"")
-    records = D.list_images("s3://corpus-empty/x", s3_endpoint=s3_server.endpoint)
+    store = Location.resolve("s3://corpus-empty/x", s3_server.endpoint)
+    records = D.list_images(store)
     assert [(r.path, r.size) for r in records] == [("s3://corpus-empty/x/empty.png", 0)]
-    res = read_image(records[0].path, SPEC, s3_server.endpoint)
+    res = read_image(store.at(records[0].path), SPEC)
     assert res.error.kind == "empty" and res.sha256 is not None
-    gone = read_image("s3://corpus-empty/x/gone.png", SPEC, s3_server.endpoint)
+    gone = read_image(store.join("gone.png"), SPEC)
     assert gone.error.kind == "missing"
 
 
 # ---------------------------------------------------------------- batch scoring: one row per entry
 
 
-def test_scoring_run_gives_exactly_one_row_per_entry(ray_local, bundle, corpus, tmp_path) -> None:  # noqa: ANN001, F811
+def test_scoring_run_gives_exactly_one_row_per_entry(ray_local, threshold_bundle, corpus, tmp_path) -> None:  # noqa: ANN001
     root, cases = corpus
-    result = _score(str(root), bundle, tmp_path / "out")
+    result = score(root, threshold_bundle, tmp_path / "out")
     df = read_results(str(tmp_path / "out"))
     listed = {c.rel: c.row for c in cases.values() if c.row is not None}
     got = {os.path.relpath(p, root): (k if isinstance(k, str) else "ok") for p, k in zip(df.path, df.error_kind)}
@@ -248,7 +249,7 @@ def test_scoring_run_gives_exactly_one_row_per_entry(ray_local, bundle, corpus, 
 
 # ---------------------------------------------------------------- serving: a 4xx, never a 500
 
-def test_serving_answers_every_corpus_file_without_a_500(served, corpus) -> None:  # noqa: ANN001, F811
+def test_serving_answers_every_corpus_file_without_a_500(served, corpus) -> None:  # noqa: ANN001
     root, cases = corpus
     got, want = {}, {}
     with httpx.Client(base_url=served.url, timeout=120) as c:

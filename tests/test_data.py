@@ -7,9 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pneumo import data
-from pneumo.data import DataError, ImageRecord
-from pneumo.synth import synthesize
+from pneumo.data import datasets as data
+from pneumo.data import listing
+from pneumo.data.listing import DataError, ImageRecord
+from pneumo.data.synth import synthesize
+from pneumo.io.storage import Location, StorageError, is_s3
 
 
 @pytest.mark.parametrize(
@@ -205,27 +207,30 @@ def test_list_images_nesting_and_extension_filter(tmp_path: Path) -> None:
     for rel, content in files.items():
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / rel).write_bytes(content)
-    records = data.list_images(str(tmp_path), extensions=data.IMAGE_EXTENSIONS)
+    records = listing.list_images(str(tmp_path), extensions=listing.IMAGE_EXTENSIONS)
     rels = [Path(r.path).relative_to(tmp_path).as_posix() for r in records]
     assert rels == ["a.jpeg", "b/c.JPG", "b/d/e.png", "b/d/f/g.dcm", "h.dicom"]
     assert [r.size for r in records] == [1, 2, 3, 4, 1]
     assert all(Path(r.path).is_absolute() and r.mtime_ns > 0 for r in records)
-    every = [Path(r.path).relative_to(tmp_path).as_posix() for r in data.list_images(str(tmp_path))]
+    every = [Path(r.path).relative_to(tmp_path).as_posix() for r in listing.list_images(str(tmp_path))]
     assert every == ["a.jpeg", "b/c.JPG", "b/d/e.png", "b/d/f/g.dcm", "b/i.gif", "h.dicom", "j.jpeg.bak",
                      "notes.txt"]  # the default archive listing: every entry but hidden ones
-    only_png = data.list_images(str(tmp_path), extensions=(".png",))
+    only_png = listing.list_images(str(tmp_path), extensions=(".png",))
     assert [Path(r.path).name for r in only_png] == ["e.png"]
-    assert [Path(r.path).name for r in data.list_images(str(tmp_path / "b" / "d" / "e.png"))] == ["e.png"]
+    assert [Path(r.path).name for r in listing.list_images(str(tmp_path / "b" / "d" / "e.png"))] == ["e.png"]
     with pytest.raises(DataError, match="no such folder"):
-        data.list_images(str(tmp_path / "missing"))
+        listing.list_images(str(tmp_path / "missing"))
 
 
-def test_join_and_is_s3() -> None:
-    assert data.join("s3://b/p/", "train", "/NORMAL/") == "s3://b/p/train/NORMAL"
-    assert data.join("/x/y", "z") == "/x/y/z"
-    assert data.is_s3("s3://b") and not data.is_s3("/s3://b")
-    with pytest.raises(DataError, match="s3://bucket/prefix"):
-        data.resolve_filesystem("s3:///key")
+def test_location_join_and_is_s3() -> None:
+    assert Location.resolve("s3://b/p/").join("train", "/NORMAL/").uri == "s3://b/p/train/NORMAL"
+    assert Location.resolve("/x/y").join("z").uri == "/x/y/z"
+    assert is_s3("s3://b") and not is_s3("/s3://b")
+    with pytest.raises(StorageError, match="s3://bucket/prefix"):
+        Location.resolve("s3:///key")
+    here = Location.resolve("s3://b/p", "http://127.0.0.1:9")
+    assert here.at("s3://b/q/x.png") == Location("s3://b/q/x.png", "http://127.0.0.1:9")  # same store
+    assert here.path == "b/p" and here.name == "p" and here.parent.uri == "s3://b"
 
 
 def test_fingerprint_tracks_content_of_the_listing() -> None:
@@ -241,8 +246,8 @@ def test_fingerprint_tracks_content_of_the_listing() -> None:
 
 
 _TIED_SPLIT = """
-from pneumo import data
-from pneumo.data import ImageRecord
+from pneumo.data import datasets as data
+from pneumo.data.listing import ImageRecord
 recs = []
 for p in range(300):  # a third of the patients: one bacteria and one virus image (a tie, as in the real data)
     causes = [("bacteria", "virus"), ("bacteria",), ("virus",)][p % 3]

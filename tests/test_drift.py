@@ -17,17 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from pneumo.drift import (
-    FILE_NAME,
-    MIN_IMAGES,
-    DriftReference,
-    adapt_batchnorm,
-    compare,
-    estimate_prevalence_em,
-    write_run_drift,
-)
-from pneumo.drift_window import DriftWindow
-from pneumo.synth import Acquisition, synthesize
+from pneumo.data.synth import Acquisition, synthesize
+from pneumo.models.adapt import adapt_batchnorm
+from pneumo.monitor.drift import FILE_NAME, MIN_IMAGES, DriftReference, compare
+from pneumo.monitor.prevalence import estimate_prevalence_em
+from pneumo.monitor.window import DriftWindow
+from pneumo.score.drift import write_run_drift
 
 SIZE = (96, 128)
 THRESHOLD = 0.5
@@ -42,13 +37,14 @@ class Embedder:
     """EfficientNet-Lite0 (pretrained) pooled features of image files."""
 
     def __init__(self) -> None:
-        from pneumo.models import get_model, get_spec
+        from pneumo.models.factory import get_model
+        from pneumo.models.zoo import get_spec
 
         self.spec = get_spec("efficientnet_lite0").input.replace(size=128)
         self.model = get_model("efficientnet_lite0", 2, weights="pretrained").eval()
 
     def tensors(self, paths: list[Path], batch: int = 32) -> list[torch.Tensor]:
-        from pneumo.preprocess import load_image, to_tensor
+        from pneumo.io.preprocess import load_image, to_tensor
 
         out = []
         for i in range(0, len(paths), batch):
@@ -258,7 +254,7 @@ def test_em_recovers_prevalence_of_calibrated_posteriors(truth: float) -> None:
 
 
 def test_adabn_moves_running_stats_to_the_new_domain(world) -> None:  # noqa: ANN001
-    from pneumo.models import get_model
+    from pneumo.models.factory import get_model
 
     emb: Embedder = world["emb"]
     model = get_model("efficientnet_lite0", 2, weights="pretrained").eval()

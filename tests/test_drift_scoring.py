@@ -24,13 +24,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pneumo.bundle import BundleError, read_file, read_manifest
+from pneumo.bundle.manifest import BundleError, read_file, read_manifest
 from pneumo.config import parse_config
-from pneumo.data import read_bytes
-from pneumo.drift import FILE_NAME, DriftReference
-from pneumo.runs import SUCCESS_FILE, read_results
-from pneumo.scoring import ScoreConfig, format_summary, run_score
-from pneumo.synth import Acquisition, synthesize
+from pneumo.data.synth import Acquisition, synthesize
+from pneumo.io.storage import Location
+from pneumo.monitor.drift import FILE_NAME, DriftReference
+from pneumo.score.config import ScoreConfig
+from pneumo.score.driver import format_summary, run_score
+from pneumo.score.runs import SUCCESS_FILE, read_results
 
 SIZE = (96, 128)
 PX = 96  # model input: small to stay fast on two cores
@@ -41,7 +42,7 @@ FAST = ["--batch-size", "32", "--read-batch-size", "32", "--max-actors", "1", "-
 
 
 def _images(paths: list[Path], spec) -> np.ndarray:  # noqa: ANN001
-    from pneumo.preprocess import load_image
+    from pneumo.io.preprocess import load_image
 
     return np.stack([load_image(p.read_bytes(), p.name, spec) for p in paths])
 
@@ -55,10 +56,11 @@ def trained(tmp_path_factory):  # noqa: ANN001, ANN201
     """A bundle written by `export_run` (with its drift reference) and the archives to score."""
     from sklearn.linear_model import LogisticRegression
 
-    from pneumo.drift import adapt_batchnorm
-    from pneumo.models import get_model, get_spec
-    from pneumo.preprocess import to_tensor
-    from pneumo.train_export import export_run
+    from pneumo.io.preprocess import to_tensor
+    from pneumo.models.adapt import adapt_batchnorm
+    from pneumo.models.factory import get_model
+    from pneumo.models.zoo import get_spec
+    from pneumo.train.export import export_run
 
     root = tmp_path_factory.mktemp("driftint")
     paths = synthesize(root / "base", 300, seed=0, size_range=SIZE, splits=("train", "val"))
@@ -78,10 +80,9 @@ def trained(tmp_path_factory):  # noqa: ANN001, ANN201
         model.classifier.weight.copy_(torch.tensor(w[None], dtype=torch.float32))
         model.classifier.bias.copy_(torch.tensor([b], dtype=torch.float32))
     counts = {s: {c: int(sum(p.parent.name == c for p in split[s])) for c in CLASSES} for s in split}
-    cfg = SimpleNamespace(model="efficientnet_lite0", threshold_method="youden", target_sensitivity=0.95,
-                          s3_endpoint=None, seed=0)
+    cfg = SimpleNamespace(model="efficientnet_lite0", threshold_method="youden", target_sensitivity=0.95, seed=0)
     val = {"val": {"image": _images(split["val"], spec), "label": _labels(split["val"])}}
-    manifest, outputs = export_run(cfg, model, CLASSES, spec, val, {"counts": counts}, str(root / "bundle"))
+    manifest, outputs = export_run(cfg, model, CLASSES, spec, val, {"counts": counts}, Location.of(root / "bundle"))
     archives = {
         "iid": synthesize(root / "iid", 80, seed=1, size_range=SIZE),
         "contrast": synthesize(root / "contrast", 60, seed=2, size_range=SIZE, acquisition=Acquisition(contrast=0.5)),
@@ -100,7 +101,7 @@ def _score(data: Path, bundle: Path | str, out: str, *extra: str):  # noqa: ANN2
 
 
 def test_training_stores_the_reference_in_the_bundle(trained) -> None:  # noqa: ANN001
-    from pneumo.predict import Predictor
+    from pneumo.bundle.predict import Predictor
 
     bundle, manifest = str(trained["bundle"]), trained["manifest"]
     assert FILE_NAME in manifest.files
@@ -114,7 +115,7 @@ def test_training_stores_the_reference_in_the_bundle(trained) -> None:  # noqa: 
 
 @pytest.mark.parametrize("tamper", ["flip_byte", "truncate", "swap_for_another_reference"])
 def test_a_tampered_reference_is_refused(trained, tmp_path: Path, tamper: str) -> None:  # noqa: ANN001
-    from pneumo.predict import Predictor
+    from pneumo.bundle.predict import Predictor
 
     copy = tmp_path / "bundle"
     shutil.copytree(trained["bundle"], copy)
@@ -152,23 +153,23 @@ def test_score_writes_the_drift_verdict(ray_local, trained, tmp_path: Path, requ
     else:
         out, extra = str(tmp_path / "out"), ()
     result = _score(trained["root"] / archive, trained["bundle"], out, *extra)
-    endpoint = extra[1] if extra else None
-    report = json.loads(read_bytes(result.run_dir + "/drift.json", endpoint))
+    run_dir = Location.resolve(result.run_dir, extra[1] if extra else None)
+    report = json.loads(run_dir.join("drift.json").read_bytes())
     assert report["shift"] is shift and report["status"] == ("drift" if shift else "ok"), report["line"]
     assert set(report["tests"]) == {"mmd", "ks", "positive_rate"} and report["n"] == result.counts["ok"]
-    assert read_bytes(result.run_dir + "/drift.png", endpoint)[:8] == b"\x89PNG\r\n\x1a\n"
-    marker = json.loads(read_bytes(result.run_dir + "/" + SUCCESS_FILE, endpoint))
+    assert run_dir.join("drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    marker = json.loads(run_dir.join(SUCCESS_FILE).read_bytes())
     assert marker["drift"]["shift"] is shift and marker["drift"]["line"] == report["line"]
     assert result.drift["line"] in format_summary(result).splitlines()[4]
     assert report["line"].startswith("DRIFT: " if shift else "drift: this run looks like")
-    df = read_results(out, endpoint)
+    df = read_results(Location.resolve(out, extra[1] if extra else None))
     assert (df.status == "ok").all() and df.adapted.isna().all() and df.prevalence_estimate.isna().all()
     k = DriftReference.from_bytes((trained["bundle"] / FILE_NAME).read_bytes()).components.shape[0]
     assert 2 <= k <= 32 and all(len(e) == k for e in df.embedding)
 
 
 def test_a_bundle_without_reference_is_not_judged(ray_local, trained, tmp_path: Path) -> None:  # noqa: ANN001
-    from pneumo.bundle import write_manifest
+    from pneumo.bundle.manifest import write_manifest
 
     old = tmp_path / "old_bundle"
     shutil.copytree(trained["bundle"], old)

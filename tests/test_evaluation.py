@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pneumo import plots
-from pneumo.data import labelled_splits
-from pneumo.evaluation import EvaluateConfig, evaluate_bundle, split_parameters
-from pneumo.report import REPORT_METRICS, write_report
+from pneumo.data.datasets import labelled_splits, split_parameters
+from pneumo.report import plots
+from pneumo.report.writer import REPORT_METRICS, write_report
+from pneumo.score.evaluate import EvaluateConfig, evaluate_bundle
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPORT_KEYS = {"split", "n", "n_errors", "classes", "counts", "threshold", "metrics", "ci", "ci_level", "bootstrap",
@@ -71,7 +71,7 @@ def test_write_report_writes_all_files_and_keys(tmp_path, classes, history):
 
 
 def test_report_matches_metrics_and_flags_val_chosen_threshold_on_val(tmp_path):
-    from pneumo.metrics import binary_metrics
+    from pneumo.report.metrics import binary_metrics
 
     classes = ["NORMAL", "PNEUMONIA"]
     y, probs = _scores(200, classes, seed=3)
@@ -114,10 +114,10 @@ def tiny(tmp_path_factory):
     """A tiny labelled dataset (one corrupt file) and a real seed_cnn bundle trained 'with' TRAIN_SPLIT."""
     import torch
 
-    from pneumo.bundle import save_bundle
-    from pneumo.models import get_model
-    from pneumo.preprocess import InputSpec
-    from pneumo.synth import synthesize
+    from pneumo.bundle.store import save_bundle
+    from pneumo.data.synth import synthesize
+    from pneumo.io.preprocess import InputSpec
+    from pneumo.models.factory import get_model
 
     root = tmp_path_factory.mktemp("tiny")
     data = root / "data"
@@ -144,8 +144,8 @@ def test_split_parameters_come_from_training_config_unless_given():
 
 
 def test_evaluate_bundle_end_to_end_reports_corrupt_file(tiny, tmp_path, ray_local):
-    from pneumo.predict import Predictor
-    from pneumo.preprocess import load_image
+    from pneumo.bundle.predict import Predictor
+    from pneumo.io.preprocess import load_image
 
     out = tmp_path / "eval"
     everything = labelled_splits(str(tiny["data"]), **TRAIN_SPLIT)

@@ -10,8 +10,9 @@ import torch
 from PIL import Image
 from torch import nn
 
-from pneumo.gradcam import gradcam, overlay_png
-from pneumo.models import get_model, get_spec, list_models
+from pneumo.models.factory import get_model
+from pneumo.models.gradcam import gradcam, overlay_png
+from pneumo.models.zoo import get_spec, list_models
 
 
 class _TwoSpots(nn.Module):

@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from helpers import jpeg_bytes, make_threshold_bundle
 
 PNEUMO = str(Path(sys.executable).parent / "pneumo")
 TRAIN = ["--model", "seed_cnn", "--weights", "none", "--image-size", "48", "--batch-size", "16",
@@ -127,14 +128,12 @@ def test_score_sigkilled_at_random_moments_then_incremental_scores_every_file_on
     input with exactly one committed row."""
     import random
 
-    from test_scoring import _jpeg, make_bundle
+    from pneumo.score.runs import committed_runs, read_committed, read_results
 
-    from pneumo.runs import committed_runs, read_committed, read_results
-
-    bundle, data, out = make_bundle(tmp_path / "bundle"), tmp_path / "data", tmp_path / "out"
+    bundle, data, out = make_threshold_bundle(tmp_path / "bundle"), tmp_path / "data", tmp_path / "out"
     for i in range(N_IMAGES):
         (data / f"d{i % 4}").mkdir(parents=True, exist_ok=True)
-        (data / f"d{i % 4}" / f"img{i:03d}.jpeg").write_bytes(_jpeg(i, size=(64, 64), level=None if i % 3 else 150))
+        (data / f"d{i % 4}" / f"img{i:03d}.jpeg").write_bytes(jpeg_bytes(i, size=(64, 64), level=None if i % 3 else 150))
     for name, blob in BAD.items():
         (data / name).write_bytes(blob)
     ray_tmp = Path(tempfile.mkdtemp(prefix="pk", dir="/tmp"))  # Ray's socket paths must stay under 108 bytes
@@ -174,7 +173,7 @@ def test_score_sigkilled_at_random_moments_then_incremental_scores_every_file_on
             read_results(str(out))
             for _ in range(3):  # the archive grows between nights
                 (data / "new").mkdir(exist_ok=True)
-                (data / "new" / f"n{added:03d}.jpeg").write_bytes(_jpeg(1000 + added, size=(64, 64)))
+                (data / "new" / f"n{added:03d}.jpeg").write_bytes(jpeg_bytes(1000 + added, size=(64, 64)))
                 added += 1
 
         t0 = time.monotonic()

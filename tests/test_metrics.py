@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pneumo import metrics as M
+from pneumo.report import metrics as M
 
 
 def mann_whitney_auc(y, s) -> float:
@@ -256,6 +256,6 @@ def test_group_metrics_report_the_worst_series() -> None:
     ("person1430_bacteria_3695.jpeg", "bacteria"), ("person5_virus_11.jpeg", "virus"), ("scan.png", "other"),
 ])
 def test_acquisition_group(name: str, group: str) -> None:
-    from pneumo.data import acquisition_group
+    from pneumo.data.datasets import acquisition_group
 
     assert acquisition_group(f"/x/NORMAL/{name}") == group

@@ -5,17 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pneumo.models import (
-    FINETUNE_MODES,
-    get_model,
-    get_spec,
-    list_models,
-    num_outputs,
-    set_finetune,
-    set_train_mode,
-)
-from pneumo.preprocess import InputSpec
-from pneumo.weights import WeightsUnavailable, load_backbone
+from pneumo.io.preprocess import InputSpec
+from pneumo.models.factory import get_model, num_outputs
+from pneumo.models.finetune import set_finetune, set_train_mode
+from pneumo.models.weights import WeightsUnavailable, load_backbone
+from pneumo.models.zoo import FINETUNE_MODES, get_spec, list_models
 
 EXPECTED = {
     "seed_cnn", "cnn_dropout", "inception_v3", "resnet18", "resnet50", "resnetv2_50",
@@ -25,6 +19,17 @@ EXPECTED = {
 
 def test_registry_has_every_reference_model() -> None:
     assert EXPECTED <= set(list_models())
+
+
+@pytest.mark.parametrize("name", [n for n in list_models() if get_spec(n).family == "timm"])
+def test_timm_entries_carry_timms_own_preprocessing(name: str) -> None:
+    """The registry is plain data (no timm import to list it): its input specs must be timm's."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(get_spec(name).arch.partition(":")[2])
+    spec = get_spec(name).input
+    assert (spec.channels, spec.size, spec.size) == tuple(cfg.input_size)
+    assert spec.mean == pytest.approx(cfg.mean) and spec.std == pytest.approx(cfg.std)
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -10,21 +10,17 @@ import pytest
 import torch
 from torch import nn
 
-from pneumo.bundle import (
-    INT8_FILE,
-    MANIFEST_FILE,
-    ONNX_FILE,
-    BundleError,
-    read_manifest,
-    save_bundle,
-)
+from pneumo.bundle.manifest import INT8_FILE, MANIFEST_FILE, ONNX_FILE, BundleError, read_manifest
+from pneumo.bundle.predict import EngineError, Predictor
+from pneumo.bundle.store import save_bundle
+from pneumo.bundle.upgrade import int8_gate, quantize_bundle
 from pneumo.cli import main as cli
-from pneumo.export import ScoringModule, export_checked
-from pneumo.models import _REGISTRY, ModelSpec, get_model, get_spec, list_models, register
+from pneumo.io.preprocess import InputSpec, to_tensor
+from pneumo.models.factory import CUSTOM_BUILDERS, get_model, register_builder
+from pneumo.models.graph import ScoringModule
+from pneumo.models.onnx import export_checked
+from pneumo.models.zoo import ModelSpec, get_spec, list_models, register, unregister
 from pneumo.precision import PrecisionError
-from pneumo.predict import EngineError, Predictor
-from pneumo.preprocess import InputSpec, to_tensor
-from pneumo.upgrade import int8_gate, quantize_bundle
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 # Models that cannot export: none today. A model listed here must say why; it falls back to torch.
@@ -101,9 +97,11 @@ class _Branchy(nn.Module):
 @pytest.fixture()
 def branchy():
     spec = InputSpec(size=32, channels=1, mean=(0.0,), std=(1.0,))
-    register(ModelSpec("branchy_test", lambda num_out, spec, **o: _Branchy(num_out), spec, "classifier", "none"))
+    register_builder("branchy_test", lambda num_out, input_spec, **o: _Branchy(num_out))
+    register(ModelSpec("branchy_test", "custom:branchy_test", spec, "classifier", "none"))
     yield spec
-    _REGISTRY.pop("branchy_test")
+    unregister("branchy_test")
+    CUSTOM_BUILDERS.pop("branchy_test")
 
 
 def test_export_refused_on_parity_failure_bundle_stays_torch_only(branchy, tmp_path, caplog) -> None:
@@ -230,7 +228,7 @@ def test_int8_needs_onnxruntime() -> None:
 
 
 def test_feature_cache_runs_on_onnxruntime_and_matches_torch(caplog) -> None:
-    from pneumo.feature_cache import backbone_features
+    from pneumo.train.feature_cache import backbone_features
 
     spec = get_spec("efficientnet_lite0").input.replace(size=64)
     model = get_model("efficientnet_lite0", 2, input_spec=spec).eval()

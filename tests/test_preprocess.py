@@ -12,7 +12,7 @@ import torch
 from helpers import dicom_bytes
 from PIL import Image
 
-from pneumo.preprocess import (
+from pneumo.io.preprocess import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     DecodeError,

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from pneumo.data import labelled_splits
-from pneumo.models import get_model, get_spec
-from pneumo.preprocess import load_image, to_tensor
+from pneumo.data.datasets import labelled_splits
+from pneumo.io.preprocess import load_image, to_tensor
+from pneumo.models.factory import get_model
+from pneumo.models.zoo import get_spec
 
 pytestmark = pytest.mark.shared_data
 

@@ -1,4 +1,4 @@
-"""pneumo.data and `pneumo eda` against a real S3 server (SeaweedFS `weed mini`, see conftest)."""
+"""pneumo.data, `Location` and `pneumo eda` against a real S3 server (SeaweedFS `weed mini`, see conftest)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pneumo import data
 from pneumo.cli import main as cli_main
+from pneumo.data import datasets as data
+from pneumo.data.listing import DataError, ImageRecord, list_images
+from pneumo.io.storage import Location
+from pneumo.labels import LABEL_SETS
 
 BUCKET = "xrays"
 PREFIX = "chest/v1"
@@ -19,18 +22,18 @@ def s3_dataset(s3_server, synth_data) -> str:  # noqa: ANN001
     """The session's synthetic data set uploaded to s3://xrays/chest/v1/."""
     s3_server.make_bucket(BUCKET)
     n = s3_server.upload_dir(synth_data, BUCKET, PREFIX)
-    assert n == len(data.list_images(str(synth_data)))
+    assert n == len(list_images(str(synth_data)))
     return f"s3://{BUCKET}/{PREFIX}"
 
 
-def _rel(records: list[data.ImageRecord], root: str) -> list[tuple[str, int, str | None, str | None, str | None]]:
+def _rel(records: list[ImageRecord], root: str) -> list[tuple[str, int, str | None, str | None, str | None]]:
     root = root.rstrip("/") + "/"
     return [(r.path[len(root):], r.size, r.split, r.label, r.patient_id) for r in records]
 
 
 def test_list_images_matches_local(s3_dataset, s3_server, synth_data) -> None:  # noqa: ANN001
-    remote = data.list_images(s3_dataset, s3_endpoint=s3_server.endpoint)
-    local = data.list_images(str(synth_data))
+    remote = list_images(Location.resolve(s3_dataset, s3_server.endpoint))
+    local = list_images(str(synth_data))
     assert len(remote) == len(local) > 0
     assert all(r.path.startswith(s3_dataset + "/") for r in remote)
     assert _rel(remote, s3_dataset) == _rel(local, str(synth_data))
@@ -38,26 +41,28 @@ def test_list_images_matches_local(s3_dataset, s3_server, synth_data) -> None:  
 
 @pytest.mark.parametrize("label_set", ["binary", "three_class"])
 def test_labelled_splits_match_local(s3_dataset, s3_server, synth_data, label_set) -> None:  # noqa: ANN001
-    remote = data.labelled_splits(s3_dataset, label_set, s3_endpoint=s3_server.endpoint)
+    remote = data.labelled_splits(Location.resolve(s3_dataset, s3_server.endpoint), label_set)
     local = data.labelled_splits(str(synth_data), label_set)
     assert _rel(remote, s3_dataset) == _rel(local, str(synth_data))
     assert {r.split for r in remote} == {"train", "val", "test"}
-    assert {r.label for r in remote} == set(data.LABEL_SETS[label_set])
+    assert {r.label for r in remote} == set(LABEL_SETS[label_set])
 
 
 def test_read_and_write_bytes(s3_dataset, s3_server, synth_data) -> None:  # noqa: ANN001
-    rec = data.list_images(s3_dataset, s3_endpoint=s3_server.endpoint)[0]
+    store = Location.resolve(s3_dataset, s3_server.endpoint)
+    rec = list_images(store)[0]
     local_path = Path(synth_data) / rec.path[len(s3_dataset) + 1:]
-    assert data.read_bytes(rec.path, s3_endpoint=s3_server.endpoint) == local_path.read_bytes()
+    assert store.at(rec.path).read_bytes() == local_path.read_bytes()
 
-    target = data.join(f"s3://{BUCKET}", "scratch", "note.txt")
-    data.write_bytes(target, b"hello", s3_endpoint=s3_server.endpoint)
-    assert data.read_bytes(target, s3_endpoint=s3_server.endpoint) == b"hello"
+    target = Location.resolve(f"s3://{BUCKET}", s3_server.endpoint).join("scratch", "note.txt")
+    target.write_bytes(b"hello")
+    assert target.read_bytes() == b"hello" and target.exists()
+    assert Location.resolve(f"s3://{BUCKET}/scratch", s3_server.endpoint).files() == ["note.txt"]
 
 
 def test_missing_prefix_is_a_clear_error(s3_dataset, s3_server) -> None:  # noqa: ANN001
-    with pytest.raises(data.DataError, match="no such folder or prefix"):
-        data.list_images(f"s3://{BUCKET}/does/not/exist", s3_endpoint=s3_server.endpoint)
+    with pytest.raises(DataError, match="no such folder or prefix"):
+        list_images(Location.resolve(f"s3://{BUCKET}/does/not/exist", s3_server.endpoint))
 
 
 def test_eda_on_s3(s3_dataset, s3_server, synth_data, tmp_path, capsys) -> None:  # noqa: ANN001

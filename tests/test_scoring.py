@@ -8,7 +8,6 @@ tests; incremental, killed-run and S3 tests make their own small runs. Tiny bund
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from pathlib import Path
@@ -16,74 +15,32 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import dicom_bytes
+from helpers import dicom_bytes, jpeg_bytes, png_bytes, score
 from PIL import Image
 
-from pneumo.bundle import save_bundle
-from pneumo.config import parse_config
-from pneumo.models import get_model
-from pneumo.preprocess import InputSpec
-from pneumo.runs import SUCCESS_FILE, committed_runs, read_committed, read_results
-from pneumo.score_tasks import OUTPUT_SCHEMA
-from pneumo.scoring import ScoreConfig, run_score
+from pneumo.io.storage import Location
+from pneumo.score.runs import SUCCESS_FILE, committed_runs, read_committed, read_results
+from pneumo.score.tasks import OUTPUT_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = InputSpec(size=64, channels=1, mean=(0.0,), std=(1.0,))
-FAST = ["--batch-size", "8", "--read-batch-size", "4"]
 
 
 def _jpeg(seed: int, size: tuple[int, int] = (80, 96), level: int | None = None) -> bytes:
-    rng = np.random.default_rng(seed)
-    px = rng.integers(0, 255, size[::-1], dtype=np.uint8)
-    if level is not None:
-        px = np.clip(px // 4 + level, 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(px).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
+    return jpeg_bytes(seed, size, level)
 
 
 def _png(seed: int, level: int | None = None) -> bytes:
-    buf = io.BytesIO()
-    rng = np.random.default_rng(seed)
-    px = rng.integers(0, 255, (70, 70), dtype=np.uint8)
-    if level is not None:
-        px = np.clip(px // 4 + level, 0, 255).astype(np.uint8)
-    Image.fromarray(px).save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(seed, (70, 70), level)
 
 
 def _nn(value):  # noqa: ANN001, ANN202 - pandas reads a null string as None or NaN
     return None if value is None or (isinstance(value, float) and np.isnan(value)) else value
 
 
-def _score(data: str | None, bundle: Path | str, out: Path | str, *extra: str):
-    argv = ([data] if data is not None else []) + ["--bundle", str(bundle), "--out", str(out), *FAST, *extra]
-    return run_score(parse_config(ScoreConfig, argv))
-
-
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    """A random-weight seed_cnn bundle whose threshold splits bright from dark images."""
-    return make_bundle(tmp_path_factory.mktemp("bundle"))
-
-
-def make_bundle(root: Path) -> Path:
-    """`root/b`: a random-weight seed_cnn bundle whose threshold splits bright from dark images
-    (also used by the real-kill test in test_kills.py)."""
-    import torch
-
-    from pneumo.predict import Predictor
-
-    torch.manual_seed(0)
-    model = get_model("seed_cnn", 2, input_spec=SPEC)
-    save_bundle(model, str(root / "b0"), "seed_cnn", ["NORMAL", "PNEUMONIA"], SPEC)
-    p = Predictor(str(root / "b0"), precision="fp32")
-    dark, bright = np.full((1, 64, 64), 10, np.uint8), np.full((1, 64, 64), 240, np.uint8)
-    lo, hi = sorted(float(p.positive_probability(p.predict(x))[0]) for x in (dark, bright))
-    assert hi - lo > 1e-4, "random model should tell a dark from a bright image"
-    save_bundle(model, str(root / "b"), "seed_cnn", ["NORMAL", "PNEUMONIA"], SPEC,
-                threshold={"value": (lo + hi) / 2, "method": "test", "target": None})
-    return root / "b"
+def bundle(threshold_bundle: Path) -> Path:
+    """conftest's `threshold_bundle`: a random seed_cnn whose threshold splits bright from dark images."""
+    return threshold_bundle
 
 
 # ---------------------------------------------------------------- one mixed run (rows, explain, schema)
@@ -129,7 +86,7 @@ def mixed_run(ray_local, bundle, tmp_path_factory):  # noqa: ANN001, ANN201
         (data / rel).parent.mkdir(parents=True, exist_ok=True)
         (data / rel).write_bytes(blob)
     out = root / "out"
-    result = _score(str(data), bundle, out, "--explain")
+    result = score(data, bundle, out, "--explain")
     return {"data": data, "out": out, "result": result, "df": read_results(str(out))}
 
 
@@ -191,20 +148,20 @@ def test_incremental_rerun_scores_only_new_or_changed_files(ray_local, bundle, t
     for i in range(4):
         (data / f"x{i}.jpeg").write_bytes(_jpeg(10 + i))
     (data / "bad.jpeg").write_bytes(b"nope")
-    first = _score(str(data), bundle, out, "--incremental")
+    first = score(data, bundle, out, "--incremental")
     assert (first.n_scored, first.n_skipped) == (5, 0)
 
     (data / "new1.png").write_bytes(_png(20))
     (data / "sub").mkdir()
     (data / "sub" / "new2.jpeg").write_bytes(_jpeg(21))
     (data / "x0.jpeg").write_bytes(_jpeg(99, size=(90, 90)))  # changed content and size
-    second = _score(str(data), bundle, out, "--incremental")
+    second = score(data, bundle, out, "--incremental")
     assert (second.n_listed, second.n_scored, second.n_skipped) == (7, 3, 4)
     rows = read_committed(str(out)).to_pandas()
     second_paths = set(rows[rows.run_id == second.run_id].path)
     assert second_paths == {str(data / "new1.png"), str(data / "sub" / "new2.jpeg"), str(data / "x0.jpeg")}
 
-    third = _score(str(data), bundle, out, "--incremental")
+    third = score(data, bundle, out, "--incremental")
     assert third.n_scored == 0 and third.n_skipped == 7
     latest = read_results(str(out))
     assert len(latest) == 7 and latest.path.is_unique
@@ -216,12 +173,12 @@ def test_killed_run_is_ignored_and_rerun_completes_without_duplicates(ray_local,
     data.mkdir()
     for i in range(3):
         (data / f"old{i}.jpeg").write_bytes(_jpeg(30 + i))
-    first = _score(str(data), bundle, out, "--incremental")
+    first = score(data, bundle, out, "--incremental")
     for i in range(4):
         (data / f"new{i}.jpeg").write_bytes(_jpeg(40 + i))
 
     # A run killed after writing its parts but before its commit marker (the worst moment) ...
-    killed = _score(str(data), bundle, out, "--incremental")
+    killed = score(data, bundle, out, "--incremental")
     (Path(killed.run_dir) / SUCCESS_FILE).unlink()
     # ... and one killed while writing a part (a torn file, no marker).
     torn = out / "runs" / "20000101T000000Z-dead00"
@@ -230,7 +187,7 @@ def test_killed_run_is_ignored_and_rerun_completes_without_duplicates(ray_local,
     assert [m["run_id"] for m in committed_runs(str(out))] == [first.run_id]
     assert len(read_results(str(out))) == 3  # readers trust committed runs only
 
-    rerun = _score(str(data), bundle, out, "--incremental")
+    rerun = score(data, bundle, out, "--incremental")
     assert rerun.n_scored == 4 and rerun.n_skipped == 3  # the killed run's files are scored again
     rows = read_committed(str(out)).to_pandas()
     assert sorted(rows.path) == sorted(str(p) for p in data.glob("*.jpeg"))  # every file once: none lost, no dups
@@ -243,7 +200,7 @@ def test_damaged_markers_are_skipped_with_a_warning_and_rescored(ray_local, bund
     for k, group in enumerate(("torn", "gone", "garbage")):  # three committed runs, two files each
         for i in range(2):
             (data / f"{group}{i}.jpeg").write_bytes(_jpeg(60 + 2 * k + i))
-        runs.append(_score(str(data), bundle, out, "--incremental"))
+        runs.append(score(data, bundle, out, "--incremental"))
     assert [r.n_scored for r in runs] == [2, 2, 2]
     torn, gone, garbage = (Path(r.run_dir) for r in runs)
     marker = (torn / SUCCESS_FILE).read_text()
@@ -252,16 +209,16 @@ def test_damaged_markers_are_skipped_with_a_warning_and_rescored(ray_local, bund
     next(garbage.glob("part-*.parquet")).write_bytes(b"PAR1 not a parquet file")  # ... an unreadable one
 
     bad: list = []
-    with caplog.at_level("WARNING", logger="pneumo.runs"):
+    with caplog.at_level("WARNING", logger="pneumo.score.runs"):
         assert read_results(str(out)).empty  # no exception, nothing trusted
         assert committed_runs(str(out), bad=bad) == []
     assert sorted(b.run_id for b in bad) == sorted(r.run_id for r in runs)
-    lines = [r.getMessage() for r in caplog.records if r.name == "pneumo.runs"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "pneumo.score.runs"]
     assert len(lines) == 6 and all(line.startswith("ignoring run ") for line in lines)  # one per run per read
     assert {line.split()[2].rstrip(":") for line in lines} == {r.run_id for r in runs}
     assert not any(f"{g}{i}.jpeg" in line for line in lines for g in ("torn", "gone", "garbage") for i in (0, 1))
 
-    rerun = _score(str(data), bundle, out, "--incremental")  # every file of a damaged run is scored again
+    rerun = score(data, bundle, out, "--incremental")  # every file of a damaged run is scored again
     assert (rerun.n_scored, rerun.n_skipped) == (6, 0)
     assert sorted(b["run_id"] for b in rerun.ignored_runs) == sorted(r.run_id for r in runs)
     assert [m["run_id"] for m in committed_runs(str(out))] == [rerun.run_id]
@@ -280,7 +237,7 @@ def _folder(tmp_path: Path, files: dict[str, bytes]) -> tuple[Path, Path]:
 
 def test_incremental_compares_content_not_size_and_mtime(ray_local, bundle, tmp_path) -> None:  # noqa: ANN001
     data, out = _folder(tmp_path, {f"x{i}.jpeg": _jpeg(70 + i) for i in range(3)})
-    first = _score(str(data), bundle, out, "--incremental")
+    first = score(data, bundle, out, "--incremental")
     assert first.n_scored == 3
 
     target = data / "x1.jpeg"
@@ -294,14 +251,14 @@ def test_incremental_compares_content_not_size_and_mtime(ray_local, bundle, tmp_
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # the old mtime kept
     assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
 
-    second = _score(str(data), bundle, out, "--incremental")
+    second = score(data, bundle, out, "--incremental")
     assert (second.n_scored, second.n_skipped) == (1, 2)  # the untouched files are skipped
     latest = read_results(str(out)).set_index("path")
     assert latest.loc[str(target), "run_id"] == second.run_id
     assert latest.loc[str(target), "etag_or_sha256"] == hashlib.sha256(new).hexdigest()
     assert len(read_committed(str(out))) == 4  # no duplicate rows for the skipped files
 
-    third = _score(str(data), bundle, out, "--incremental")
+    third = score(data, bundle, out, "--incremental")
     assert (third.n_scored, third.n_skipped) == (0, 3)
 
 
@@ -313,7 +270,7 @@ def test_failed_overlays_are_explain_error_rows_and_long_names_fit(ray_local, bu
     run_dir.mkdir(parents=True)
     (run_dir / "explain").write_text("a file where the explain folder should be")
 
-    first = _score(str(data), bundle, out, "--incremental", "--explain", "--run-id", run_dir.name)
+    first = score(data, bundle, out, "--incremental", "--explain", "--run-id", run_dir.name)
     rows = read_results(str(out))
     assert len(rows) == 4 and first.counts["ok"] + first.counts["error"] == 4
     failed = rows[rows.status == "error"]
@@ -323,7 +280,7 @@ def test_failed_overlays_are_explain_error_rows_and_long_names_fit(ray_local, bu
     assert not failed.error.str.contains("ppp").any()  # no file names in messages
     assert (rows[rows.status == "ok"].label == "NORMAL").all()
 
-    second = _score(str(data), bundle, out, "--incremental", "--explain")  # `explain` rows are retried
+    second = score(data, bundle, out, "--incremental", "--explain")  # `explain` rows are retried
     assert (second.n_scored, second.n_skipped) == (len(failed), 4 - len(failed))
     redone = read_results(str(out)).set_index("path").loc[list(failed.path)]
     assert (redone.status == "ok").all() and (redone.label == "PNEUMONIA").all()
@@ -333,7 +290,7 @@ def test_failed_overlays_are_explain_error_rows_and_long_names_fit(ray_local, bu
 
 
 def test_a_model_failure_costs_only_the_failing_image(bundle) -> None:  # noqa: ANN001
-    from pneumo.score_tasks import BundlePredictor
+    from pneumo.score.tasks import BundlePredictor
 
     actor = BundlePredictor(str(bundle), run_id="t")
     real = actor.predictor.predict_with_features
@@ -377,9 +334,9 @@ def test_s3_in_and_out_and_manifest(ray_local, bundle, s3_server, tmp_path) -> N
     s3_server.upload_dir(local, "scoring-in", "archive")
     ep = ["--s3-endpoint", s3_server.endpoint]
 
-    result = _score("s3://scoring-in/archive", bundle, "s3://scoring-out/scores", *ep)
+    result = score("s3://scoring-in/archive", bundle, "s3://scoring-out/scores", *ep)
     assert result.run_dir.startswith("s3://scoring-out/scores/runs/")
-    df = read_results("s3://scoring-out/scores", s3_endpoint=s3_server.endpoint)
+    df = read_results(Location.resolve("s3://scoring-out/scores", s3_server.endpoint))
     assert dict(zip(df.path, df.status)) == {
         "s3://scoring-in/archive/2024/01/a.jpeg": "ok",
         "s3://scoring-in/archive/2024/b.png": "ok",
@@ -390,7 +347,7 @@ def test_s3_in_and_out_and_manifest(ray_local, bundle, s3_server, tmp_path) -> N
 
     manifest = tmp_path / "list.txt"
     manifest.write_text("# nightly list\ns3://scoring-in/archive/2024/b.png\n\ns3://scoring-in/archive/gone.jpeg\n")
-    listed = _score(None, bundle, tmp_path / "out2", "--manifest", str(manifest), *ep)
+    listed = score(None, bundle, tmp_path / "out2", "--manifest", str(manifest), *ep)
     rows = read_results(str(tmp_path / "out2"))
     assert listed.n_scored == 2
     assert {p: _nn(k) for p, k in zip(rows.path, rows.error_kind)} == {

@@ -14,10 +14,11 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from pneumo.bundle import save_bundle
-from pneumo.models import get_model, get_spec
-from pneumo.predict import Predictor
-from pneumo.preprocess import load_image
+from pneumo.bundle.predict import Predictor
+from pneumo.bundle.store import save_bundle
+from pneumo.io.preprocess import load_image
+from pneumo.models.factory import get_model
+from pneumo.models.zoo import get_spec
 
 N_PER_CLASS = 100
 

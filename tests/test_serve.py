@@ -11,181 +11,52 @@ are tiny random-weight seed_cnn models. Serve is shut down at module teardown.
 from __future__ import annotations
 
 import base64
-import copy
 import io
 import os
 import shutil
-import socket
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
-import yaml
+from helpers import (
+    SERVE_API_KEY,
+    SERVE_LIMITS,
+    TINY_SPEC_KW,
+    deploy,
+    deploy_config,
+    dicom_bytes,
+    jpeg_bytes,
+    png_bytes,
+    wait_for,
+)
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "serve_app" / "config.yaml"
-SPEC_KW = {"size": 64, "channels": 1, "mean": (0.0,), "std": (1.0,)}
-MAX_UPLOAD = 200_000
-MAX_PIXELS = 4_000_000
-API_KEY = "s3cret-token-for-tests"
+SPEC_KW = TINY_SPEC_KW
+MAX_UPLOAD = SERVE_LIMITS["max_upload_bytes"]
+API_KEY = SERVE_API_KEY
 CHROMIUM = "/usr/bin/chromium"
-DRIFT_WINDOW = 20  # drift.MIN_IMAGES: statistics after 20 served images
-TIGHT_QUEUE = 2
-APPS = ("", "/secured", "/tight", "/slow")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+DRIFT_WINDOW = SERVE_LIMITS["drift_window"]  # drift.MIN_IMAGES: statistics after 20 served images
 
 
 def _png(h: int = 96, w: int = 80, seed: int = 0) -> bytes:
-    arr = (np.random.default_rng(seed).random((h, w)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode="L").save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(seed, size=(w, h))
 
 
 def _jpeg(seed: int = 1) -> bytes:
-    arr = (np.random.default_rng(seed).random((120, 100, 3)) * 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(arr, mode="RGB").save(buf, format="JPEG")
-    return buf.getvalue()
+    return jpeg_bytes(seed, size=(100, 120), rgb=True)
 
 
 def _dicom() -> bytes:
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.PhotometricInterpretation = "CR", "MONOCHROME2"
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = 70, 60, 1
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = (np.random.default_rng(2).random((70, 60)) * 4095).astype(np.uint16).tobytes()
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
+    return dicom_bytes((np.random.default_rng(2).random((70, 60)) * 4095).astype(np.uint16))
 
 
 def _bomb() -> bytes:
-    """A tiny PNG that decodes to 3000 x 3000 = 9 M pixels (> MAX_PIXELS)."""
+    """A tiny PNG that decodes to 3000 x 3000 = 9 M pixels (> the app's max_pixels)."""
     buf = io.BytesIO()
     Image.new("L", (3000, 3000), 0).save(buf, format="PNG", optimize=True)
     return buf.getvalue()
-
-
-def _make_bundle(out: Path, seed: int, drift: bool = False) -> str:
-    """A random-weight seed_cnn bundle; with `drift`, plus a drift reference from random images."""
-    import torch
-
-    from pneumo import drift as D
-    from pneumo.bundle import save_bundle
-    from pneumo.models import get_model
-    from pneumo.predict import Predictor
-    from pneumo.preprocess import InputSpec
-
-    torch.manual_seed(seed)
-    spec = InputSpec(**SPEC_KW)
-    model = get_model("seed_cnn", 2, input_spec=spec)
-    sha = save_bundle(model, str(out), "seed_cnn", ["NORMAL", "PNEUMONIA"], spec).sha256
-    if not drift:
-        return sha
-    p = Predictor(str(out), device="cpu", engine="torch")
-    images = (np.random.default_rng(seed).random((40, SPEC_KW["size"], SPEC_KW["size"])) * 255).astype(np.uint8)
-    probs, feats = p.predict_with_features(images)
-    ref = D.DriftReference.build(feats, p.positive_probability(probs), p.threshold, n_components=4)
-    return save_bundle(model, str(out), "seed_cnn", ["NORMAL", "PNEUMONIA"], spec,
-                       extra_files={D.FILE_NAME: ref.to_bytes()}).sha256
-
-
-def _deploy_config(bundle: str, api_key_file: str, user_config: dict | None = None) -> dict:
-    """serve_app/config.yaml pointed at the test bundle, one replica; plus a `secured` copy (API
-    key), a `tight` copy that admits one request at a time and queues two (overload) and a `slow`
-    copy whose request timeout no request can meet."""
-    cfg = yaml.safe_load(CONFIG.read_text())
-    cfg.pop("http_options", None)
-    cfg.pop("proxy_location", None)
-    app = cfg["applications"][0]
-    app["args"].update(bundle=bundle, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS, max_batch_files=4,
-                       drift_window=DRIFT_WINDOW)
-    app["runtime_env"] = {"env_vars": {"PYTHONPATH": str(REPO)}}
-    (dep,) = app["deployments"]
-    dep["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
-    dep["ray_actor_options"] = {"num_cpus": 0.25}
-    if user_config is not None:
-        dep["user_config"] = user_config
-    secured = copy.deepcopy(app)
-    secured.update(name="secured", route_prefix="/secured")
-    secured["args"]["api_key_file"] = api_key_file
-    tight = copy.deepcopy(app)
-    tight.update(name="tight", route_prefix="/tight")
-    tight["deployments"][0].update(max_ongoing_requests=1, max_queued_requests=TIGHT_QUEUE)
-    slow = copy.deepcopy(app)  # no request can be scored within its timeout
-    slow.update(name="slow", route_prefix="/slow")
-    slow["args"]["request_timeout_s"] = 0.001
-    return {"applications": [app, secured, tight, slow]}
-
-
-def _deploy(cfg: dict, timeout: float = 240) -> None:
-    """What `serve run CONFIG` / `serve deploy CONFIG` do: apply a ServeDeploySchema (then wait)."""
-    from ray import serve
-    from ray.serve.context import _get_global_client
-    from ray.serve.schema import ServeDeploySchema
-
-    _get_global_client().deploy_apps(ServeDeploySchema.model_validate(cfg), _blocking=False)
-    names = {a["name"] for a in cfg["applications"]}
-    deadline = time.monotonic() + timeout
-    while True:
-        apps = serve.status().applications
-        states = {n: str(apps[n].status) if n in apps else "MISSING" for n in names}
-        if all(s.endswith("RUNNING") for s in states.values()):
-            return
-        assert time.monotonic() < deadline, f"Serve apps not running after {timeout} s: {states}"
-        time.sleep(0.5)
-
-
-class Served:
-    def __init__(self, url: str, root: Path, sha1: str, sha2: str, key_file: str):
-        self.url, self.root, self.sha1, self.sha2, self.key_file = url, root, sha1, sha2, key_file
-
-    def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kw)
-
-
-@pytest.fixture(scope="module")
-def served(ray_local, tmp_path_factory):  # noqa: ANN001
-    from ray import serve
-
-    root = tmp_path_factory.mktemp("serve")
-    sha1 = _make_bundle(root / "b1", seed=1, drift=True)
-    sha2 = _make_bundle(root / "b2", seed=2)
-    key_file = root / "api_key"
-    key_file.write_text(API_KEY + "\n")
-    port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
-        _deploy(_deploy_config(str(root / "b1"), str(key_file)))
-        s = Served(f"http://127.0.0.1:{port}", root, sha1, sha2, str(key_file))
-        with s.client() as c:
-            deadline = time.monotonic() + 60
-            while any(c.get(f"{a}/readyz").status_code != 200 for a in APPS):
-                assert time.monotonic() < deadline, "Serve app not ready after 60 s"
-                time.sleep(0.5)
-        yield s
-    finally:
-        serve.shutdown()
 
 
 def _assert_error(r: httpx.Response, status: int, kind: str | None = None) -> dict:
@@ -214,8 +85,8 @@ def test_health_ready_and_openapi(served):
 
 def test_predict_contract_matches_predictor(served):
     """The answer's shape, and its numbers equal the Predictor's on the same preprocessing."""
-    from pneumo.predict import Predictor
-    from pneumo.preprocess import load_image
+    from pneumo.bundle.predict import Predictor
+    from pneumo.io.preprocess import load_image
 
     png = _png()
     with served.client() as c:
@@ -245,8 +116,7 @@ ENGINE_ANSWERS = {  # where an answer says which engine and precision scored it
 
 @pytest.mark.parametrize("where", list(ENGINE_ANSWERS))
 def test_answers_name_engine_and_precision(served, where):
-    from pneumo.precision import PRECISIONS
-    from pneumo.predict import ENGINES
+    from pneumo.precision import ENGINES, PRECISIONS
 
     with served.client() as c:
         d = ENGINE_ANSWERS[where](c)
@@ -469,7 +339,7 @@ def test_reconfigure_new_bundle_and_batching_under_load(served):
         with changed:
             assert changed.wait_for(lambda: count(served.sha1) >= before or failures, deadline_s), seen
         new_user_config = {"max_batch_size": 4, "batch_wait_timeout_s": 0.02, "bundle": str(served.root / "b2")}
-        _deploy(_deploy_config(str(served.root / "b1"), served.key_file, user_config=new_user_config))
+        deploy(deploy_config(str(served.root / "b1"), served.key_file, user_config=new_user_config))
         with changed:
             assert changed.wait_for(lambda: count(served.sha2) >= after or failures, deadline_s), seen
     finally:
@@ -548,26 +418,20 @@ def test_replica_killed_under_load_costs_under_1_percent(served):
     import ray
     from ray import serve
 
-    from pneumo.serving import ServeArgs, bind
+    from pneumo.serve.app import ServeArgs, bind
 
     two = {"min_replicas": 2, "max_replicas": 2, "initial_replicas": 2}
     serve.run(bind(ServeArgs(bundle=str(served.root / "b1")), autoscaling_config=two,
                    ray_actor_options={"num_cpus": 0.25}), name="killable", route_prefix="/killable", blocking=False)
     try:
         with served.client() as c:
-            deadline = time.monotonic() + 120
-            while c.get("/killable/readyz").status_code != 200:
-                assert time.monotonic() < deadline, "killable app not ready"
-                time.sleep(0.5)
+            wait_for(lambda: c.get("/killable/readyz").status_code == 200, 120, "the killable app ready", 0.5)
 
         def replicas() -> list[str]:
             return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
                           if "SERVE_REPLICA::killable#" in a["name"])
 
-        deadline = time.monotonic() + 60
-        while len(replicas()) < 2:
-            assert time.monotonic() < deadline, replicas()
-            time.sleep(0.5)
+        wait_for(lambda: len(replicas()) >= 2, 60, "two replicas", 0.5)
         codes: list[int] = []
         lock = threading.Lock()
         stop = threading.Event()
@@ -584,13 +448,19 @@ def test_replica_killed_under_load_costs_under_1_percent(served):
                     with lock:
                         codes.append(code)
 
+        def answered() -> int:
+            with lock:
+                return len(codes)
+
         workers = [threading.Thread(target=load, daemon=True) for _ in range(4)]
         for w in workers:
             w.start()
-        time.sleep(4)
+        wait_for(lambda: answered() >= 30, 60, "30 answers before the kill")
         victim = replicas()[0]
         ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
-        time.sleep(8)
+        at_kill = answered()
+        wait_for(lambda: victim not in replicas() and len(replicas()) >= 2, 90, "a replacement replica")
+        wait_for(lambda: answered() >= at_kill + 60, 90, "60 answers after the kill")
         stop.set()
         for w in workers:
             w.join(timeout=60)
@@ -598,10 +468,7 @@ def test_replica_killed_under_load_costs_under_1_percent(served):
         print(f"replica kill: {len(codes)} requests, {len(failed)} not 200 ({sorted(set(failed))})")
         assert len(codes) >= 50, len(codes)
         assert len(failed) / len(codes) < 0.01, (len(failed), len(codes), sorted(set(failed)))
-        deadline = time.monotonic() + 90
-        while len(replicas()) < 2 or victim in replicas():  # a replacement, not the killed one
-            assert time.monotonic() < deadline, replicas()
-            time.sleep(0.5)
+        assert len(replicas()) >= 2 and victim not in replicas()  # a replacement, not the killed one
     finally:
         serve.delete("killable")
 

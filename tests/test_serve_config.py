@@ -21,7 +21,7 @@ def _app() -> dict:
 
 
 def test_config_is_one_deployment_with_scaling_overload_and_batching():
-    from pneumo.serving import PneumoService, ServeArgs, UserConfig
+    from pneumo.serve.app import PneumoService, ServeArgs, UserConfig
 
     app = _app()
     ServeArgs.model_validate(app["args"])
@@ -37,7 +37,7 @@ def test_config_is_one_deployment_with_scaling_overload_and_batching():
 
 def test_builder_sets_no_deployment_options():
     """Scaling and batching come from the YAML / .options() or the decorator's defaults, never from args."""
-    from pneumo.serving import DEPLOYMENT_DEFAULTS, PneumoService, ServeArgs, build_app
+    from pneumo.serve.app import DEPLOYMENT_DEFAULTS, PneumoService, ServeArgs, build_app
 
     app = build_app(ServeArgs(bundle="b"))
     dep = app._bound_deployment
@@ -49,7 +49,7 @@ def test_builder_sets_no_deployment_options():
 
 
 def test_batch_defaults_are_one_constant():
-    from pneumo import serving
+    from pneumo.serve import app as serving
 
     assert serving.UserConfig().max_batch_size == serving.MAX_BATCH_SIZE == serving.DEPLOYMENT_DEFAULTS[
         "user_config"]["max_batch_size"]
@@ -85,8 +85,8 @@ def test_import_path_is_the_typed_builder(monkeypatch, case):
 
 def test_cli_has_a_flag_per_serve_arg_plus_cli_keys():
     from pneumo.config import build_parser
-    from pneumo.serve_cli import ServeConfig
-    from pneumo.serving import ServeArgs
+    from pneumo.serve.app import ServeArgs
+    from pneumo.serve.cli import ServeConfig
 
     flags = {a.dest for a in build_parser(ServeConfig)._actions}
     assert set(ServeArgs.model_fields) | {"host", "port", "num_cpus", "address", "serve_config"} <= flags
@@ -94,11 +94,11 @@ def test_cli_has_a_flag_per_serve_arg_plus_cli_keys():
 
 def test_cli_flags_override_the_serve_config_args():
     from pneumo.config import parse_config
-    from pneumo.serve_cli import ServeConfig, _app_config, deployment_options, serve_args
+    from pneumo.serve.cli import ServeConfig, app_config, deployment_options, serve_args
 
     cfg = parse_config(ServeConfig, ["runs/x/bundle", "--port", "9001", "--precision", "fp32", "--engine", "torch",
                                      "--api-key-file", "/run/secrets/k", "--serve-config", str(CONFIG)])
-    app = _app_config(cfg.serve_config)
+    app = app_config(cfg.serve_config)
     args = serve_args(cfg, app)
     assert (cfg.port, args.bundle, args.precision, args.engine, args.api_key_file) == (
         9001, "runs/x/bundle", "fp32", "torch", "/run/secrets/k")
@@ -127,8 +127,8 @@ class _Broken:
 @pytest.mark.parametrize("answer", [RuntimeError("CUDA error"), np.full((1, 2), np.nan), np.zeros((1, 3))])
 def test_probe_fails_for_a_model_that_cannot_score(answer):
     """check_health and /readyz run this probe: a replica that cannot score is reported and replaced."""
-    from pneumo.serving import _probe
+    from pneumo.serve.app import probe
 
     with pytest.raises(RuntimeError):
-        _probe(_Broken(answer))
-    _probe(_Broken(np.array([[0.3, 0.7]], np.float32)))
+        probe(_Broken(answer))
+    probe(_Broken(np.array([[0.3, 0.7]], np.float32)))

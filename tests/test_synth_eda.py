@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumo import data, eda
 from pneumo.cli import main as cli_main
-from pneumo.preprocess import InputSpec, load_image
-from pneumo.synth import synthesize
+from pneumo.data import datasets as data
+from pneumo.data import eda
+from pneumo.data.synth import synthesize
+from pneumo.io.preprocess import InputSpec, load_image
 
 PNEUMO = str(Path(sys.executable).parent / "pneumo")
 NORMAL_NAME = re.compile(r"^(NORMAL2-)?IM-\d{4}-\d{4}\.jpeg$")

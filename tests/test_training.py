@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from pneumo.config import parse_config
-from pneumo.train_worker import FAULT_ENV
-from pneumo.training import TrainConfig, run
+from pneumo.train.config import TrainConfig
+from pneumo.train.driver import run
+from pneumo.train.worker import FAULT_ENV
 
 BASE = ["--model", "seed_cnn", "--weights", "none", "--batch-size", "16", "--val-frac", "0.2",
         "--test-frac", "0.2", "--num-workers", "2", "--optimizer", "adam", "--lr", "0.001"]
@@ -73,10 +74,11 @@ def test_two_worker_run_learns_exports_bundle_and_report(learned):
 
 
 def test_threshold_is_chosen_on_val_not_test(learned, synth_data):
-    from pneumo.data import labelled_splits, read_bytes
-    from pneumo.metrics import choose_threshold
-    from pneumo.predict import Predictor
-    from pneumo.preprocess import load_image
+    from pneumo.bundle.predict import Predictor
+    from pneumo.data.datasets import labelled_splits
+    from pneumo.io.preprocess import load_image
+    from pneumo.io.storage import Location
+    from pneumo.report.metrics import choose_threshold
 
     cfg, summary = learned
     predictor = Predictor(summary["bundle"], precision="fp32")
@@ -84,7 +86,7 @@ def test_threshold_is_chosen_on_val_not_test(learned, synth_data):
     chosen = {}
     for split in ("val", "test"):
         recs = [r for r in records if r.split == split]
-        images = np.stack([load_image(read_bytes(r.path), r.path, predictor.spec) for r in recs])
+        images = np.stack([load_image(Location.of(r.path).read_bytes(), r.path, predictor.spec) for r in recs])
         y = np.array([r.label != "NORMAL" for r in recs], dtype=int)
         score = predictor.positive_probability(predictor.predict(images))
         chosen[split] = choose_threshold(y, score, method="target_sensitivity", target=0.95)

@@ -11,8 +11,10 @@ import pytest
 import torch
 from helpers import ListShard, pretrained_available, tiny_rows
 
-from pneumo.augment import Augment
-from pneumo.checkpoints import (
+from pneumo.config import parse_config
+from pneumo.labels import LABEL_SETS
+from pneumo.train.augment import Augment
+from pneumo.train.checkpoints import (
     OPTIM_FILE,
     STATE_FILE,
     WEIGHTS_FILE,
@@ -20,11 +22,11 @@ from pneumo.checkpoints import (
     read_state,
     save_checkpoint,
 )
-from pneumo.config import parse_config
-from pneumo.data import LABEL_SETS
-from pneumo.engine import class_weights_for, make_loop, make_loss, run_epoch
-from pneumo.train_worker import setup_training
-from pneumo.training import TrainConfig, fit
+from pneumo.train.config import TrainConfig
+from pneumo.train.driver import fit
+from pneumo.train.engine import run_epoch
+from pneumo.train.parts import class_weights_for, make_loss
+from pneumo.train.worker import make_loop, setup_training
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "ray_jobs" / "recipes").glob("*.yaml"))
 # the smallest input each architecture takes (CPU time), for a one-step smoke
@@ -93,14 +95,16 @@ def _small_set_with_corrupt_file(synth_data: Path, root: Path, per_class: int, b
 
 
 def test_ingest_reports_undecodable_files(ray_local, synth_data, tmp_path):
-    from pneumo.data import labelled_splits
-    from pneumo.ingest import build_datasets
-    from pneumo.preprocess import InputSpec
+    from pneumo.data.datasets import labelled_splits
+    from pneumo.data.ingest import build_datasets
+    from pneumo.io.preprocess import InputSpec
+    from pneumo.io.storage import Location
 
     root = tmp_path / "data"
     bad = _small_set_with_corrupt_file(synth_data, root, 6, "person999_virus_1.jpeg")
     records = labelled_splits(str(root), "binary", 0.0, 0.0, 0)
-    ingest = build_datasets(records, ["NORMAL", "PNEUMONIA"], InputSpec(size=32, channels=1, mean=(0.0,), std=(1.0,)))
+    ingest = build_datasets(records, ["NORMAL", "PNEUMONIA"], InputSpec(size=32, channels=1, mean=(0.0,), std=(1.0,)),
+                            Location.of(root))
     assert [e["path"] for e in ingest.errors] == [str(bad)]
     assert ingest.errors[0]["error"].startswith("corrupt")
     assert ingest.counts["train"] == {"NORMAL": 6, "PNEUMONIA": 6}
@@ -193,8 +197,8 @@ def test_recipe_runs_through_train_func(ray_local, tmp_path, recipe):
 
 def test_write_reports_to_s3_lands_every_file(s3_server, tmp_path):
     """`run` with `--out s3://...` writes the reports there too (written locally, then copied)."""
-    from pneumo.data import read_bytes
-    from pneumo.train_export import write_reports
+    from pneumo.io.storage import Location
+    from pneumo.train.export import write_reports
 
     bucket = s3_server.make_bucket("pneumo-train-out")
     rng = np.random.default_rng(0)
@@ -202,12 +206,11 @@ def test_write_reports_to_s3_lands_every_file(s3_server, tmp_path):
     p1 = np.clip(labels * 0.6 + rng.random(20) * 0.4, 0, 1)
     probs = np.stack([1 - p1, p1], axis=1).astype(np.float32)
     threshold = {"value": 0.5, "method": "youden", "target": None}
-    out = f"{bucket}/run"
-    paths = write_reports(out, {"val": {"label": labels}}, {"val": probs}, ["NORMAL", "PNEUMONIA"], threshold, [],
-                          s3_endpoint=s3_server.endpoint)
+    out = Location.resolve(f"{bucket}/run", s3_server.endpoint)
+    paths = write_reports(out, {"val": {"label": labels}}, {"val": probs}, ["NORMAL", "PNEUMONIA"], threshold, [])
     assert paths == {"val": f"{out}/report/val"}
-    assert b"NORMAL" in read_bytes(f"{out}/report/val/report.json", s3_server.endpoint)
-    assert read_bytes(f"{out}/report/val/roc.png", s3_server.endpoint)[:4] == b"\x89PNG"
+    assert b"NORMAL" in out.join("report", "val", "report.json").read_bytes()
+    assert out.join("report", "val", "roc.png").read_bytes()[:4] == b"\x89PNG"
 
 
 # ---------------------------------------------------------------- privacy
@@ -220,7 +223,7 @@ def test_run_names_skipped_files_by_hash_not_path(ray_local, synth_data, tmp_pat
     import logging
 
     from pneumo.privacy import LOG_PATHS_ENV, redact
-    from pneumo.training import run
+    from pneumo.train.driver import run
 
     monkeypatch.delenv(LOG_PATHS_ENV, raising=False)
     root = tmp_path / "data"

@@ -1,0 +1,156 @@
+"""The bundle's manifest and its hash-checked files: what a bundle is, readable without torch.
+
+A bundle is a directory (local or `s3://`):
+
+- `model.safetensors`: the weights (no pickle anywhere);
+- `model.onnx`: the same model as an ONNX graph `input -> (probs, features)` for ONNX Runtime,
+  written only after a parity check against torch (`pneumo.models.onnx`);
+- `model.int8.onnx` (optional, `pneumo quantize`): the int8 graph, kept only when it passed its gate;
+- further files named in `files` (e.g. the drift reference);
+- `manifest.json`, written **last**: model name and options, classes, input spec, decision
+  threshold, metrics, training config and data fingerprint, creation time, library versions, and
+  the sha256 of every other file.
+
+Every file is written atomically (`Location.write_bytes`) and the manifest after the files it
+names, so a reader sees the old bundle or the new one. `read_manifest` / `read_file` refuse an
+unknown `format_version` and any file whose sha256 differs from the manifest's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from pneumo.io.preprocess import InputSpec
+from pneumo.io.storage import Location
+from pneumo.labels import negative_index
+from pneumo.monitor.drift import FILE_NAME, DriftReference
+
+FORMAT_VERSION = 2
+SUPPORTED_FORMATS = (1, 2)  # 1: no ONNX; `pneumo export` upgrades it
+WEIGHTS_FILE = "model.safetensors"
+ONNX_FILE = "model.onnx"
+INT8_FILE = "model.int8.onnx"
+MANIFEST_FILE = "manifest.json"
+
+
+class BundleError(ValueError):
+    """A bundle is missing, malformed, of an unknown format, or tampered with."""
+
+
+@dataclass
+class Manifest:
+    """What a bundle says about itself (`manifest.json`)."""
+
+    model: str
+    classes: list[str]
+    input: InputSpec
+    threshold: dict[str, Any] = field(default_factory=lambda: {"value": 0.5, "method": "default", "target": None})
+    metrics: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] = field(default_factory=dict)
+    model_options: dict[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    sha256: str = ""
+    version: str = ""
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, beside the weights
+    onnx: dict[str, Any] = field(default_factory=dict)  # export record: opset, outputs, parity; {} = torch only
+    int8: dict[str, Any] = field(default_factory=dict)  # quantisation gate figures; `passed` says if kept
+    calibration: dict[str, Any] = field(default_factory=dict)  # fitted on val, folded into the head; prevalence
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def threshold_value(self) -> float:
+        return float(self.threshold["value"])
+
+    @property
+    def has_onnx(self) -> bool:
+        return ONNX_FILE in self.files
+
+    @property
+    def has_int8(self) -> bool:
+        return INT8_FILE in self.files and bool(self.int8.get("passed"))
+
+    @property
+    def negative_index(self) -> int:
+        """Index of NORMAL (`pneumo.labels.negative_index`)."""
+        return negative_index(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input"] = self.input.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        d = dict(d)
+        fv = d.get("format_version")
+        if fv not in SUPPORTED_FORMATS:
+            raise BundleError(f"bundle format_version {fv!r} is not supported (supported: {SUPPORTED_FORMATS})")
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise BundleError(f"manifest has unknown keys {sorted(unknown)}")
+        d["input"] = InputSpec.from_dict(d["input"])
+        return cls(**d)
+
+
+def add_file(location: Location | str, manifest: Manifest, name: str, data: bytes) -> None:
+    """Write one file of the bundle and record its sha256 (the caller writes the manifest after)."""
+    if name in (WEIGHTS_FILE, MANIFEST_FILE) or "/" in name:
+        raise BundleError(f"{name!r} cannot be a bundle's extra file")
+    Location.of(location).join(name).write_bytes(data)
+    manifest.files[name] = hashlib.sha256(data).hexdigest()
+
+
+def write_manifest(location: Location | str, manifest: Manifest) -> None:
+    Location.of(location).join(MANIFEST_FILE).write_bytes(
+        json.dumps(manifest.to_dict(), indent=2, default=str).encode())
+
+
+def read_manifest(location: Location | str) -> Manifest:
+    loc = Location.of(location)
+    try:
+        raw = loc.join(MANIFEST_FILE).read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{loc}: no {MANIFEST_FILE} ({exc.strerror or type(exc).__name__})") from exc
+    try:
+        return Manifest.from_dict(json.loads(raw))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as exc:
+        if isinstance(exc, BundleError):
+            raise
+        raise BundleError(f"{loc}: malformed {MANIFEST_FILE} ({exc})") from exc
+
+
+def _verified(loc: Location, name: str, expected: str) -> bytes:
+    try:
+        blob = loc.join(name).read_bytes()
+    except OSError as exc:
+        raise BundleError(f"{loc}: no {name} ({exc.strerror or type(exc).__name__})") from exc
+    digest = hashlib.sha256(blob).hexdigest()
+    if digest != expected:
+        raise BundleError(
+            f"{loc}: {name} sha256 {digest[:16]}... does not match the manifest's "
+            f"{expected[:16]}...; refusing a modified or corrupt bundle"
+        )
+    return blob
+
+
+def read_file(location: Location | str, manifest: Manifest, name: str) -> bytes:
+    """A file the manifest names, after checking its sha256."""
+    loc = Location.of(location)
+    if name == WEIGHTS_FILE:
+        return _verified(loc, name, manifest.sha256)
+    if name not in manifest.files:
+        raise BundleError(f"{loc}: the manifest names no {name}")
+    return _verified(loc, name, manifest.files[name])
+
+
+def drift_reference(location: Location | str, manifest: Manifest) -> DriftReference | None:
+    """The bundle's `pneumo.monitor.drift.DriftReference` (sha256-checked like the weights), or
+    None when it has none (bundles from before drift monitoring). The one loader of it."""
+    if FILE_NAME not in manifest.files:
+        return None
+    return DriftReference.from_bytes(read_file(location, manifest, FILE_NAME))

@@ -1,0 +1,202 @@
+"""`pneumo export` and `pneumo quantize`: add the fast engine's files to an existing bundle.
+
+    pneumo export BUNDLE [--data DATA]      add model.onnx (parity-checked on the bundle's val images)
+    pneumo quantize BUNDLE [--data DATA]    add model.int8.onnx if it passes its gate on val
+
+Both find the bundle's own images by carving the training data exactly as training did (the
+manifest's data location, label set, fractions and seed; `--data` when it moved). int8 is
+calibrated on training-split images only and gated on the val split: AUC within `max_auc_drop`
+of fp32 and at least `min_agreement` of decisions unchanged at the bundle's threshold. The gate
+figures go in the manifest either way; a bundle that fails keeps no int8 file.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pneumo.bundle.manifest import (
+    FORMAT_VERSION,
+    INT8_FILE,
+    ONNX_FILE,
+    BundleError,
+    Manifest,
+    add_file,
+    read_file,
+    read_manifest,
+    write_manifest,
+)
+from pneumo.bundle.store import load_model
+from pneumo.config import ConfigError, parse_config
+from pneumo.data.datasets import labelled_splits, split_parameters
+from pneumo.io.preprocess import DecodeError, load_image, to_tensor
+from pneumo.io.storage import Location
+from pneumo.labels import negative_index, positive_score
+from pneumo.models.onnx import ExportError, export_checked, ort_session, quantize_onnx, run_session
+from pneumo.report.metrics import roc_auc
+
+MAX_AUC_DROP = 0.002
+MIN_AGREEMENT = 0.99
+
+
+def training_data(manifest: Manifest, bundle: Location) -> Location:
+    """Where the bundle's training data was read (its manifest's config), on the bundle's store."""
+    recorded = (manifest.training.get("config") or {}).get("data")
+    if not recorded:
+        raise ConfigError("the bundle does not say where its training data is; pass --data DATA")
+    return bundle.at(recorded)
+
+
+def split_images(manifest: Manifest, split: str, location: Location, limit: int = 256,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8[N, S, S], label index[N]) for up to `limit` images of a split of the bundle's own
+    data at `location`, carved exactly as training carved it."""
+    params = split_parameters(manifest.training, manifest.classes)
+    records = [r for r in labelled_splits(location, **params) if r.split == split]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(records))
+    images, labels = [], []
+    for i in order:
+        rec = records[int(i)]
+        try:
+            images.append(load_image(location.at(rec.path).read_bytes(), rec.path, manifest.input))
+        except (DecodeError, OSError):
+            continue
+        labels.append(manifest.classes.index(rec.label))
+        if len(images) >= limit:
+            break
+    if not images:
+        raise ConfigError(f"{location}: no readable {split} images for this bundle")
+    return np.stack(images), np.asarray(labels, dtype=np.int64)
+
+
+def export_bundle(location: Location | str, images: np.ndarray | None) -> Manifest:
+    """Add a parity-checked `model.onnx` to a bundle (ExportError when parity fails)."""
+    manifest = read_manifest(location)
+    model = load_model(location, manifest)
+    blob, record = export_checked(model, manifest.model, len(manifest.classes), manifest.input, images,
+                                  tta=manifest.onnx.get("tta", ()))
+    manifest.onnx = record
+    manifest.format_version = FORMAT_VERSION
+    add_file(location, manifest, ONNX_FILE, blob)
+    write_manifest(location, manifest)
+    return manifest
+
+
+def int8_gate(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, classes: list[str], threshold: float,
+              max_auc_drop: float = MAX_AUC_DROP, min_agreement: float = MIN_AGREEMENT) -> dict[str, Any]:
+    """The gate's figures on val predictions of both graphs, and whether int8 passes."""
+    y = (labels != negative_index(classes)).astype(np.int64)
+    s32, s8 = positive_score(fp32, classes), positive_score(int8, classes)
+    auc32, auc8 = roc_auc(y, s32), roc_auc(y, s8)
+    agreement = float(np.mean((s32 >= threshold) == (s8 >= threshold)))
+    drop = float(auc32 - auc8) if np.isfinite(auc32) and np.isfinite(auc8) else float("nan")
+    reasons = []
+    if not drop <= max_auc_drop:
+        reasons.append(f"val AUC {auc8:.4f} vs fp32 {auc32:.4f} (drop {drop:.4f} > {max_auc_drop})")
+    if agreement < min_agreement:
+        reasons.append(f"{agreement:.1%} of val decisions unchanged (< {min_agreement:.0%})")
+    return {"passed": not reasons, "reason": "; ".join(reasons) or None, "auc_fp32": float(auc32),
+            "auc_int8": float(auc8), "auc_drop": drop, "agreement": agreement, "val_images": int(len(labels)),
+            "max_auc_drop": max_auc_drop, "min_agreement": min_agreement,
+            "max_abs_prob_diff": float(np.abs(fp32 - int8).max()) if len(fp32) else 0.0}
+
+
+def quantize_bundle(location: Location | str, calibration: np.ndarray, val_images: np.ndarray,
+                    val_labels: np.ndarray) -> Manifest:
+    """Quantise `model.onnx` on `calibration` (training-split images), gate it on val, record the figures."""
+    manifest = read_manifest(location)
+    if not manifest.has_onnx:
+        raise ConfigError(f"{location} has no {ONNX_FILE}; run `pneumo export {location}` first")
+    fp32_bytes = read_file(location, manifest, ONNX_FILE)
+    int8_bytes = quantize_onnx(fp32_bytes, manifest.input, calibration)
+    x = to_tensor(val_images, manifest.input).numpy()
+    p32 = run_session(ort_session(fp32_bytes), x)[0]
+    p8 = run_session(ort_session(int8_bytes), x)[0]
+    gate = int8_gate(p32, p8, val_labels, manifest.classes, manifest.threshold_value)
+    gate.update({"calibration_images": int(len(calibration)), "calibration_split": "train",
+                 "format": "QDQ, per-channel int8 weights, uint8 activations (MinMax)"})
+    manifest.int8 = gate
+    manifest.files.pop(INT8_FILE, None)
+    if gate["passed"]:
+        add_file(location, manifest, INT8_FILE, int8_bytes)
+    write_manifest(location, manifest)
+    return manifest
+
+
+# ---------------------------------------------------------------- CLI
+
+
+@dataclass
+class ExportConfig:
+    """Add a parity-checked ONNX graph (model.onnx) to an existing bundle."""
+
+    bundle: str = field(metadata={"positional": True, "help": "model bundle folder or s3:// prefix"})
+    data: str | None = field(default=None, metadata={"help": "the bundle's training data, if it moved"})
+    s3_endpoint: str | None = field(default=None, metadata={"help": "S3-compatible endpoint URL"})
+    images: int = field(default=256, metadata={"help": "val images for the parity check"})
+
+    def validate(self) -> None:
+        if self.images < 1:
+            raise ConfigError("images must be >= 1")
+
+
+@dataclass
+class QuantizeConfig:
+    """Add a gated int8 graph (model.int8.onnx), calibrated on the bundle's training-split images."""
+
+    bundle: str = field(metadata={"positional": True, "help": "model bundle folder or s3:// prefix"})
+    data: str | None = field(default=None, metadata={"help": "the bundle's training data, if it moved"})
+    s3_endpoint: str | None = field(default=None, metadata={"help": "S3-compatible endpoint URL"})
+    calibration_images: int = field(default=256, metadata={"help": "training-split images to calibrate on"})
+    val_images: int = field(default=2000, metadata={"help": "val images for the gate (at most)"})
+
+    def validate(self) -> None:
+        if self.calibration_images < 1 or self.val_images < 1:
+            raise ConfigError("calibration_images and val_images must be >= 1")
+
+
+def _locations(cfg: ExportConfig | QuantizeConfig) -> tuple[Location, Manifest, Location]:
+    """The bundle, its manifest and its training data (`--data`, else the manifest's), from the flags."""
+    bundle = Location.resolve(cfg.bundle, cfg.s3_endpoint)
+    manifest = read_manifest(bundle)
+    data = Location.resolve(cfg.data, cfg.s3_endpoint) if cfg.data else training_data(manifest, bundle)
+    return bundle, manifest, data
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(ExportConfig, argv, prog="pneumo export")
+    try:
+        bundle, manifest, data = _locations(cfg)
+        images, _ = split_images(manifest, "val", data, cfg.images)
+        m = export_bundle(bundle, images)
+    except (BundleError, ConfigError, ExportError) as exc:
+        print(f"pneumo export: {exc}", file=sys.stderr)
+        return 1
+    p = m.onnx["parity"]
+    print(f"pneumo export: wrote {ONNX_FILE} (opset {m.onnx['opset']}); ORT vs torch max |dP| "
+          f"{p['max_abs_diff']:.1e} on {p['images']} {p['source']}")
+    return 0
+
+
+def quantize_main(argv: list[str] | None = None) -> int:
+    cfg = parse_config(QuantizeConfig, argv, prog="pneumo quantize")
+    try:
+        bundle, manifest, data = _locations(cfg)
+        calib, _ = split_images(manifest, "train", data, cfg.calibration_images)
+        val, labels = split_images(manifest, "val", data, cfg.val_images)
+        m = quantize_bundle(bundle, calib, val, labels)
+    except (BundleError, ConfigError) as exc:
+        print(f"pneumo quantize: {exc}", file=sys.stderr)
+        return 1
+    g = m.int8
+    figures = (f"val AUC {g['auc_int8']:.4f} vs fp32 {g['auc_fp32']:.4f}, {g['agreement']:.2%} of "
+               f"{g['val_images']} decisions unchanged")
+    if not g["passed"]:
+        print(f"pneumo quantize: int8 refused, no {INT8_FILE} kept: {g['reason']} ({figures})", file=sys.stderr)
+        return 1
+    print(f"pneumo quantize: wrote {INT8_FILE}: {figures}; use --precision int8")
+    return 0

@@ -1,0 +1,63 @@
+"""Ray, started or joined in one place, and kept quiet when nobody watches a terminal.
+
+    ensure_ray()                  # RAY_ADDRESS (e.g. under `ray job submit`) or an embedded local Ray
+    ensure_ray(address="local", num_cpus=2, include_dashboard=False)
+    quiet_ray()                   # Ray Data's progress reports off in non-interactive runs
+    job_submission_id()           # the Ray job this driver runs in (KubeRay: one per RayJob)
+
+In a non-interactive run (CI, `ray job submit`, cron: stdout is not a TTY) Ray Data would print
+its progress as a page of `logging_progress` lines per dataset. `quiet_ray` turns those progress
+reports off and lowers Ray Data's console handler to warnings; the full INFO log still goes to
+`ray-data.log` in Ray's session log folder (`/tmp/ray/session_latest/logs/`). Interactive runs
+keep Ray's progress bars. `PNEUMO_VERBOSE=1` keeps everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from pneumo import logs
+
+
+def ensure_ray(**init_kwargs: Any) -> None:
+    """`ray.init(**init_kwargs)` unless Ray is up in this process already; then `quiet_ray`."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(**init_kwargs)
+    quiet_ray()
+
+
+def quiet_ray() -> None:
+    if logs.interactive():
+        return
+    import ray.data
+    from ray.util.debug import log_once
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    log_once("ray_data_progress_manager_disabled")  # Ray's "progress bars disabled" notice: deliberate here
+    for handler in logging.getLogger("ray.data").handlers:
+        if not hasattr(handler, "baseFilename") and type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(logging.WARNING)
+
+
+def job_submission_id() -> str:
+    """The submission id of the Ray job this driver runs in (KubeRay: one per RayJob), read from the
+    job config Ray's job supervisor hands its entrypoint; outside a Ray job, a UTC timestamp."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        job = str((config.get("metadata") or {}).get("job_submission_id") or "")
+    except (ValueError, AttributeError):
+        job = ""
+    return job or time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+
+
+def cluster_cpus_per_node() -> list[float]:
+    """CPUs of every live node with CPUs (for sizing actor pools and trial concurrency)."""
+    import ray
+
+    return [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]

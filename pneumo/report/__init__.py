@@ -1,0 +1,1 @@
+"""Metrics (scikit-learn underneath), plots and the evaluation report."""

@@ -1,0 +1,1 @@
+"""`pneumo train` on Ray Train: the config, the driver, one worker's loop and the bundle export."""

@@ -1,0 +1,149 @@
+"""`pneumo train`: distributed training with Ray Train, exported as a model bundle.
+
+    pneumo train DATA --out runs/demo [--config ray_jobs/recipes/seed_cnn.yaml] [--epochs 3 ...]
+
+Flow: `pneumo.data.datasets.labelled_splits` (val/test carved by patient when missing) ->
+`pneumo.data.ingest.build_datasets` (Ray Data, shared preprocessing, bad files reported) ->
+`TorchTrainer(pneumo.train.worker.train_func)` on `num_workers` workers (CPU by default,
+`--gpus-per-worker` for GPU with AMP + channels_last), each consuming its
+`get_dataset_shard("train")` with on-the-fly augmentation -> per-epoch `ray.train.report` of val
+loss / accuracy / AUC / sensitivity / specificity with a rank-0 checkpoint (safetensors + JSON,
+best kept by val AUC) -> the best checkpoint becomes `<out>/bundle` with a threshold chosen on
+validation predictions only (`pneumo.train.export`) -> `<out>/config.yaml`, `<out>/summary.json`
+and the evaluation report under `<out>/report/`.
+
+Re-running with the same `name` and `storage_path` resumes from the latest checkpoint
+(Ray Train restores its checkpoint manager from the run folder and `ray.train.get_checkpoint()`
+hands it to the workers); a worker failure restarts the group from the latest checkpoint
+(`FailureConfig(max_failures)`), so epochs are neither repeated nor skipped.
+
+Fault injection, for tests only: with `PNEUMO_TEST_FAIL_AT_EPOCH=N:MARKER` in the driver's
+environment (`fit` forwards it to the workers), the last worker exits at epoch N unless the file
+MARKER exists, and creates it first, so the failure happens once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from pneumo.config import ConfigError, config_text, to_dict
+from pneumo.data.datasets import fingerprint, labelled_splits
+from pneumo.data.ingest import Ingest, build_datasets, oversample, to_numpy
+from pneumo.io.preprocess import InputSpec
+from pneumo.labels import LABEL_SETS
+from pneumo.models.factory import get_model
+from pneumo.privacy import redact_errors
+from pneumo.ray_env import ensure_ray
+from pneumo.train.checkpoints import load_weights, read_state
+from pneumo.train.config import TrainConfig
+from pneumo.train.export import export_run, summary_text, write_reports
+from pneumo.train.parts import class_weights_for
+from pneumo.train.worker import FAULT_ENV, train_func
+
+__all__ = ["TrainConfig", "fit", "run"]
+
+
+def fit(cfg: TrainConfig, datasets: dict[str, Any], classes: list[str], spec: InputSpec,
+        class_weights: list[float]) -> Any:
+    """Run the TorchTrainer; returns the Ray Train `Result`."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = cfg.storage_location
+    use_gpu = cfg.gpus_per_worker > 0
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
+    fault = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}  # tests: see the docstring
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": to_dict(cfg), "classes": classes, "spec": spec.to_dict(),
+                           "class_weights": class_weights},
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=cfg.run_name, storage_path=storage.path, storage_filesystem=storage.fs if storage.is_s3 else None,
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep, checkpoint_score_attribute="val_auc",
+                                               checkpoint_score_order="max"),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            worker_runtime_env={"env_vars": fault} if fault else None,
+        ),
+        datasets={"train": datasets["train"], "val": datasets["val"]},
+    )
+    return trainer.fit()
+
+
+def _ingest(cfg: TrainConfig, classes: list[str], spec: InputSpec) -> tuple[list[Any], Ingest]:
+    """The labelled records (checked before Ray starts: data problems are config errors too) and
+    their preprocessed splits on Ray Data."""
+    data = cfg.data_location
+    records = labelled_splits(data, cfg.label_set, cfg.val_frac, cfg.test_frac, cfg.seed)
+    if not any(r.split == "val" for r in records):
+        raise ConfigError("no validation images: set val_frac > 0 or provide <data>/val/")
+    ensure_ray()
+    ingest = build_datasets(records, classes, spec, data)
+    for e in redact_errors(ingest.errors):  # file names carry patient ids (pneumo.privacy)
+        print(f"[pneumo train] skipped undecodable file {e['path']} ({e['split']}): {e['error']}", file=sys.stderr)
+    counts = ingest.counts
+    print(f"[pneumo train] {cfg.model} {spec.channels}x{spec.size} on {cfg.num_workers} worker(s); data "
+          + ", ".join(f"{s}: " + "/".join(f"{c} {n}" for c, n in counts[s].items()) for s in counts)
+          + (f"; {len(ingest.errors)} undecodable file(s) left out" if ingest.errors else ""), flush=True)
+    return records, ingest
+
+
+def _best_model(cfg: TrainConfig, result: Any, classes: list[str], spec: InputSpec) -> tuple[Any, dict, dict]:
+    """(the best checkpoint's model, the last checkpoint's state, the best one's state)."""
+    if result.error is not None:
+        raise RuntimeError(f"training failed: {result.error}") from result.error
+    latest = result.checkpoint
+    best = result.get_best_checkpoint(metric="val_auc", mode="max") or latest
+    if latest is None or best is None:
+        raise RuntimeError("training produced no checkpoint")
+    with latest.as_directory() as d:
+        last_state = read_state(d)
+    with best.as_directory() as d:
+        best_state = read_state(d)
+        model = get_model(cfg.model, len(classes), weights="none", input_spec=spec)
+        model.load_state_dict(load_weights(d))
+    return model, last_state, best_state
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """The whole job: data -> Ray Train -> bundle (+ val-chosen threshold) -> config, report, summary."""
+    t0 = time.perf_counter()
+    classes = list(LABEL_SETS[cfg.label_set])
+    spec = cfg.input_spec()
+    records, ingest = _ingest(cfg, classes, spec)
+    counts = ingest.counts
+    # materialised here, so the workers' shards need no CPU tasks while the workers hold every CPU
+    train_ds = ingest.datasets["train"].select_columns(["image", "label"])
+    if cfg.balance == "oversample":
+        train_ds = oversample(train_ds, counts["train"], classes)
+    datasets = {"train": train_ds.materialize(),
+                "val": ingest.datasets["val"].select_columns(["image", "label"]).materialize()}
+    result = fit(cfg, datasets, classes, spec, class_weights_for(counts["train"], classes))
+    model, last_state, best_state = _best_model(cfg, result, classes, spec)
+    history = last_state["history"]
+
+    out = cfg.out_location
+    bundle = out.join("bundle")
+    skipped = redact_errors(ingest.errors)
+    training_info = {"config": to_dict(cfg), "epochs_run": last_state["epoch"], "best_epoch": best_state["epoch"],
+                     "early_stopped": bool(last_state.get("stopped")), "data_fingerprint": fingerprint(records),
+                     "starts": last_state.get("starts", []),
+                     "history": history, "skipped_files": skipped, "counts": counts}
+    splits = {s: to_numpy(ingest.datasets[s]) for s in ("val", "test") if s in ingest.datasets}
+    manifest, scored = export_run(cfg, model, classes, spec, splits, training_info, bundle)
+    threshold, metrics, probs = scored.threshold, scored.metrics, scored.probs
+    out.join("config.yaml").write_bytes(config_text(cfg).encode())
+    reports = write_reports(out, splits, probs, classes, threshold, history, skipped) if cfg.report else {}
+    summary = {"bundle": str(bundle), "version": manifest.version, "model": cfg.model, "threshold": threshold,
+               "metrics": metrics, "epochs_run": last_state["epoch"], "best_epoch": best_state["epoch"],
+               "early_stopped": bool(last_state.get("stopped")), "skipped_files": len(ingest.errors),
+               "run": {"name": cfg.run_name, "storage_path": cfg.storage}, "wall_s": time.perf_counter() - t0,
+               "engine": scored.engine, "onnx": bool(manifest.has_onnx),
+               "reports": reports}
+    out.join("summary.json").write_bytes(json.dumps(summary, indent=2, default=str).encode())
+    print(summary_text(summary), flush=True)
+    return summary
