@@ -7,7 +7,7 @@
 - no function takes `s3_endpoint`: a `Location` is resolved once, where user input is parsed;
 - modules stay under ~400 lines and functions under ~60;
 - the registry, the configs and the bundle manifest import without torch, so a bad option is
-  refused at once.
+  refused at once (nothing heavy imported on its way).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -118,10 +117,11 @@ def test_registry_configs_and_manifest_import_without_torch() -> None:
     (["train", "DATA", "--model", "nosuch"], "efficientnet_lite0"),
     (["serve", "BUNDLE", "--engine", "nosuch"], "onnxruntime"),
 ])
-def test_a_bad_choice_is_refused_with_the_choices_in_under_a_second(argv: list[str], needle: str) -> None:
-    pneumo = Path(sys.executable).with_name("pneumo")
-    t0 = time.perf_counter()
-    out = subprocess.run([str(pneumo), *argv], capture_output=True, text=True, timeout=60)
-    elapsed = time.perf_counter() - t0
-    assert out.returncode == 2 and needle in out.stderr, out.stderr[-500:]
-    assert elapsed < 1.0, f"{elapsed:.2f} s"
+def test_a_bad_choice_is_refused_with_the_choices_before_torch_or_ray_load(argv: list[str], needle: str) -> None:
+    """The refusal is instant because nothing heavy is imported on its way (timed in BENCHMARKS.md,
+    not here: a timed test fails on a loaded machine for no fault of the code)."""
+    code = ("import sys\nfrom pneumo.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n"
+            "    code = e.code\nheavy = [m for m in ('torch', 'ray', 'timm', 'onnxruntime') if m in sys.modules]\n"
+            "print(code, ','.join(heavy))")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.stdout.split() == ["2"] and needle in out.stderr, (out.stdout, out.stderr[-500:])
