@@ -19,7 +19,7 @@ import torch
 
 from pneumo.data.synth import Acquisition, synthesize
 from pneumo.models.adapt import adapt_batchnorm
-from pneumo.monitor.drift import FILE_NAME, MIN_IMAGES, DriftReference, compare
+from pneumo.monitor.drift import FILE_NAME, FORMAT, MIN_IMAGES, DriftReference, compare
 from pneumo.monitor.prevalence import estimate_prevalence_em
 from pneumo.monitor.window import DriftWindow
 from pneumo.score.drift import write_run_drift
@@ -105,7 +105,7 @@ def _run(world, name: str):  # noqa: ANN001, ANN202
 def test_reference_round_trips(world) -> None:  # noqa: ANN001
     ref: DriftReference = world["ref"]
     back = DriftReference.from_bytes(ref.to_bytes())
-    for name in ("mean", "components", "sample", "scores"):
+    for name in ("mean", "components", "sample", "scores", "feature_mean", "feature_std"):
         np.testing.assert_array_equal(getattr(back, name), getattr(ref, name))
         assert getattr(back, name).dtype == np.float32
     assert (back.threshold, back.n, back.n_positive, back.meta) == (ref.threshold, ref.n, ref.n_positive, ref.meta)
@@ -117,7 +117,21 @@ def test_reference_round_trips(world) -> None:  # noqa: ANN001
     assert ref.meta["n_fit"] + len(ref.sample) == ref.n == len(world["sets"]["val"][0])
     assert ref.sample.shape[1] == ref.components.shape[0] <= 32
     with pytest.raises(ValueError):
-        DriftReference.from_bytes(ref.to_bytes().replace(b"pneumo-drift-reference/1", b"pneumo-drift-reference/9"))
+        DriftReference.from_bytes(ref.to_bytes().replace(FORMAT.encode(), b"pneumo-drift-reference/9"))
+    # a reference from before feature statistics still reads (no `align` for it)
+    old = DriftReference(ref.mean, ref.components, ref.sample, ref.scores, ref.threshold, ref.n, ref.n_positive,
+                         dict(ref.meta)).to_bytes().replace(FORMAT.encode(), b"pneumo-drift-reference/1")
+    assert DriftReference.from_bytes(old).feature_mean is None
+
+
+def test_reference_extended_by_a_site_cohort(world) -> None:  # noqa: ANN001
+    ref: DriftReference = world["ref"]
+    x, s = world["sets"]["test"][0][:30], world["scores"]["test"][:30]
+    grown = ref.extend(x, s, threshold=0.4)
+    assert len(grown.sample) == len(ref.sample) + 30 and grown.n == ref.n + 30 == len(grown.scores)
+    assert grown.n_positive == int((grown.scores >= 0.4).sum()) and grown.threshold == 0.4
+    assert grown.meta["cohorts"][-1] == "site (30)" and grown.feature_mean is ref.feature_mean
+    np.testing.assert_array_equal(grown.sample[-30:], ref.project(x))
 
 
 def test_reference_rebuild_is_deterministic(world) -> None:  # noqa: ANN001

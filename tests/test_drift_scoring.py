@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
+from helpers import folder_images, folder_labels, make_feature_bundle
 
 from pneumo.bundle.manifest import BundleError, read_file, read_manifest
 from pneumo.config import parse_config
@@ -41,48 +40,16 @@ CLASSES = ["NORMAL", "PNEUMONIA"]
 FAST = ["--batch-size", "32", "--read-batch-size", "32", "--max-actors", "1", "--precision", "fp32"]
 
 
-def _images(paths: list[Path], spec) -> np.ndarray:  # noqa: ANN001
-    from pneumo.io.preprocess import load_image
-
-    return np.stack([load_image(p.read_bytes(), p.name, spec) for p in paths])
-
-
-def _labels(paths: list[Path]) -> np.ndarray:
-    return np.array([p.parent.name == "PNEUMONIA" for p in paths], dtype=np.int64)
+_images, _labels = folder_images, folder_labels
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):  # noqa: ANN001, ANN201
     """A bundle written by `export_run` (with its drift reference) and the archives to score."""
-    from sklearn.linear_model import LogisticRegression
-
-    from pneumo.io.preprocess import to_tensor
-    from pneumo.models.adapt import adapt_batchnorm
-    from pneumo.models.factory import get_model
-    from pneumo.models.zoo import get_spec
-    from pneumo.train.export import export_run
-
     root = tmp_path_factory.mktemp("driftint")
     paths = synthesize(root / "base", 300, seed=0, size_range=SIZE, splits=("train", "val"))
     split = {s: sorted(p for p in paths if p.parent.parent.name == s) for s in ("train", "val")}
-    spec = get_spec("efficientnet_lite0").input.replace(size=PX)
-    model = get_model("efficientnet_lite0", 2, weights="pretrained")
-    train_x = _images(split["train"], spec)
-    batches = [to_tensor(train_x[i: i + 64], spec) for i in range(0, len(train_x), 64)]
-    adapt_batchnorm(model, batches[:1])  # BN statistics of the training data, as training leaves them
-    with torch.inference_mode():
-        feats = torch.cat([model.forward_head(model.forward_features(x), pre_logits=True) for x in batches]).numpy()
-    y = _labels(split["train"])
-    mu, sd = feats.mean(0), feats.std(0) + 1e-6
-    head = LogisticRegression(C=0.05, max_iter=2000).fit((feats - mu) / sd, y)
-    w, b = head.coef_[0] / sd, head.intercept_[0] - float((head.coef_[0] * mu / sd).sum())
-    with torch.no_grad():  # binary models have one logit (sigmoid): the LR's, scaler folded in
-        model.classifier.weight.copy_(torch.tensor(w[None], dtype=torch.float32))
-        model.classifier.bias.copy_(torch.tensor([b], dtype=torch.float32))
-    counts = {s: {c: int(sum(p.parent.name == c for p in split[s])) for c in CLASSES} for s in split}
-    cfg = SimpleNamespace(model="efficientnet_lite0", threshold_method="youden", target_sensitivity=0.95, seed=0)
-    val = {"val": {"image": _images(split["val"], spec), "label": _labels(split["val"])}}
-    manifest, outputs = export_run(cfg, model, CLASSES, spec, val, {"counts": counts}, Location.of(root / "bundle"))
+    manifest, outputs, counts = make_feature_bundle(root / "bundle", split["train"], split["val"], PX)
     archives = {
         "iid": synthesize(root / "iid", 80, seed=1, size_range=SIZE),
         "contrast": synthesize(root / "contrast", 60, seed=2, size_range=SIZE, acquisition=Acquisition(contrast=0.5)),
@@ -206,7 +173,8 @@ def test_adapt_moves_the_prevalence_estimate_toward_the_truth(ray_local, trained
         # toward the truth, but AdaBN assumes the class mix did not change: statistics re-estimated on
         # an archive of mostly NORMAL images pull every score down, and EM then overshoots (~0.02)
         assert abs(a["prevalence_estimate"] - truth) < abs(train_prev - truth) * 0.75
-        assert a["prevalence_estimate"] < train_prev - 0.3 and a["adabn"]["images"] == 64
+        assert a["prevalence_estimate"] < train_prev - 0.3 and a["model"]["images"] == 64
+        assert a["model"]["applied"] == ["adabn"] and "refused" not in a["model"]
         adapted = read_manifest(str(Path(result.run_dir) / "adapted_bundle"))
         assert FILE_NAME in adapted.files and not adapted.has_onnx
     assert a["line"] in format_summary(result)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pneumo.report import metrics as M
+from pneumo.report.thresholds import choose_threshold
 
 
 def mann_whitney_auc(y, s) -> float:
@@ -149,7 +150,7 @@ def test_bootstrap_ci_rejects_unknown_metric():
 @pytest.mark.parametrize("target", [0.5, 0.8, 0.9, 0.95, 1.0])
 def test_target_sensitivity_is_met_and_is_the_highest_such_threshold(target):
     y, s = _noisy(300, seed=2)
-    t = M.choose_threshold(y, s, "target_sensitivity", target=target)
+    t = choose_threshold(y, s, "target_sensitivity", target=target)
     assert M.binary_metrics(y, s, t)["sensitivity"] >= target
     higher = s[s > t]
     if higher.size:  # the next score above t no longer reaches the target
@@ -160,9 +161,9 @@ def test_youden_hand_table_and_maximality():
     y = [0, 0, 0, 1, 1, 1]
     s = [0.1, 0.2, 0.7, 0.4, 0.8, 0.9]
     # t=0.8: sens 2/3, spec 1 -> J 2/3;  t=0.4: sens 1, spec 2/3 -> J 2/3 (tie: highest wins)
-    assert M.choose_threshold(y, s, "youden") == pytest.approx(0.8)
+    assert choose_threshold(y, s, "youden") == pytest.approx(0.8)
     y2, s2 = _noisy(300, seed=5)
-    t = M.choose_threshold(y2, s2)
+    t = choose_threshold(y2, s2)
     m = M.binary_metrics(y2, s2, t)
     best = max(M.binary_metrics(y2, s2, c)["sensitivity"] + M.binary_metrics(y2, s2, c)["specificity"]
                for c in np.unique(s2))
@@ -179,7 +180,7 @@ def test_youden_hand_table_and_maximality():
 )
 def test_choose_threshold_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
-        M.choose_threshold([0, 1], [0.2, 0.8], **kwargs)
+        choose_threshold([0, 1], [0.2, 0.8], **kwargs)
 
 
 def test_calibration_perfect_vs_overconfident():

@@ -10,7 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from pneumo.bundle.manifest import INT8_FILE, MANIFEST_FILE, ONNX_FILE, BundleError, read_manifest
+from pneumo.bundle.manifest import (
+    FORMAT_VERSION,
+    INT8_FILE,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    BundleError,
+    read_manifest,
+)
 from pneumo.bundle.predict import EngineError, Predictor
 from pneumo.bundle.store import save_bundle
 from pneumo.bundle.upgrade import int8_gate, quantize_bundle
@@ -146,7 +153,7 @@ def test_old_bundle_upgrades_with_pneumo_export(synth_data, tmp_path) -> None:
     assert old.engine == "torch" and old.fallback
     assert cli(["export", str(bundle)]) == 0
     m = read_manifest(str(bundle))
-    assert m.has_onnx and m.format_version == 2 and m.onnx["parity"]["source"] == "val images"
+    assert m.has_onnx and m.format_version == FORMAT_VERSION and m.onnx["parity"]["source"] == "val images"
     new = Predictor(str(bundle))
     images = _images(spec)
     assert new.engine == "onnxruntime" and np.abs(new.predict(images) - old.predict(images)).max() <= 1e-4

@@ -78,7 +78,7 @@ def test_threshold_is_chosen_on_val_not_test(learned, synth_data):
     from pneumo.data.datasets import labelled_splits
     from pneumo.io.preprocess import load_image
     from pneumo.io.storage import Location
-    from pneumo.report.metrics import choose_threshold
+    from pneumo.report.thresholds import choose_threshold
 
     cfg, summary = learned
     predictor = Predictor(summary["bundle"], precision="fp32")

@@ -80,6 +80,84 @@ def test_augment_is_seeded_shape_preserving_and_identity_when_off():
         Augment(shift=1.5)
 
 
+ACQUISITION_CASES = {  # one acquisition augmentation at a time: each changes the image, seeded
+    "gamma": Augment(gamma=1.8),
+    "window": Augment(window=0.2),
+    "blur": Augment(blur=2.0),
+    "sharpen": Augment(sharpen=3.0),
+    "noise": Augment(noise=0.1),
+    "crop+aspect": Augment(crop=0.6, aspect=1.4),
+    "border": Augment(border=0.2),
+}
+
+
+@pytest.mark.parametrize("name", list(ACQUISITION_CASES))
+def test_each_acquisition_augmentation_changes_the_image_seeded(name: str):
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(rng.integers(40, 220, (8, 48, 48), dtype=np.uint8))
+    aug = ACQUISITION_CASES[name]
+    a = aug(images, torch.Generator().manual_seed(3))
+    b = aug(images, torch.Generator().manual_seed(3))
+    assert a.shape == images.shape and a.dtype == torch.uint8 and torch.equal(a, b)
+    assert not torch.equal(a, images), name
+    assert aug.acquisition and not aug.geometric
+
+
+def test_acquisition_augmentation_runs_before_equalisation():
+    """The model equalises: training reads the train split un-equalised and equalises after the
+    augmentation, with the same `equalize` as the shared preprocessing."""
+    from pneumo.io.preprocess import InputSpec, equalize_array
+
+    spec = InputSpec(size=48, channels=1, mean=(0.0,), std=(1.0,), equalize="hist")
+    aug = Augment(gamma=1.8, noise=0.05)
+    assert aug.raw_spec(spec).equalize == "none" and Augment(rotation=5).raw_spec(spec) == spec
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 255, (4, 48, 48), dtype=np.uint8))
+    out = aug(images, torch.Generator().manual_seed(0), equalize="hist")
+    for x in out.numpy():  # every output is already equalised: equalising again changes (almost) nothing
+        assert np.abs(equalize_array(x, "hist").astype(int) - x.astype(int)).mean() < 2.0
+    with pytest.raises(ValueError, match="gamma"):
+        Augment(gamma=0.5)
+
+
+def test_label_smoothing_moves_binary_targets_toward_one_half():
+    logits, y = torch.tensor([8.0, -8.0]), torch.tensor([1.0, 0.0])
+    plain, smooth = make_loss(2), make_loss(2, label_smoothing=0.2)
+    assert float(plain(logits, y)) < 0.01 < float(smooth(logits, y))  # confident and right: smoothing penalises it
+    assert float(make_loss(3, label_smoothing=0.2)(torch.tensor([[9.0, 0, 0]]), torch.tensor([0]))) > 0.1
+
+
+def test_ema_weights_are_checkpointed_evaluated_and_resumed(tmp_path):
+    """With `ema`, the checkpoint's model is the average (what is evaluated and exported); resuming
+    restores the live weights and the average separately."""
+    from pneumo.train.checkpoints import (
+        load_weights,
+        restore_average,
+        restore_checkpoint,
+        save_checkpoint,
+    )
+    from pneumo.train.parts import make_ema
+
+    model = torch.nn.Linear(3, 1)
+    ema = make_ema(model, 0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.ones(4, 3)).sum().backward()
+        opt.step()
+        ema.update_parameters(model)
+    assert not torch.equal(ema.module.weight, model.weight)
+    save_checkpoint(str(tmp_path), model, opt, None, {"epoch": 1}, ema)
+    assert torch.equal(load_weights(str(tmp_path))["weight"], ema.module.weight)
+    again, opt2 = torch.nn.Linear(3, 1), None
+    opt2 = torch.optim.SGD(again.parameters(), lr=0.1)
+    restore_checkpoint(str(tmp_path), again, opt2, None)
+    assert torch.equal(again.weight, model.weight)  # the live weights
+    ema2 = make_ema(again, 0.5)
+    restore_average(str(tmp_path), ema2)
+    assert torch.equal(ema2.module.weight, ema.module.weight)
+    assert make_ema(model, 0.0) is None
+
+
 # ---------------------------------------------------------------- ingest
 
 

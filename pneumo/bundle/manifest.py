@@ -28,8 +28,8 @@ from pneumo.io.storage import Location
 from pneumo.labels import negative_index
 from pneumo.monitor.drift import FILE_NAME, DriftReference
 
-FORMAT_VERSION = 2
-SUPPORTED_FORMATS = (1, 2)  # 1: no ONNX; `pneumo export` upgrades it
+FORMAT_VERSION = 3
+SUPPORTED_FORMATS = (1, 2, 3)  # 1: no ONNX (`pneumo export` upgrades it); 2: no lineage
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -59,6 +59,7 @@ class Manifest:
     onnx: dict[str, Any] = field(default_factory=dict)  # export record: opset, outputs, parity; {} = torch only
     int8: dict[str, Any] = field(default_factory=dict)  # quantisation gate figures; `passed` says if kept
     calibration: dict[str, Any] = field(default_factory=dict)  # fitted on val, folded into the head; prevalence
+    lineage: dict[str, Any] = field(default_factory=dict)  # `pneumo calibrate`: the parent bundle, the site sample
     format_version: int = FORMAT_VERSION
 
     @property

@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 from typing import Any
 
 from pneumo.data.listing import IMAGE_EXTENSIONS, DataError, ImageRecord, list_images
-from pneumo.io.storage import Location
+from pneumo.io.storage import Location, is_s3
 from pneumo.labels import LABEL_SETS
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -96,6 +96,50 @@ def discover(location: Location | str, label_set: str = "binary") -> list[ImageR
         raise DataError(
             f"{loc}: no labelled images found; expected <root>/{{train,val,test}}/<CLASS>/*.jpeg"
         )
+    return out
+
+
+def labelled_sample(location: Location | str, classes: Sequence[str] = LABEL_SETS["binary"]) -> list[ImageRecord]:
+    """A site's labelled sample: a folder with one sub-folder per class (`NORMAL/`, `PNEUMONIA/`,
+    any nesting below them), or a CSV with `path` and `label` columns (what `pneumo sample` writes,
+    once a radiologist has filled in `label`; relative paths are relative to the CSV's folder).
+    Rows whose label is empty are left out; a label that is not one of `classes` is an error."""
+    loc = Location.of(location)
+    if loc.name.lower().endswith(".csv"):
+        return _labelled_csv(loc, classes)
+    out: list[ImageRecord] = []
+    for rec in list_images(loc, extensions=IMAGE_EXTENSIONS):
+        rel = PurePosixPath(rec.path).relative_to(PurePosixPath(loc.uri)) if not loc.is_s3 else \
+            PurePosixPath(rec.path[len(loc.uri):].lstrip("/"))
+        folder = rel.parts[0].upper() if len(rel.parts) > 1 else ""
+        if folder in classes:
+            out.append(replace(rec, label=folder, patient_id=patient_id(rec.path)))
+    if not out:
+        raise DataError(f"{loc}: no labelled images; expected one folder per class ({', '.join(classes)}) "
+                        "or a CSV with path and label columns")
+    return out
+
+
+def _labelled_csv(loc: Location, classes: Sequence[str]) -> list[ImageRecord]:
+    import csv
+    import io
+
+    rows = list(csv.DictReader(io.StringIO(loc.read_bytes().decode("utf-8"))))
+    if rows and not {"path", "label"} <= set(rows[0]):
+        raise DataError(f"{loc}: a labelled CSV needs path and label columns, got {sorted(rows[0])}")
+    out: list[ImageRecord] = []
+    for i, row in enumerate(rows, 2):  # line numbers as a spreadsheet shows them
+        label = (row.get("label") or "").strip().upper()
+        if not label:
+            continue
+        if label not in classes:
+            raise DataError(f"{loc} line {i}: label {row['label']!r} is not one of {', '.join(classes)}")
+        path = row["path"]
+        if not (is_s3(path) or os.path.isabs(path)):
+            path = os.path.join(os.path.dirname(loc.uri), path)
+        out.append(ImageRecord(loc.at(path).uri, label=label, patient_id=patient_id(path)))
+    if not out:
+        raise DataError(f"{loc}: no labelled rows (fill in the label column: {', '.join(classes)})")
     return out
 
 

@@ -65,8 +65,11 @@ def read_split(records: list[ImageRecord], classes: list[str], spec: InputSpec, 
     return ds.map_batches(load_batch, batch_size=32, fn_kwargs={"spec": spec.to_dict(), "store": store}).materialize()
 
 
-def build_datasets(records: list[ImageRecord], classes: list[str], spec: InputSpec, store: Location) -> Ingest:
-    """Preprocess every split of `records`; bad files are reported in `.errors` and logged."""
+def build_datasets(records: list[ImageRecord], classes: list[str], spec: InputSpec, store: Location,
+                   train_spec: InputSpec | None = None) -> Ingest:
+    """Preprocess every split of `records` with `spec` (the train split with `train_spec` when
+    given: un-equalised for augmentations that must run before the equaliser); bad files are
+    reported in `.errors` and logged."""
     out: dict[str, Any] = {}
     counts: dict[str, dict[str, int]] = {}
     errors: list[dict[str, str]] = []
@@ -74,7 +77,7 @@ def build_datasets(records: list[ImageRecord], classes: list[str], spec: InputSp
         recs = [r for r in records if r.split == split]
         if not recs:
             continue
-        ds = read_split(recs, classes, spec, store)
+        ds = read_split(recs, classes, train_spec if split == "train" and train_spec else spec, store)
         bad = ds.filter(lambda row: row["error"] != "").select_columns(["path", "error", "error_kind"]).take_all()
         errors += [{"path": str(b["path"]), "split": split, "kind": str(b["error_kind"]), "error": str(b["error"])}
                    for b in bad]

@@ -304,6 +304,13 @@ def equalize(img: Image.Image, mode: str) -> Image.Image:
     raise ValueError(f"equalize={mode!r}: valid: {', '.join(EQUALIZE_MODES)}")
 
 
+def equalize_array(gray: np.ndarray, mode: str) -> np.ndarray:
+    """`equalize` on a `uint8[H, W]` array (training augmentation equalises after its own changes)."""
+    if mode == "none":
+        return gray
+    return np.array(equalize(Image.fromarray(np.asarray(gray, dtype=np.uint8), mode="L"), mode), dtype=np.uint8)
+
+
 def load_image(data: bytes, path: str, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes -> `uint8[spec.size, spec.size]`, the model-ready grayscale plane. Raises `DecodeError`."""
     img = decode(data, path, draft_size=spec.size, max_pixels=max_pixels)

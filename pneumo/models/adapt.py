@@ -1,10 +1,17 @@
-"""Label-free adaptation of a model's BatchNorm statistics to a new domain (AdaBN, Li et al. 2016):
-`pneumo score --adapt --adapt-methods adabn` and training's `bn_images`."""
+"""Label-free adaptation of a model to a new archive (`pneumo score --adapt`):
+
+- `adapt_batchnorm`: BatchNorm statistics re-estimated on the archive (AdaBN, Li et al. 2016;
+  also training's `bn_images`);
+- `align_head`: the linear head re-expressed for embeddings standardised to the reference's
+  statistics (a diagonal CORAL, folded into the head).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+
+import numpy as np
 
 
 def adapt_batchnorm(model: Any, batches: Iterable[Any]) -> Any:
@@ -34,3 +41,17 @@ def adapt_batchnorm(model: Any, batches: Iterable[Any]) -> Any:
     if bns and not seen:
         raise ValueError("adapt_batchnorm: no batches; the running statistics were reset")
     return model
+
+
+def align_head(weight: np.ndarray, bias: np.ndarray, ref_mean: np.ndarray, ref_std: np.ndarray, site_mean: np.ndarray,
+               site_std: np.ndarray, max_ratio: float = 4.0) -> tuple[np.ndarray, np.ndarray]:
+    """A linear head that sees an archive's embeddings standardised to the reference's statistics
+    (per-feature mean and standard deviation: the diagonal form of CORAL, Sun et al. 2016), folded
+    into the head: w . ((f - m_s) / s_s * s_r + m_r) + b = (w * s_r / s_s) . f + (b + w . (m_r - m_s * s_r / s_s)).
+    The scale ratios are clipped to [1/max_ratio, max_ratio]: a feature that barely varies in the
+    archive must not be blown up. Written by hand: folding the map into the head is two lines."""
+    eps = 1e-6
+    ratio = np.clip((np.asarray(ref_std) + eps) / (np.asarray(site_std) + eps), 1 / max_ratio, max_ratio)
+    w = np.atleast_2d(np.asarray(weight, dtype=np.float64))  # [outputs, F]
+    new_b = np.asarray(bias, dtype=np.float64).reshape(-1) + w @ (np.asarray(ref_mean) - np.asarray(site_mean) * ratio)
+    return (w * ratio).astype(np.float32), new_b.astype(np.float32)

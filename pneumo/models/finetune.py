@@ -34,9 +34,12 @@ def set_finetune(model: nn.Module, name: str, mode: str = "full", n_blocks: int 
         for p in model.get_submodule(head).parameters():
             p.requires_grad = True
     if mode == "partial" and n_blocks > 0:
-        for block in feature_blocks(model, head)[-n_blocks:]:
-            for p in block.parameters():
-                p.requires_grad = True
+        # an ensemble (`pneumo.models.ensemble.FeatureEnsemble`) unfreezes the last blocks of every member
+        members = list(model.members) if isinstance(getattr(model, "members", None), nn.ModuleList) else [model]
+        for member in members:
+            for block in feature_blocks(member, head if member is model else "classifier")[-n_blocks:]:
+                for p in block.parameters():
+                    p.requires_grad = True
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

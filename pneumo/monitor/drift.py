@@ -26,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-FORMAT = "pneumo-drift-reference/1"
+FORMAT = "pneumo-drift-reference/2"
+FORMATS = ("pneumo-drift-reference/1", FORMAT)  # /1: no feature statistics (no `--adapt-methods align`)
 FILE_NAME = "drift_reference.safetensors"
 MIN_IMAGES = 20  # below this a run is "too few images to judge"
 # Smallest effects worth an alarm (a significant but smaller change does not fire).
@@ -48,6 +49,8 @@ class DriftReference:
     n: int  # val images
     n_positive: int  # val images with score >= threshold
     meta: dict[str, Any] = field(default_factory=dict)
+    feature_mean: np.ndarray | None = None  # float32[F]: the val embeddings' mean and standard deviation,
+    feature_std: np.ndarray | None = None  # what `--adapt-methods align` aligns an archive's to
 
     @classmethod
     def build(
@@ -80,7 +83,22 @@ class DriftReference:
         ref.sample = ref.project(x[rest[:max_sample]])
         ref.meta = {"seed": seed, "n_features": int(x.shape[1]), "n_fit": len(fit),
                     "explained_variance": float(pca.explained_variance_ratio_.sum())}
+        ref.feature_mean, ref.feature_std = x.mean(axis=0), x.std(axis=0)
         return ref
+
+    def extend(self, features: np.ndarray, scores: np.ndarray, threshold: float,
+               reference_scores: np.ndarray | None = None, cohort: str = "site") -> DriftReference:
+        """A reference that also holds a new cohort (a site's labelled sample): its embeddings join
+        the sample (on the same PCA) and its scores join the reference scores. `reference_scores`
+        replaces the old scores (e.g. mapped through a new calibration; None keeps them)."""
+        z = self.project(features)
+        s = np.asarray(scores, dtype=np.float32).ravel()
+        old = self.scores if reference_scores is None else np.asarray(reference_scores, dtype=np.float32)
+        allscores = np.sort(np.concatenate([old, s]))
+        cohorts = [*self.meta.get("cohorts", ["val"]), f"{cohort} ({len(s)})"]
+        return DriftReference(self.mean, self.components, np.concatenate([self.sample, z]), allscores,
+                              float(threshold), len(allscores), int((allscores >= threshold).sum()),
+                              {**self.meta, "cohorts": cohorts}, self.feature_mean, self.feature_std)
 
     @property
     def positive_rate(self) -> float:
@@ -100,6 +118,8 @@ class DriftReference:
         meta = {"format": FORMAT, "threshold": self.threshold, "n": self.n, "n_positive": self.n_positive,
                 **self.meta}
         arrays = {"mean": self.mean, "components": self.components, "sample": self.sample, "scores": self.scores}
+        if self.feature_mean is not None and self.feature_std is not None:
+            arrays.update(feature_mean=self.feature_mean, feature_std=self.feature_std)
         return save({k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()},
                     metadata={"drift": json.dumps(meta, sort_keys=True)})
 
@@ -111,10 +131,11 @@ class DriftReference:
         # safetensors.numpy.load drops the header metadata; read it from the header itself.
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(json.loads(data[8: 8 + header_len])["__metadata__"]["drift"])
-        if meta.pop("format", None) != FORMAT:
+        if meta.pop("format", None) not in FORMATS:
             raise ValueError(f"not a {FORMAT} file")
         return cls(arrays["mean"], arrays["components"], arrays["sample"], arrays["scores"],
-                   float(meta.pop("threshold")), int(meta.pop("n")), int(meta.pop("n_positive")), meta)
+                   float(meta.pop("threshold")), int(meta.pop("n")), int(meta.pop("n_positive")), meta,
+                   arrays.get("feature_mean"), arrays.get("feature_std"))
 
     def to_files(self) -> dict[str, bytes]:
         return {FILE_NAME: self.to_bytes()}

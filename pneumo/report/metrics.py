@@ -1,5 +1,5 @@
 """Classification metrics in plain numpy: AUC, ROC/PR curves, thresholded metrics, bootstrap CIs,
-threshold choice, calibration, and the three-class view.
+calibration, and the three-class view (threshold choice: `pneumo.report.thresholds`).
 
 Conventions (`pneumo.labels`, shared with the Predictor):
 
@@ -10,7 +10,6 @@ Conventions (`pneumo.labels`, shared with the Predictor):
 - Undefined values (e.g. sensitivity with no positives) are `nan`, never an exception.
 
     auc = roc_auc(y, s)
-    t = choose_threshold(y_val, s_val, "target_sensitivity", target=0.95)   # on validation only
     m = binary_metrics(y_test, s_test, t)        # auc, accuracy, sensitivity, ..., confusion
     ci = bootstrap_ci(y_test, s_test, t)         # {"auc": (lo, hi), ...}
 """
@@ -24,18 +23,16 @@ import numpy as np
 
 from pneumo.labels import decide, is_positive, negative_index, positive_score
 
-THRESHOLD_METHODS: tuple[str, ...] = ("youden", "target_sensitivity")
 CI_METRICS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
 
 __all__ = [
-    "THRESHOLD_METHODS", "CI_METRICS", "roc_auc", "roc_curve", "pr_curve", "average_precision",
-    "confusion", "binary_metrics", "bootstrap_ci", "choose_threshold", "threshold_record", "split_metrics",
-    "calibration",
+    "CI_METRICS", "roc_auc", "roc_curve", "pr_curve", "average_precision",
+    "confusion", "binary_metrics", "bootstrap_ci", "split_metrics", "calibration",
     "multiclass_metrics", "group_metrics",
 ]
 
 
-def _binary(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
+def as_binary(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray]:
     y = np.asarray(y_true).reshape(-1)
     s = np.asarray(score, dtype=np.float64).reshape(-1)
     if y.shape != s.shape:
@@ -65,7 +62,7 @@ def roc_auc(y_true: Any, score: Any) -> float:
     """
     from sklearn.metrics import roc_auc_score
 
-    y, s = _binary(y_true, score)
+    y, s = as_binary(y_true, score)
     if y.all() or not y.any():
         return float("nan")
     return float(roc_auc_score(y, s))
@@ -89,7 +86,7 @@ def roc_curve(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """
     from sklearn.metrics import roc_curve as sk_roc_curve
 
-    y, s = _binary(y_true, score)
+    y, s = as_binary(y_true, score)
     if y.size == 0:
         return np.zeros(1), np.zeros(1), np.array([np.inf])
     if y.all() or not y.any():  # sklearn warns and returns nan for the empty class; keep our own sweep
@@ -101,7 +98,7 @@ def roc_curve(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 def pr_curve(y_true: Any, score: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(precision, recall, thresholds), thresholds descending; the first point is (1, 0) at `+inf`."""
-    y, s = _binary(y_true, score)
+    y, s = as_binary(y_true, score)
     if y.size == 0:
         return np.ones(1), np.zeros(1), np.array([np.inf])
     thr, tps, fps = _sweep(y, s)
@@ -115,7 +112,7 @@ def average_precision(y_true: Any, score: Any) -> float:
     (`sklearn.metrics.average_precision_score`); `nan` without positives."""
     from sklearn.metrics import average_precision_score
 
-    y, s = _binary(y_true, score)
+    y, s = as_binary(y_true, score)
     if not y.any():
         return float("nan")
     return float(average_precision_score(y, s))
@@ -126,7 +123,7 @@ def average_precision(y_true: Any, score: Any) -> float:
 
 def confusion(y_true: Any, score: Any, threshold: float) -> dict[str, int]:
     """{tn, fp, fn, tp} calling `score >= threshold` positive."""
-    y, s = _binary(y_true, score)
+    y, s = as_binary(y_true, score)
     pred = s >= threshold
     return {
         "tn": int((~y & ~pred).sum()), "fp": int((~y & pred).sum()),
@@ -149,7 +146,7 @@ def _rates(tn: Any, fp: Any, fn: Any, tp: Any) -> dict[str, Any]:
 def binary_metrics(y_true: Any, score: Any, threshold: float) -> dict[str, Any]:
     """auc, average_precision, accuracy, sensitivity, specificity, ppv, npv, f1 at `threshold`,
     plus `confusion` {tn, fp, fn, tp}, `n`, `n_pos`, `n_neg` and the `threshold` itself."""
-    y, s = _binary(y_true, score)
+    y, s = as_binary(y_true, score)
     c = confusion(y, s, threshold)
     out: dict[str, Any] = {"auc": roc_auc(y, s), "average_precision": average_precision(y, s)}
     out.update({k: float(v) for k, v in _rates(**c).items()})
@@ -207,7 +204,7 @@ def bootstrap_ci(
         raise ValueError(f"unknown metric(s) {unknown}; valid: {', '.join(CI_METRICS)}")
     if not 0 < alpha < 1 or n_boot < 1:
         raise ValueError(f"need 0 < alpha < 1 and n_boot >= 1 (alpha={alpha}, n_boot={n_boot})")
-    y, s = _binary(y_true, score)
+    y, s = as_binary(y_true, score)
     n = y.size
     if n == 0:
         return {m: (float("nan"), float("nan")) for m in metrics}
@@ -235,43 +232,6 @@ def bootstrap_ci(
     return out
 
 
-# ---------------------------------------------------------------- threshold choice
-
-
-def choose_threshold(y_true: Any, score: Any, method: str = "youden", target: float | None = None) -> float:
-    """A decision threshold on the positive score (call `score >= t` positive).
-
-    - `youden`: the threshold maximising sensitivity + specificity - 1 (the highest one on ties);
-    - `target_sensitivity`: the highest threshold whose sensitivity on these data is >= `target`.
-
-    Choose it on validation data, never on the test split.
-    """
-    if method not in THRESHOLD_METHODS:
-        raise ValueError(f"threshold method {method!r}; valid: {', '.join(THRESHOLD_METHODS)}")
-    y, s = _binary(y_true, score)
-    if not y.any() or y.all():
-        raise ValueError(f"choose_threshold needs both classes (got {int(y.sum())} positive of {y.size})")
-    fpr, tpr, thr = roc_curve(y, s)
-    fpr, tpr, thr = fpr[1:], tpr[1:], thr[1:]  # drop the +inf point (nothing called positive)
-    if method == "youden":
-        j = tpr - fpr
-        return float(thr[int(np.argmax(j >= j.max() - 1e-12))])  # first = highest among (near-)ties
-    if target is None or not 0 < target <= 1:
-        raise ValueError(f"target_sensitivity needs target in (0, 1], got {target!r}")
-    return float(thr[int(np.argmax(tpr >= target - 1e-12))])
-
-
-def threshold_record(labels: Any, probs: Any, classes: Sequence[str], method: str = "youden",
-                     target: float | None = None) -> dict[str, Any]:
-    """A bundle's threshold dict (`value`, `method`, `target`), chosen by `choose_threshold` on
-    class-index `labels` and probabilities `probs` [N, len(classes)] of validation data."""
-    y, score = is_positive(labels, classes), positive_score(probs, classes)
-    if method == "target_sensitivity":
-        value = choose_threshold(y, score, method="target_sensitivity", target=target)
-        return {"value": float(value), "method": method, "target": float(target)}
-    return {"value": float(choose_threshold(y, score, method=method)), "method": method, "target": None}
-
-
 def split_metrics(labels: Any, probs: Any, classes: Sequence[str], threshold: float = 0.5) -> dict[str, float]:
     """AUC, accuracy, sensitivity and specificity of the positive score at `threshold` (and the class
     accuracy for k > 2 classes) from class-index `labels` and probabilities `probs` [N, len(classes)]:
@@ -296,7 +256,7 @@ def calibration(y_true: Any, score: Any, n_bins: int = 10) -> dict[str, Any]:
     """
     if n_bins < 1:
         raise ValueError(f"n_bins={n_bins}: need at least 1")
-    y, s = _binary(y_true, score)
+    y, s = as_binary(y_true, score)
     if ((s < 0) | (s > 1)).any():
         raise ValueError("calibration needs probabilities in [0, 1]")
     edges = np.linspace(0.0, 1.0, n_bins + 1)
@@ -378,7 +338,7 @@ def group_metrics(y_true: Any, score: Any, groups: Sequence[str], threshold: flo
     positives against every negative; a mixed group gets all of them. `worst` is the lowest of
     each metric over the groups that have it; `mean` their unweighted mean.
     """
-    y, s = _binary(y_true, score)
+    y, s = as_binary(y_true, score)
     g = np.asarray(list(groups), dtype=object)
     out: dict[str, Any] = {}
     for name in sorted(set(g.tolist())):

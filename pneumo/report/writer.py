@@ -24,6 +24,7 @@ from pneumo.labels import negative_index, positive_score
 from pneumo.privacy import redact_errors
 from pneumo.report import metrics as M
 from pneumo.report import plots
+from pneumo.report.thresholds import THRESHOLD_METHODS
 
 REPORT_METRICS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
                                    "average_precision")
@@ -58,19 +59,43 @@ def _fmt(value: Any, digits: int = 4) -> str:
 def _threshold_text(threshold: Mapping[str, Any], split: str) -> str:
     method = threshold.get("method", "default")
     value = float(threshold["value"])
+    chosen_on = threshold.get("chosen_on", "val" if method in THRESHOLD_METHODS else None)
+    where = "the validation split" if chosen_on == "val" else f"the {chosen_on}"
     if method == "target_sensitivity":
-        how = f"the highest threshold reaching sensitivity >= {threshold.get('target')} on the validation split"
+        how = f"the highest threshold reaching sensitivity >= {threshold.get('target')} on {where}"
+    elif method == "sensitivity_lower_bound":
+        how = (f"the highest threshold whose sensitivity's lower 95% confidence bound is >= "
+               f"{threshold.get('target')} on {where}")
     elif method == "youden":
-        how = "maximising Youden's J (sensitivity + specificity - 1) on the validation split"
+        how = f"maximising Youden's J (sensitivity + specificity - 1) on {where}"
     else:
         how = f"method `{method}` (not tuned on data)"
-    chosen_on = threshold.get("chosen_on", "val" if method in M.THRESHOLD_METHODS else None)
-    text = (f"Decision threshold **{value:.4f}** on the positive score 1 - P(NORMAL) (pneumonia when "
-            f"score >= threshold), chosen by {how}. It is chosen on validation data only, never on test.")
+    text = (f"Decision threshold **{value:.4g}** on the positive score 1 - P(NORMAL) (pneumonia when "
+            f"score >= threshold), chosen by {how}.")
+    if chosen_on == "val":
+        text += " It is chosen on validation data only, never on test."
     if chosen_on == split:
+        honest = ("the cross-validated figures (`extra.cross_validated`) are the honest estimate" if
+                  split == "site sample" else "the `test` report is the honest one")
         text += (f"\n\n> Note: this report is on the `{split}` split, the same data the threshold was chosen on, "
-                 "so its thresholded metrics are optimistic; the `test` report is the honest one.")
+                 f"so its thresholded metrics are optimistic; {honest}.")
     return text
+
+
+VALIDATE_LOCALLY = (
+    "These figures hold for the cohort these images come from: for `pneumo train`, patients carved "
+    "from the training data, who were imaged like the training patients. They do not tell how the "
+    "model does at another site (another scanner, another population). Before trusting it there, "
+    "validate it locally: `pneumo sample SCORES --n 50 --out sample.csv` on the site's scored archive, "
+    "have a radiologist fill in the labels, then `pneumo calibrate BUNDLE sample.csv --out NEW_BUNDLE` "
+    "(README: *Validating at a new site*).")
+SITE_NOTE = ("These figures are on this site's own labelled sample; with few images their confidence "
+             "intervals are wide, and they hold for images like these.")
+
+
+def where_figures_hold(extra: Mapping[str, Any] | None) -> str:
+    """The one-paragraph warning next to every report's figures (a site's own sample, or not)."""
+    return SITE_NOTE if (extra or {}).get("cohort") == "site" else VALIDATE_LOCALLY
 
 
 def _markdown(report: dict[str, Any], threshold: Mapping[str, Any]) -> str:
@@ -81,7 +106,8 @@ def _markdown(report: dict[str, Any], threshold: Mapping[str, Any]) -> str:
         b = report["bundle"]
         lines += [f"Model `{b.get('model')}`, bundle `{b.get('location')}` (version `{b.get('version')}`).", ""]
     counts = ", ".join(f"{k} {v}" for k, v in report["counts"].items())
-    lines += [f"{report['n']} images ({counts}); positive class: pneumonia (any class but NORMAL).", ""]
+    lines += [f"{report['n']} images ({counts}); positive class: pneumonia (any class but NORMAL).", "",
+              f"> **Where these figures hold.** {report.get('where_figures_hold', VALIDATE_LOCALLY)}", ""]
     if report["n_errors"]:
         lines += [f"**{report['n_errors']} file(s) could not be read or decoded and are not in the metrics** "
                   "(listed below).", ""]
@@ -189,6 +215,7 @@ def write_report(
         report["groups"] = M.group_metrics(y, score, list(groups), value)
     if len(classes) > 2:
         report["multiclass"] = {k: multi[k] for k in ("accuracy", "macro_auc", "per_class")}
+    report["where_figures_hold"] = where_figures_hold(extra)
     if extra:
         report["bundle"] = extra.get("bundle")
         report["extra"] = {k: v for k, v in extra.items() if k != "bundle"}
@@ -240,7 +267,7 @@ def summary_table(report: Mapping[str, Any]) -> str:
     t = report["threshold"]
     lines = [f"[pneumo evaluate] {report['split']} split: {report['n']} images"
              + (f", {report['n_errors']} not evaluated (unreadable/undecodable)" if report["n_errors"] else ""),
-             f"  threshold {float(t['value']):.4f} ({t.get('method', 'default')}"
+             f"  threshold {float(t['value']):.4g} ({t.get('method', 'default')}"
              + (f", target sensitivity {t['target']}" if t.get("target") else "") + ")",
              f"  {'metric':<22}{'value':>8}   {level}% CI"]
     for key in REPORT_METRICS:
@@ -252,4 +279,7 @@ def summary_table(report: Mapping[str, Any]) -> str:
     if "multiclass" in report:
         lines.append(f"  class accuracy {_fmt(report['multiclass']['accuracy'])}, "
                      f"macro AUC {_fmt(report['multiclass']['macro_auc'])}")
+    if report.get("where_figures_hold", VALIDATE_LOCALLY) == VALIDATE_LOCALLY:
+        lines.append("  these figures hold for the training cohort; a new site validates locally: "
+                     "pneumo sample -> label -> pneumo calibrate (README: Validating at a new site)")
     return "\n".join(lines)

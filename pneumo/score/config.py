@@ -13,7 +13,7 @@ from pneumo.config import ConfigError
 from pneumo.io.storage import Location
 from pneumo.precision import ENGINES, PRECISIONS
 
-ADAPT_METHODS = ("adabn", "em")  # --adapt-methods, in the order they run
+ADAPT_METHODS = ("adabn", "align", "em")  # --adapt-methods, in the order they run
 
 
 @dataclass(frozen=True)
@@ -67,11 +67,13 @@ class ScoreConfig:
         "help": "engine threads per actor (0: the CPUs of the node the pool is sized for)"})
     run_id: str | None = field(default=None, metadata={"help": "run id (default: UTC time + random suffix)"})
     adapt: bool = field(default=False, metadata={
-        "help": "adapt to this archive without labels: AdaBN (torch engine) + EM prevalence re-weighting"})
+        "help": "adapt to this archive without labels (see --adapt-methods); each method refuses itself, and the "
+                "run scores unadapted, when its own diagnostics say it is unsafe"})
     adapt_methods: str = field(default="adabn,em", metadata={
-        "help": "with --adapt: adabn (image appearance), em (prevalence) or both; AdaBN assumes the class mix "
-                "did not change"})
-    adapt_sample: int = field(default=512, metadata={"help": "images AdaBN re-estimates BatchNorm statistics on"})
+        "help": "with --adapt, a comma list of: align (the archive's embedding statistics standardised to the "
+                "training ones before the head), adabn (BatchNorm statistics re-estimated; torch engine), em "
+                "(prevalence re-weighting)"})
+    adapt_sample: int = field(default=512, metadata={"help": "archive images align and AdaBN estimate statistics on"})
 
     def pipeline(self) -> Pipeline:
         """The scoring pipeline's settings (`pneumo.score.tasks.score_dataset`)."""

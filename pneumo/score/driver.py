@@ -69,7 +69,7 @@ from pneumo.config import ConfigError, parse_config, to_dict
 from pneumo.data.listing import ImageRecord, list_images, read_path_list
 from pneumo.io.storage import Location
 from pneumo.ray_env import ensure_ray
-from pneumo.score.adaptation import adapt_bundle, adjust_prevalence
+from pneumo.score.adaptation import MODEL_METHODS, adapt_bundle, adjust_prevalence
 from pneumo.score.config import ScoreConfig, ScoreResult
 from pneumo.score.drift import run_drift
 from pneumo.score.runs import (
@@ -143,18 +143,18 @@ def _verify(run_id: str, table: pa.Table, records: list[ImageRecord]) -> None:
 def _score(cfg: ScoreConfig, bundle: Location, manifest: Manifest, store: Location, records: list[ImageRecord],
            run_id: str, run_dir: Location) -> tuple[list[str], dict[str, Any] | None]:
     """Score `records` into Parquet parts under `run_dir` (AdaBN first with --adapt); (parts, AdaBN info)."""
-    scoring_bundle, engine, adabn = bundle, cfg.engine, None
-    if "adabn" in cfg.adaptations and records:
-        scoring_bundle, adabn = adapt_bundle(cfg, bundle, manifest, store, records, run_dir)
-        engine = "torch"
+    scoring_bundle, engine, adapted = bundle, cfg.engine, None
+    if set(cfg.adaptations) & set(MODEL_METHODS) and records:
+        scoring_bundle, adapted = adapt_bundle(cfg, bundle, manifest, store, records, run_dir)
+        engine = adapted.get("engine_needed", cfg.engine) if cfg.engine == "auto" else cfg.engine
     if not records:
-        return [], adabn
+        return [], adapted
     ensure_ray()
     items = [{"path": r.path, "size_bytes": int(r.size), "mtime_ns": int(r.mtime_ns)} for r in records]
     ds = score_dataset(items, store, manifest.input, scoring_bundle, cfg.pipeline(), run_id, engine,
                        run_dir.join(EXPLAIN_DIR) if cfg.explain else None)
     ds.write_parquet(run_dir.path, filesystem=run_dir.fs, filename_provider=part_names())
-    return list_parts(run_dir), adabn
+    return list_parts(run_dir), adapted
 
 
 def run_score(cfg: ScoreConfig) -> ScoreResult:
@@ -178,7 +178,7 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
         records = [r for r in records if r.path not in unchanged]
     stages.done("list")
 
-    files, adabn = _score(cfg, bundle, manifest, store, records, run_id, run_dir)
+    files, adapted = _score(cfg, bundle, manifest, store, records, run_id, run_dir)
     stages.done("read_score_write")
     table = read_parts(run_dir, files)
     _verify(run_id, table, records)
@@ -187,7 +187,7 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
     stages.done("drift")
     adaptation = None
     if cfg.adapt:
-        table, adaptation = adjust_prevalence(cfg, manifest, run_dir, files, table, adabn)
+        table, adaptation = adjust_prevalence(cfg, manifest, run_dir, files, table, adapted)
         stages.done("adapt_em")
     status = Counter(table.column("status").to_pylist())
     labels = Counter(v for v in table.column("label").to_pylist() if v is not None)

@@ -126,6 +126,18 @@ def read_committed(out: Location | str, *, bad: list[BadRun] | None = None) -> p
     return pa.concat_tables(tables) if tables else OUTPUT_SCHEMA.empty_table()
 
 
+def run_rows(out: Location | str, run_id: str | None = None) -> tuple[pa.Table, dict[str, Any]]:
+    """(the rows, the marker) of one committed run: `run_id`, else the latest. A `DataError`-like
+    ValueError when there is no such committed run."""
+    runs = committed_runs(out)
+    if not runs:
+        raise ValueError(f"{out}: no committed scoring run (pneumo score ... --out {out})")
+    chosen = runs[-1] if run_id is None else next((m for m in runs if m["run_id"] == run_id), None)
+    if chosen is None:
+        raise ValueError(f"{out}: no committed run {run_id!r}; committed: {', '.join(m['run_id'] for m in runs)}")
+    return read_parts(Location.of(out).join(RUNS_DIR, chosen["run_id"]), chosen["files"]), chosen
+
+
 def read_results(out: Location | str):  # noqa: ANN201 - pandas.DataFrame
     """Committed results as a pandas DataFrame: the latest row per path (by scored_at, then run_id).
     `out` is a folder, an `s3://` prefix (the AWS environment's endpoint) or a `Location`."""

@@ -23,15 +23,20 @@ from pneumo.bundle.store import weights_bytes
 from pneumo.io.storage import Location
 
 WEIGHTS_FILE = "model.safetensors"
+TRAIN_WEIGHTS_FILE = "train.safetensors"  # with EMA: the live weights (model.safetensors holds the average)
 STATE_FILE = "state.json"
 OPTIM_FILE = "optim.pt"
 
 
 def save_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    state: dict[str, Any]) -> None:
+                    state: dict[str, Any], ema: Any = None) -> None:
     """Weights as safetensors, counters/history as JSON, optimizer/scheduler state via torch.save
-    (our own files only; read back with `weights_only=True`)."""
-    Path(directory, WEIGHTS_FILE).write_bytes(weights_bytes(model))
+    (our own files only; read back with `weights_only=True`). With `ema` (an AveragedModel), the
+    averaged weights are the checkpoint's model (what was evaluated and is exported) and the live
+    ones go beside them, for resuming."""
+    Path(directory, WEIGHTS_FILE).write_bytes(weights_bytes(ema.module if ema is not None else model))
+    if ema is not None:
+        Path(directory, TRAIN_WEIGHTS_FILE).write_bytes(weights_bytes(model))
     Path(directory, STATE_FILE).write_text(json.dumps(state, indent=1))
     torch.save({"optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None},
@@ -42,22 +47,30 @@ def read_state(directory: str) -> dict[str, Any]:
     return json.loads(Path(directory, STATE_FILE).read_text())
 
 
-def load_weights(directory: str) -> dict[str, torch.Tensor]:
+def load_weights(directory: str, name: str = WEIGHTS_FILE) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(os.path.join(directory, WEIGHTS_FILE))
+    return load_file(os.path.join(directory, name))
 
 
 def restore_checkpoint(directory: str, model: nn.Module, optimizer: torch.optim.Optimizer,
                        scheduler: Any) -> dict[str, Any]:
-    """Load weights, optimizer and scheduler state from `directory`; returns its `state.json`."""
-    model.load_state_dict(load_weights(directory))
+    """Load the live weights, optimizer and scheduler state from `directory`; returns its `state.json`."""
+    averaged = os.path.exists(os.path.join(directory, TRAIN_WEIGHTS_FILE))
+    model.load_state_dict(load_weights(directory, TRAIN_WEIGHTS_FILE if averaged else WEIGHTS_FILE))
     state = read_state(directory)
     opt = torch.load(os.path.join(directory, OPTIM_FILE), map_location="cpu", weights_only=True)
     optimizer.load_state_dict(opt["optimizer"])
     if scheduler is not None and opt.get("scheduler"):
         scheduler.load_state_dict(opt["scheduler"])
     return state
+
+
+def restore_average(directory: str, ema: Any) -> None:
+    """The moving average saved with the checkpoint in `directory` (kept from the live weights when
+    the run had none)."""
+    if os.path.exists(os.path.join(directory, TRAIN_WEIGHTS_FILE)):
+        ema.module.load_state_dict(load_weights(directory))
 
 
 def complete_epoch(fs: Any, path: str) -> int:

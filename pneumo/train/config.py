@@ -19,7 +19,7 @@ from pneumo.models.calibration import CALIBRATIONS
 from pneumo.models.zoo import FINETUNE_MODES, TTA_MODES, get_spec, list_models
 from pneumo.precision import TORCH_PRECISIONS_AUTO
 from pneumo.ray_env import job_submission_id
-from pneumo.report.metrics import THRESHOLD_METHODS
+from pneumo.report.thresholds import THRESHOLD_METHODS
 from pneumo.train.augment import Augment
 
 BALANCE = ("none", "weighted_loss", "oversample")
@@ -67,6 +67,23 @@ class TrainConfig:
     shift: float = field(default=0.0, metadata={"help": "augmentation: max shift, fraction of the side"})
     zoom: float = field(default=0.0, metadata={"help": "augmentation: zoom range"})
     hflip: bool = field(default=False, metadata={"help": "augmentation: random horizontal flip"})
+    aug_gamma: float = field(default=1.0, metadata={
+        "help": "acquisition augmentation: exposure gamma in [1/g, g] (1: off), before equalisation"})
+    aug_window: float = field(default=0.0, metadata={
+        "help": "acquisition augmentation: grey window, blacks lifted / whites lowered by up to this (0: off)"})
+    aug_blur: float = field(default=0.0, metadata={"help": "acquisition augmentation: blur sigma up to N px (0: off)"})
+    aug_sharpen: float = field(default=0.0, metadata={"help": "acquisition augmentation: sharpening up to 1+N (0: off)"})
+    aug_noise: float = field(default=0.0, metadata={"help": "acquisition augmentation: noise sigma up to N (0: off)"})
+    aug_crop: float = field(default=0.0, metadata={
+        "help": "acquisition augmentation: field of view, a crop keeping >= this share of the area (0: off)"})
+    aug_aspect: float = field(default=1.0, metadata={
+        "help": "acquisition augmentation: the crop's aspect ratio in [1/a, a] (1: off)"})
+    aug_border: float = field(default=0.0, metadata={
+        "help": "acquisition augmentation: collimation-like dark borders up to this share of a side (0: off)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "targets moved this far toward uniform (0: off)"})
+    ema: float = field(default=0.0, metadata={
+        "help": "exponential moving average of the weights with this decay per step, evaluated and exported "
+                "(e.g. 0.999; 0: off)"})
     val_frac: float = 0.1
     test_frac: float = 0.1
     seed: int = 0
@@ -116,19 +133,28 @@ class TrainConfig:
             raise ConfigError(f"target_sensitivity={self.target_sensitivity} must be in (0, 1)")
         if self.lr < 0 or self.weight_decay < 0:
             raise ConfigError("lr and weight_decay must be >= 0")
+        if not 0 <= self.label_smoothing < 0.5 or not 0 <= self.ema < 1:
+            raise ConfigError(f"label_smoothing in [0, 0.5) and ema in [0, 1) (got {self.label_smoothing}, {self.ema})")
+        if self.ema and self.cache_features:
+            raise ConfigError("ema averages the weights a fine-tuning run changes; cache_features trains a linear head "
+                              "on fixed features: use one or the other")
         if self.image_size and self.image_size < 16:
             raise ConfigError(f"image_size={self.image_size}: need >= 16 (0 keeps the model's)")
         if self.bn_images and not self.cache_features:
             raise ConfigError("bn_images re-estimates a frozen backbone's statistics: it needs cache_features")
         if self.bn_images < 0:
             raise ConfigError(f"bn_images must be >= 0, got {self.bn_images}")
-        if self.cache_features and (self.finetune != "head" or self.head_epochs or self.augment().enabled):
+        try:
+            augment = self.augment()
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.cache_features and (self.finetune != "head" or self.head_epochs or augment.enabled):
             raise ConfigError("cache_features needs finetune=head, head_epochs=0 and no augmentation "
-                              "(rotation/shift/zoom/hflip all off): the backbone must be frozen and its input fixed")
+                              "(rotation/shift/zoom/hflip and aug_* all off): the backbone must be frozen and its input "
+                              "fixed")
         if self.cache_features and get_spec(self.model).family not in ("timm", "ensemble"):
             raise ConfigError(f"cache_features works with timm models (forward_features/forward_head); "
                               f"{self.model} is not one")
-        self.augment()
 
     # derived ------------------------------------------------------------------
     @property
@@ -162,4 +188,6 @@ class TrainConfig:
         return spec.replace(**changes) if changes else spec
 
     def augment(self) -> Augment:
-        return Augment(self.rotation, self.shift, self.zoom, self.hflip)
+        return Augment(self.rotation, self.shift, self.zoom, self.hflip, self.aug_gamma, self.aug_window,
+                       self.aug_blur, self.aug_sharpen, self.aug_noise, self.aug_crop, self.aug_aspect,
+                       self.aug_border)

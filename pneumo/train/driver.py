@@ -82,7 +82,7 @@ def _ingest(cfg: TrainConfig, classes: list[str], spec: InputSpec) -> tuple[list
     if not any(r.split == "val" for r in records):
         raise ConfigError("no validation images: set val_frac > 0 or provide <data>/val/")
     ensure_ray()
-    ingest = build_datasets(records, classes, spec, data)
+    ingest = build_datasets(records, classes, spec, data, train_spec=cfg.augment().raw_spec(spec))
     for e in redact_errors(ingest.errors):  # file names carry patient ids (pneumo.privacy)
         print(f"[pneumo train] skipped undecodable file {e['path']} ({e['split']}): {e['error']}", file=sys.stderr)
     counts = ingest.counts

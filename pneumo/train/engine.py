@@ -49,8 +49,12 @@ def train_one_epoch(
     max_steps: int = 0,
     channels_last: bool = True,
     scaler: Any = None,
+    ema: Any = None,
+    equalize: str = "none",
 ) -> dict[str, float]:
-    """One pass over `batches` ({image: uint8[B, S, S], label: int[B]}); returns loss, images, seconds."""
+    """One pass over `batches` ({image: uint8[B, S, S], label: int[B]}); returns loss, images, seconds.
+    `ema` (an AveragedModel) follows every step; `equalize` is the model's mode, applied after the
+    augmentation to batches read un-equalised (`Augment.raw_spec`)."""
     total, n, steps = 0.0, 0, 0
     start = time.perf_counter()
     for batch in batches:
@@ -60,7 +64,7 @@ def train_one_epoch(
         if not isinstance(images, torch.Tensor):
             images, labels = torch.as_tensor(np.asarray(images)), torch.as_tensor(np.asarray(labels))
         if augment is not None and augment.enabled:
-            images = augment(images, generator)
+            images = augment(images, generator, equalize)
         x = to_tensor(images, spec, device=device, channels_last=channels_last)
         y = labels.to(device)
         optimizer.zero_grad(set_to_none=True)
@@ -74,6 +78,8 @@ def train_one_epoch(
         else:
             loss.backward()
             optimizer.step()
+        if ema is not None:
+            ema.update_parameters(model.module if hasattr(model, "module") else model)
         total += float(loss.detach()) * len(y)
         n += len(y)
         steps += 1
@@ -127,10 +133,11 @@ class ImageLoop:
         batches = train.iter_torch_batches(batch_size=cfg.batch_size,
                                            local_shuffle_buffer_size=max(4 * cfg.batch_size, 256),
                                            local_shuffle_seed=cfg.seed + number)
+        equalize = ts.spec.equalize if self.augment.raw_spec(ts.spec) != ts.spec else "none"
         tr = train_one_epoch(ts.trainable, batches, ts.optimizer, ts.loss_fn, ts.spec, ts.num_classes, ts.device,
                              ts.precision, self.augment, ts.generator, cfg.max_steps_per_epoch, cfg.channels_last,
-                             ts.scaler)
-        ev = evaluate(ts.model, val.iter_torch_batches(batch_size=max(cfg.batch_size, 64)), ts.loss_fn, ts.spec,
+                             ts.scaler, ts.ema, equalize)
+        ev = evaluate(ts.evaluated, val.iter_torch_batches(batch_size=max(cfg.batch_size, 64)), ts.loss_fn, ts.spec,
                       ts.num_classes, ts.device, ts.precision, cfg.channels_last)
         return tr, ev
 

@@ -37,7 +37,8 @@ from pneumo.labels import positive_score
 from pneumo.models.calibration import fit_calibration, fold_calibration
 from pneumo.models.onnx import ExportError, export_checked
 from pneumo.monitor.drift import DriftReference
-from pneumo.report.metrics import split_metrics, threshold_record
+from pneumo.report.metrics import split_metrics
+from pneumo.report.thresholds import threshold_record
 from pneumo.report.writer import write_report
 
 log = logging.getLogger(__name__)
@@ -126,11 +127,13 @@ def summary_text(s: dict[str, Any]) -> str:
     lines = [f"[pneumo train] done in {s['wall_s']:.0f}s: {s['epochs_run']} epoch(s)"
              + (" (early stopped)" if s["early_stopped"] else "") + f", best epoch {s['best_epoch']}",
              f"  bundle    {s['bundle']} (version {s['version']})",
-             f"  threshold {s['threshold']['value']:.4f} ({s['threshold']['method']}"
+             f"  threshold {s['threshold']['value']:.4g} ({s['threshold']['method']}"
              + (f", target sensitivity {s['threshold']['target']}" if s["threshold"].get("target") else "")
              + ", chosen on val)"]
     for split, m in s["metrics"].items():
         lines.append(f"  {split:<5} " + "  ".join(f"{k} {v:.4f}" for k, v in m.items()))
+    lines.append("  these figures hold for the training cohort; a new site validates locally: "
+                 "pneumo sample -> label -> pneumo calibrate (README: Validating at a new site)")
     if s["skipped_files"]:
         lines.append(f"  {s['skipped_files']} undecodable file(s) were left out (see summary.json)")
     return "\n".join(lines)

@@ -41,13 +41,26 @@ def make_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> Any:
     return None
 
 
-def make_loss(num_classes: int, class_weights: list[float] | None = None) -> nn.Module:
-    """One logit + BCE for binary tasks (pos_weight = w1 / w0), softmax CE otherwise."""
+class SmoothedBCE(nn.BCEWithLogitsLoss):
+    """BCE with logits whose 0/1 targets are moved `smoothing / 2` toward 0.5 (torch's BCE has no
+    label smoothing of its own; its CrossEntropyLoss does, and k-class tasks use that)."""
+
+    def __init__(self, pos_weight: torch.Tensor | None = None, smoothing: float = 0.0):
+        super().__init__(pos_weight=pos_weight)
+        self.smoothing = smoothing
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return super().forward(logits, target * (1 - self.smoothing) + self.smoothing / 2)
+
+
+def make_loss(num_classes: int, class_weights: list[float] | None = None, label_smoothing: float = 0.0) -> nn.Module:
+    """One logit + BCE for binary tasks (pos_weight = w1 / w0), softmax CE otherwise; targets
+    smoothed by `label_smoothing`."""
     if num_classes == 2:
         pos_weight = torch.tensor([class_weights[1] / class_weights[0]]) if class_weights else None
-        return nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        return SmoothedBCE(pos_weight=pos_weight, smoothing=label_smoothing)
     weight = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
-    return nn.CrossEntropyLoss(weight=weight)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=label_smoothing)
 
 
 def compute_loss(loss_fn: nn.Module, logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -55,6 +68,15 @@ def compute_loss(loss_fn: nn.Module, logits: torch.Tensor, labels: torch.Tensor,
     if num_classes == 2:
         return loss_fn(logits.reshape(-1), labels.float())
     return loss_fn(logits, labels.long())
+
+
+def make_ema(model: nn.Module, decay: float) -> Any:
+    """An exponential moving average of `model`'s weights and buffers (torch's `AveragedModel`), or None."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def class_weights_for(counts: dict[str, int], classes: list[str]) -> list[float]:
@@ -102,10 +124,16 @@ class TrainState:
     stage: str = ""
     trainable: nn.Module | None = None
     generator: torch.Generator = field(default_factory=torch.Generator)
+    ema: Any = None  # torch AveragedModel when cfg.ema: what is evaluated, checkpointed and exported
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def evaluated(self) -> nn.Module:
+        """The weights that are evaluated and exported: the moving average with `ema`, else the model."""
+        return self.ema.module if self.ema is not None else self.model
 
     def stage_for(self, epoch: int) -> str:
         """'head' for the first `head_epochs` epochs (0-based `epoch`), then `finetune`."""

@@ -25,11 +25,23 @@ from pneumo.config import from_dict
 from pneumo.io.preprocess import InputSpec
 from pneumo.models.factory import get_model
 from pneumo.models.finetune import set_finetune
-from pneumo.train.checkpoints import latest_checkpoint, restore_checkpoint, save_checkpoint
+from pneumo.train.checkpoints import (
+    latest_checkpoint,
+    restore_average,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from pneumo.train.config import TrainConfig
 from pneumo.train.engine import ImageLoop, Loop, progress_line, run_epoch
 from pneumo.train.feature_cache import FeatureLoop
-from pneumo.train.parts import TrainState, make_loss, make_optimizer, make_scheduler, precision_for
+from pneumo.train.parts import (
+    TrainState,
+    make_ema,
+    make_loss,
+    make_optimizer,
+    make_scheduler,
+    precision_for,
+)
 
 FAULT_ENV = "PNEUMO_TEST_FAIL_AT_EPOCH"
 
@@ -53,7 +65,8 @@ def setup_training(cfg: TrainConfig, classes: list[str], spec: InputSpec, class_
     set_finetune(model, cfg.model, cfg.finetune, cfg.n_blocks)  # the optimizer gets the final stage's set
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     scheduler = make_scheduler(cfg, optimizer)
-    loss_fn = make_loss(len(classes), class_weights if cfg.balance == "weighted_loss" else None).to(device)
+    loss_fn = make_loss(len(classes), class_weights if cfg.balance == "weighted_loss" else None,
+                        cfg.label_smoothing).to(device)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     state: dict[str, Any] = {"epoch": 0, "history": [], "best_val_loss": math.inf, "bad_epochs": 0,
                              "best_auc": -1.0, "best_epoch": 0, "stopped": False}
@@ -63,9 +76,12 @@ def setup_training(cfg: TrainConfig, classes: list[str], spec: InputSpec, class_
     model = model.to(device)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    ema = make_ema(model, cfg.ema)
+    if ema is not None and resume is not None:
+        restore_average(resume, ema)
     ts = TrainState(cfg, list(classes), spec, model, optimizer, scheduler, loss_fn, scaler, device, precision,
                     state, rank, world, wrap or (lambda m: m),
-                    generator=torch.Generator().manual_seed(cfg.seed * 1000 + rank))
+                    generator=torch.Generator().manual_seed(cfg.seed * 1000 + rank), ema=ema)
     ts.set_stage(ts.stage_for(state["epoch"]))
     return ts
 
@@ -104,7 +120,7 @@ def train_func(config: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = None
             if rank == 0:
-                save_checkpoint(tmp, ts.model, ts.optimizer, ts.scheduler, ts.state)
+                save_checkpoint(tmp, ts.model, ts.optimizer, ts.scheduler, ts.state, ts.ema)
                 ckpt = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
         if rank == 0:
