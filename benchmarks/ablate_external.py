@@ -120,6 +120,9 @@ def evaluate(name: str, bundle: str, adabn: bool) -> dict:
     ref = p.drift_reference()
     head = head_matrix(load_model(bundle, manifest), manifest.model)
     sets = PX.build(p.spec)
+    if ref.feature_mean is None:  # a bundle from before feature statistics: the same ones, from its val set
+        val_feats = p.predict_with_features(sets[0].images)[1]
+        ref.feature_mean, ref.feature_std = val_feats.mean(0), val_feats.std(0)
     for series in ("IM series", "NORMAL2-IM series"):
         loso = ABLATE / "runs" / f"{name}-loso-{series.split()[0]}" / "bundle"
         if loso.exists():
@@ -218,14 +221,13 @@ def main() -> int:
     t.add_argument("name")
     t.add_argument("--recipe", required=True)
     t.add_argument("--loso", choices=["IM series", "NORMAL2-IM series"])
-    t.add_argument("extra", nargs=argparse.REMAINDER, help="more pneumo train flags, after --")
     e = sub.add_parser("evaluate")
     e.add_argument("bundles", nargs="+", help="NAME=BUNDLE")
     e.add_argument("--adabn", action="store_true")
     sub.add_parser("report")
-    a = ap.parse_args()
+    a, extra = ap.parse_known_args()  # train: further flags go to pneumo train
     if a.cmd == "train":
-        train(a.name, a.recipe, a.loso, [x for x in a.extra if x != "--"])
+        train(a.name, a.recipe, a.loso, [x for x in extra if x != "--"])
     elif a.cmd == "evaluate":
         for item in a.bundles:
             name, _, bundle = item.partition("=")

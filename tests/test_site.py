@@ -200,3 +200,21 @@ def test_em_refuses_a_prevalence_at_the_boundary(sites) -> None:  # noqa: ANN001
     mixed = np.tile([[0.9, 0.1], [0.1, 0.9]], (100, 1))  # half and half, calibrated: EM lands inside
     weights, info = estimate_prior(sites["manifest"], mixed)
     assert weights is not None and "em_refused" not in info
+
+
+def test_calibrate_and_sample_work_on_s3(sites, s3_server, tmp_path) -> None:  # noqa: ANN001
+    from pneumo.config import parse_config
+    from pneumo.io.storage import Location
+    from pneumo.score.calibrate import CalibrateConfig, run_calibrate
+
+    bucket = s3_server.make_bucket("site-b")
+    s3_server.upload_dir(sites["folder"], "site-b", "labelled")
+    cfg = parse_config(CalibrateConfig, [str(sites["bundle"]), f"{bucket}/labelled", "--out", f"{bucket}/bundle",
+                                         "--s3-endpoint", s3_server.endpoint, "--reports", str(tmp_path / "r"),
+                                         "--n-boot", "100"])
+    lineage = run_calibrate(cfg)
+    new = read_manifest(Location.resolve(f"{bucket}/bundle", s3_server.endpoint))
+    assert new.lineage["sample"]["fingerprint"] == lineage["sample"]["fingerprint"]
+    assert lineage["sample"]["n"] == len(sites["sample"])
+    p = Predictor(Location.resolve(f"{bucket}/bundle", s3_server.endpoint))
+    assert p.threshold == new.threshold_value and (tmp_path / "r" / "parent" / "report.json").exists()
