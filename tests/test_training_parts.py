@@ -55,6 +55,9 @@ def test_config_rejects_unknown_keys_and_bad_values(tmp_path, capsys):
     assert "adamax" in capsys.readouterr().err  # lists the valid choices
     with pytest.raises(SystemExit):  # feature caching needs a frozen backbone and fixed inputs
         parse_config(TrainConfig, ["DATA", "--cache-features", "--finetune", "full"], prog="t")
+    with pytest.raises(SystemExit):  # cached features of augmented images need aug_views
+        parse_config(TrainConfig, ["DATA", "--cache-features", "--finetune", "head", "--aug-noise", "0.1"], prog="t")
+    assert "aug_views" in capsys.readouterr().err
 
 
 def test_class_weights_balance_the_classes():
@@ -193,10 +196,14 @@ def test_ingest_reports_undecodable_files(ray_local, synth_data, tmp_path):
 # ---------------------------------------------------------------- worker setup, loops, checkpoints
 
 
-@pytest.mark.parametrize("model, extra", [("seed_cnn", []), ("efficientnet_lite0", ["--finetune", "head",
-                                                                                    "--cache-features"])],
-                         ids=["image_loop", "feature_loop"])
-def test_setup_training_runs_epochs_and_resumes_without_ray(tmp_path, model, extra):
+@pytest.mark.parametrize("model, extra, views", [
+    ("seed_cnn", [], 1),
+    ("efficientnet_lite0", ["--finetune", "head", "--cache-features"], 1),
+    # augmented views of the frozen features: 2 noisy, exposure-shifted copies of each image, equalised after
+    ("efficientnet_lite0", ["--finetune", "head", "--cache-features", "--aug-views", "2", "--aug-noise", "0.05",
+                            "--aug-gamma", "1.5", "--equalize", "hist"], 3),
+], ids=["image_loop", "feature_loop", "feature_loop_views"])
+def test_setup_training_runs_epochs_and_resumes_without_ray(tmp_path, model, extra, views):
     cfg = parse_config(TrainConfig, ["DATA", "--model", model, "--weights", "none", "--image-size", "32",
                                      "--batch-size", "4", "--epochs", "3", "--patience", "0", *extra], prog="t")
     classes = ["NORMAL", "PNEUMONIA"]
@@ -207,7 +214,7 @@ def test_setup_training_runs_epochs_and_resumes_without_ray(tmp_path, model, ext
     before = [p.detach().clone() for p in trainable]
     rows = [run_epoch(ts, loop, train, val, n) for n in (1, 2)]
     assert [r["epoch"] for r in rows] == [1, 2] and all(np.isfinite(r["train_loss"]) for r in rows)
-    assert rows[0]["val_images"] == 6 and rows[0]["train_images"] == 8
+    assert rows[0]["val_images"] == 6 and rows[0]["train_images"] == 8 * views
     assert any(not torch.equal(b, p.detach()) for b, p in zip(before, trainable)), "no parameter changed"
     save_checkpoint(str(tmp_path), ts.model, ts.optimizer, ts.scheduler, ts.state)
     again = setup_training(cfg, classes, cfg.input_spec(), [1.0, 1.0], resume=str(tmp_path))

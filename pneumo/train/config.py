@@ -80,6 +80,9 @@ class TrainConfig:
         "help": "acquisition augmentation: the crop's aspect ratio in [1/a, a] (1: off)"})
     aug_border: float = field(default=0.0, metadata={
         "help": "acquisition augmentation: collimation-like dark borders up to this share of a side (0: off)"})
+    aug_views: int = field(default=0, metadata={
+        "help": "cache_features: augmented copies of each training image whose frozen features are cached too, "
+                "so the head learns from augmented views (0: off)"})
     label_smoothing: float = field(default=0.0, metadata={"help": "targets moved this far toward uniform (0: off)"})
     ema: float = field(default=0.0, metadata={
         "help": "exponential moving average of the weights with this decay per step, evaluated and exported "
@@ -148,10 +151,14 @@ class TrainConfig:
             augment = self.augment()
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.cache_features and (self.finetune != "head" or self.head_epochs or augment.enabled):
-            raise ConfigError("cache_features needs finetune=head, head_epochs=0 and no augmentation "
-                              "(rotation/shift/zoom/hflip and aug_* all off): the backbone must be frozen and its input "
-                              "fixed")
+        if self.cache_features and (self.finetune != "head" or self.head_epochs):
+            raise ConfigError("cache_features needs finetune=head and head_epochs=0: the backbone must be frozen")
+        if self.cache_features and augment.enabled != bool(self.aug_views):
+            raise ConfigError("cache_features caches each image's features once: augmentation needs aug_views >= 1 "
+                              "(augmented copies cached too), and aug_views needs an augmentation")
+        if self.aug_views < 0 or (self.aug_views and not self.cache_features):
+            raise ConfigError(f"aug_views={self.aug_views}: >= 0, and only with cache_features (fine-tuning "
+                              "augments every batch anyway)")
         if self.cache_features and get_spec(self.model).family not in ("timm", "ensemble"):
             raise ConfigError(f"cache_features works with timm models (forward_features/forward_head); "
                               f"{self.model} is not one")

@@ -148,8 +148,24 @@ def evaluate_head(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, lo
             "loss_sum": loss_sum, "n": len(labels)}
 
 
+def augmented_views(batches: Any, augment: Any, views: int, generator: torch.Generator, equalize: str) -> Any:
+    """Each training batch, then `views` augmented copies of it (`aug_views`): the frozen backbone's
+    features of augmented images are cached once, and the head learns from all of them. `equalize`
+    is the model's mode when the batches were read un-equalised (acquisition augmentations)."""
+    from pneumo.io.preprocess import equalize_array
+
+    for batch in batches:
+        images = torch.as_tensor(np.asarray(batch["image"]))
+        plain = images if equalize == "none" else torch.stack(
+            [torch.from_numpy(equalize_array(x.numpy(), equalize)) for x in images])
+        yield {"image": plain, "label": batch["label"]}
+        for _ in range(views):
+            yield {"image": augment(images, generator, equalize), "label": batch["label"]}
+
+
 class FeatureLoop:
-    """`cache_features`: the frozen backbone's features once (first epoch), then the head on them."""
+    """`cache_features`: the frozen backbone's features once (first epoch; with `aug_views`, of
+    augmented copies of the training images too), then the head on them."""
 
     def __init__(self, ts: TrainState):
         self.ts, self.cache = ts, {}
@@ -161,10 +177,15 @@ class FeatureLoop:
             if cfg.bn_images:
                 reestimate_batchnorm(ts, train.iter_torch_batches(batch_size=64), cfg.bn_images)
             tta = () if cfg.tta == "none" else (cfg.tta,)
+            augment = cfg.augment()
+            equalize = ts.spec.equalize if augment.raw_spec(ts.spec) != ts.spec else "none"
             for name, shard in (("train", train), ("val", val)):
-                self.cache[name] = backbone_features(ts.model, shard.iter_torch_batches(batch_size=64), ts.spec,
-                                                     ts.device, ts.precision, cfg.channels_last, cfg.model,
-                                                     cfg.threads or cfg.cpus_per_worker, ts.num_classes, tta)
+                batches = shard.iter_torch_batches(batch_size=64)
+                if name == "train" and cfg.aug_views:
+                    batches = augmented_views(batches, augment, cfg.aug_views, ts.generator, equalize)
+                self.cache[name] = backbone_features(ts.model, batches, ts.spec, ts.device, ts.precision,
+                                                     cfg.channels_last, cfg.model, cfg.threads or cfg.cpus_per_worker,
+                                                     ts.num_classes, tta)
             if ts.rank == 0:
                 logs.worker_line(f"[pneumo train] cached backbone features of {len(self.cache['train'][0])} train "
                                  f"and {len(self.cache['val'][0])} val images per worker in "
