@@ -23,6 +23,8 @@ from __future__ import annotations
 import importlib
 import sys
 
+from pneumo import __version__
+
 VERBS: dict[str, tuple[str, str]] = {
     "synth": ("pneumo.data.synth", "write synthetic chest-like X-rays in the labelled layout"),
     "eda": ("pneumo.data.eda", "describe a dataset: counts, sizes, modes, duplicates, PNG charts"),
@@ -52,8 +54,6 @@ def main(argv: list[str] | None = None) -> int:
         print(_usage())
         return 0
     if argv[0] in ("-V", "--version"):
-        from pneumo import __version__
-
         print(__version__)
         return 0
     verb, rest = argv[0], argv[1:]

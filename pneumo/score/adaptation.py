@@ -22,6 +22,8 @@ from pneumo.data.listing import ImageRecord
 from pneumo.io.preprocess import to_tensor
 from pneumo.io.storage import Location
 from pneumo.labels import decide, positive_score
+from pneumo.models.adapt import adapt_batchnorm, align_head
+from pneumo.models.calibration import head_matrix, set_head
 from pneumo.monitor.prevalence import estimate_prevalence_em
 from pneumo.score.config import ScoreConfig
 from pneumo.score.drift import ok_rows
@@ -58,7 +60,6 @@ def adapt_bundle(cfg: ScoreConfig, bundle: Location, manifest: Manifest, store: 
 
     from pneumo.bundle.predict import Predictor
     from pneumo.bundle.store import load_model
-    from pneumo.models.adapt import adapt_batchnorm
 
     asked = [m for m in cfg.adaptations if m in MODEL_METHODS]
     images = _sample_images(cfg, manifest, store, records)
@@ -93,9 +94,6 @@ def adapt_bundle(cfg: ScoreConfig, bundle: Location, manifest: Manifest, store: 
 
 def _align(model: Any, bundle: Location, manifest: Manifest, feats: np.ndarray) -> str | None:
     """Fold the archive-to-reference feature standardisation into the head; the reason when it cannot."""
-    from pneumo.models.adapt import align_head
-    from pneumo.models.calibration import head_matrix, set_head
-
     ref = drift_reference(bundle, manifest)
     if ref is None or ref.feature_mean is None:
         return "the bundle's drift reference has no feature statistics (retrain to add them)"
@@ -107,7 +105,7 @@ def _align(model: Any, bundle: Location, manifest: Manifest, feats: np.ndarray) 
 
 def _save_adapted(model: Any, bundle: Location, manifest: Manifest, run_dir: Location, images: np.ndarray,
                   info: dict[str, Any]) -> tuple[Location, dict[str, Any]]:
-    from pneumo.bundle.store import save_bundle
+    from pneumo.bundle.store import save_bundle  # start-up time: see adapt_bundle
 
     if not info["applied"]:
         return bundle, info

@@ -58,7 +58,10 @@ from pneumo.models.calibration import (
     apply_calibration,
     choose_refit_strength,
     fit_calibration,
+    fold_calibration,
+    head_weights,
     refit_head,
+    set_head,
 )
 from pneumo.monitor.drift import FILE_NAME as DRIFT_FILE
 from pneumo.precision import ENGINES, PRECISIONS
@@ -248,7 +251,6 @@ def write_site_bundle(cfg: CalibrateConfig, bundle: Location, manifest: Manifest
     """The parent's weights with the new head (Platt folded in, or refitted), a parity-checked ONNX
     graph, the grown drift reference, the other files copied; `lineage` in the manifest."""
     from pneumo.bundle.store import save_bundle  # start-up time: see run_calibrate
-    from pneumo.models.calibration import fold_calibration, set_head
 
     if cal["method"] == "refit_head":
         set_head(model, manifest.model, cal["weight"], cal["bias"])
@@ -272,7 +274,6 @@ def run_calibrate(cfg: CalibrateConfig) -> dict[str, Any]:
     # start-up time: torch and the engines only once the flags are good
     from pneumo.bundle.predict import Predictor
     from pneumo.bundle.store import load_model
-    from pneumo.models.calibration import head_weights
 
     bundle, data = Location.resolve(cfg.bundle, cfg.s3_endpoint), Location.resolve(cfg.data, cfg.s3_endpoint)
     manifest = read_manifest(bundle)

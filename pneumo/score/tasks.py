@@ -119,7 +119,7 @@ class BundlePredictor:
         explain_dir: Location | None = None,
         threads: int = 0,
     ):
-        # the Predictor (and torch) load in the actor only: the driver and read tasks never need them
+        # start-up time: the Predictor (and torch) load in the actor only, never in the driver or read tasks
         from pneumo.bundle.predict import Predictor
 
         self.predictor = Predictor(bundle, engine=engine, precision=precision, channels_last=channels_last,
@@ -133,7 +133,10 @@ class BundlePredictor:
                      "precision": self.predictor.precision}
 
     def _explain(self, path: str, image: np.ndarray) -> str:
-        from pneumo.models.gradcam import gradcam, overlay_png  # torch: in the actor only
+        from pneumo.models.gradcam import (  # start-up time: torch in the actor only
+            gradcam,
+            overlay_png,
+        )
 
         p = self.predictor
         heat = gradcam(p.explain_model, to_tensor(image[None], p.spec), p.manifest.negative_index)

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
-from pneumo.io.preprocess import InputSpec
+from pneumo.io.preprocess import InputSpec, equalize_array
 
 if TYPE_CHECKING:  # torch where batches are augmented: TrainConfig builds an Augment without it
     import torch
@@ -105,8 +105,6 @@ class Augment:
                 img = self._geometry(img, u[i])
             out[i] = img[0]
         if self.acquisition and equalize != "none":
-            from pneumo.io.preprocess import equalize_array
-
             out = torch.stack([torch.from_numpy(equalize_array(x.numpy(), equalize)) for x in out])
         return out
 

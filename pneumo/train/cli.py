@@ -15,9 +15,8 @@ from pneumo.train.config import TrainConfig
 def main(argv: list[str] | None = None) -> int:
     """Parse and check the options, then run the training job."""
     cfg = parse_config(TrainConfig, argv, prog="pneumo train")
-    from pneumo.train.driver import (
-        run,  # start-up time: Ray and torch only once the options are good
-    )
+    # start-up time: Ray and torch only once the options are good
+    from pneumo.train.driver import run
 
     try:
         run(cfg)

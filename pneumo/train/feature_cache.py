@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from pneumo import logs
-from pneumo.io.preprocess import InputSpec, to_tensor
+from pneumo.io.preprocess import InputSpec, equalize_array, to_tensor
 from pneumo.models.adapt import adapt_batchnorm
 from pneumo.models.graph import probabilities as logits_to_probs
 from pneumo.models.graph import scoring_module
@@ -152,8 +152,6 @@ def augmented_views(batches: Any, augment: Any, views: int, generator: torch.Gen
     """Each training batch, then `views` augmented copies of it (`aug_views`): the frozen backbone's
     features of augmented images are cached once, and the head learns from all of them. `equalize`
     is the model's mode when the batches were read un-equalised (acquisition augmentations)."""
-    from pneumo.io.preprocess import equalize_array
-
     for batch in batches:
         images = torch.as_tensor(np.asarray(batch["image"]))
         plain = images if equalize == "none" else torch.stack(
