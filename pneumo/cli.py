@@ -21,9 +21,11 @@ does not pay for importing Ray.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from pneumo import __version__
+from pneumo.config import UserError
 
 VERBS: dict[str, tuple[str, str]] = {
     "synth": ("pneumo.data.synth", "write synthetic chest-like X-rays in the labelled layout"),
@@ -61,8 +63,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pneumo: unknown verb {verb!r}; valid: {', '.join(VERBS)}\n\n{_usage()}", file=sys.stderr)
         return 2
     module_name, _, func = VERBS[verb][0].partition(":")
-    module = importlib.import_module(module_name)
-    return int(getattr(module, func or "main")(rest) or 0)
+    try:
+        module = importlib.import_module(module_name)
+        return int(getattr(module, func or "main")(rest) or 0)
+    except UserError as exc:
+        return _refuse(verb, exc)
+    except (FileNotFoundError, NotADirectoryError, PermissionError, ConnectionError) as exc:
+        # What the user named is not there or not reachable: their mistake to fix, not ours.
+        return _refuse(verb, exc)
+    except KeyboardInterrupt:
+        print(f"pneumo {verb}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _refuse(verb: str, exc: BaseException) -> int:
+    """One line and exit 2 for a user's mistake; `PNEUMO_DEBUG=1` shows the traceback."""
+    if os.environ.get("PNEUMO_DEBUG") == "1":
+        raise exc
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, OSError) and exc.filename is not None and str(exc.filename) not in text:
+        text = f"{exc.filename}: {text}"
+    print(f"pneumo {verb}: error: {text}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

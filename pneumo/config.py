@@ -27,10 +27,17 @@ import yaml
 
 T = TypeVar("T")
 
-__all__ = ["ConfigError", "parse_config", "from_dict", "to_dict", "save_config", "load_yaml"]
+__all__ = ["UserError", "ConfigError", "parse_config", "from_dict", "to_dict", "save_config", "load_yaml"]
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake in what the user asked for (a bad option, a file, folder or bundle that is not
+    there, an unreachable cluster, a wrong token), not a fault of pneumo's: every verb reports it as
+    one line and exits 2 (`PNEUMO_DEBUG=1` shows the traceback). The errors of each package
+    (`ConfigError`, `DataError`, `BundleError`, `StorageError`, ...) derive from it."""
+
+
+class ConfigError(UserError, ValueError):
     """A config key or value is invalid; the message lists the valid choices."""
 
 
@@ -123,7 +130,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    data = yaml.safe_load(Path(path).read_text()) or {}
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror or type(exc).__name__})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of key: value, got {type(data).__name__}")
     return data
@@ -142,11 +154,18 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return path
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are one line and exit 2, not a screen of usage text."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}; see `{self.prog} --help`\n")
+
+
 def build_parser(cls: type, prog: str | None = None, description: str | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per field; defaults are left out so we can see what was typed."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog, description=description or (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else None,
-        argument_default=argparse.SUPPRESS,
+        argument_default=argparse.SUPPRESS, allow_abbrev=False,  # `--epoch 2` is an error, not `--epochs 2`
     )
     parser.add_argument("--config", metavar="YAML", help="YAML file of options (flags override it)")
     for name, f in _fields(cls).items():

@@ -16,6 +16,8 @@ from __future__ import annotations
 from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 
+from pneumo.config import UserError
+
 if TYPE_CHECKING:  # torch is imported where it runs: read tasks and CLIs import this module without it
     import torch
 
@@ -26,7 +28,7 @@ TORCH_PRECISIONS_AUTO: tuple[str, ...] = ("auto", *TORCH_PRECISIONS)  # training
 ORT_PRECISIONS: tuple[str, ...] = ("fp32", "int8")
 
 
-class PrecisionError(ValueError):
+class PrecisionError(UserError, ValueError):
     """A precision that does not exist, or that this engine/device cannot run."""
 
 

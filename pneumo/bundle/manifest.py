@@ -23,6 +23,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pneumo.config import UserError
 from pneumo.io.preprocess import InputSpec
 from pneumo.io.storage import Location
 from pneumo.labels import negative_index
@@ -36,7 +37,7 @@ INT8_FILE = "model.int8.onnx"
 MANIFEST_FILE = "manifest.json"
 
 
-class BundleError(ValueError):
+class BundleError(UserError, ValueError):
     """A bundle is missing, malformed, of an unknown format, or tampered with."""
 
 

@@ -44,6 +44,7 @@ from pneumo.bundle.manifest import (
     read_manifest,
 )
 from pneumo.bundle.store import load_model
+from pneumo.config import UserError
 from pneumo.io.preprocess import InputSpec, to_tensor
 from pneumo.io.storage import Location
 from pneumo.labels import decide, negative_index, positive_score
@@ -57,7 +58,7 @@ DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MAX_BATCH = 64
 
 
-class EngineError(RuntimeError):
+class EngineError(UserError, RuntimeError):
     """The engine asked for cannot run this bundle here."""
 
 

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from pneumo.config import UserError
 from pneumo.io.storage import Location, escape_path
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".dcm", ".dicom")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A location or dataset layout problem, with what was expected."""
 
 

@@ -28,10 +28,12 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from pneumo.config import UserError
+
 S3_SCHEME = "s3://"
 
 
-class StorageError(ValueError):
+class StorageError(UserError, ValueError):
     """A location that cannot be a location (e.g. `s3://` without a bucket)."""
 
 

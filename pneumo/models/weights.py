@@ -16,10 +16,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from pneumo.config import UserError
 from pneumo.models.zoo import ModelSpec, get_spec
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(UserError, RuntimeError):
     """Pretrained weights are not on this machine (pneumo never downloads them)."""
 
 

@@ -70,7 +70,7 @@ def _threshold_text(threshold: Mapping[str, Any], split: str) -> str:
         how = f"maximising Youden's J (sensitivity + specificity - 1) on {where}"
     else:
         how = f"method `{method}` (not tuned on data)"
-    text = (f"Decision threshold **{value:.4g}** on the positive score 1 - P(NORMAL) (pneumonia when "
+    text = (f"Decision threshold **{value:.4f}** on the positive score 1 - P(NORMAL) (pneumonia when "
             f"score >= threshold), chosen by {how}.")
     if chosen_on == "val":
         text += " It is chosen on validation data only, never on test."
