@@ -2,8 +2,9 @@
 then only the classifier head trained on them (`pneumo.train.worker.make_loop` picks it).
 
 `FeatureLoop(ts).run_epoch(train, val, number) -> (train, eval)` is `pneumo.train.engine.ImageLoop`'s
-counterpart: the first epoch runs `backbone_features` over both shards (ONNX Runtime on CPU,
-checked against eager torch; optionally after `reestimate_batchnorm`), every epoch then
+counterpart: the first epoch runs `backbone_features` over both shards (on CPU the fastest ONNX
+engine through the one `Predictor`, checked against eager torch; optionally after
+`reestimate_batchnorm`), showing images done, images/s and an ETA as it goes; every epoch then
 `train_head_epoch` and `evaluate_head` on the cached tensors.
 """
 
@@ -18,55 +19,77 @@ import torch
 from torch import nn
 
 from pneumo import logs
+from pneumo.bundle.manifest import ONNX_FILE, Manifest
+from pneumo.bundle.predict import Predictor
 from pneumo.io.preprocess import InputSpec, to_tensor
 from pneumo.models.adapt import adapt_batchnorm
 from pneumo.models.graph import probabilities as logits_to_probs
 from pneumo.models.graph import scoring_module
-from pneumo.models.onnx import ExportError, export_onnx, ort_session, run_session
+from pneumo.models.onnx import ExportError, export_onnx
 from pneumo.precision import autocast
 from pneumo.train.parts import TrainState, compute_loss, unwrap
 
 log = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
+FEATURE_TOL = {  # engine features against eager torch fp32 on the first batch: (rtol, atol) for allclose
+    "fp32": (1e-3, 1e-4),
+}
+BF16_REL_TOL = 0.05  # bf16 keeps 8 bits of mantissa: |f - f_fp32| / |f_fp32| per image, at most
+
+
 def backbone_features(model: nn.Module, batches: Any, spec: InputSpec, device: torch.device,
                       precision: str = "fp32", channels_last: bool = True, model_name: str | None = None,
-                      threads: int = 0, num_classes: int = 2,
-                      tta: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                      threads: int = 0, num_classes: int = 2, tta: tuple[str, ...] = (),
+                      total: int | None = None, label: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled pre-logit features of a frozen model over `batches`: (float32[N, F], int64[N]).
 
-    On CPU at fp32, with `model_name` given, they come from ONNX Runtime running the same scoring
-    graph bundles carry (its `features` output), checked against torch on the first batch; on a
-    GPU, or where the export or the check fails (logged), from eager torch.
+    On CPU, with `model_name` given, they come from the fastest ONNX engine at `precision` (the
+    `pneumo.bundle.predict.Predictor` over the same scoring graph bundles carry: its `features`
+    output; bf16 on OpenVINO where the CPU runs it natively), checked against eager torch fp32 on
+    the first batch; on a GPU, or where the export or the check fails (logged), from eager torch.
+    With a `label`, progress (images, images/s, ETA against `total`) is shown as `logs.Progress` does.
     """
     model.eval()
-    session = _feature_session(model, model_name, num_classes, spec, threads, tta) if (
-        model_name and device.type == "cpu" and precision == "fp32") else None
+    predictor = feature_predictor(model, model_name, num_classes, spec, precision, threads, tta) if (
+        model_name and device.type == "cpu") else None
     feats, labels = [], []
-    for batch in batches:
-        x = to_tensor(batch["image"], spec, device=device, channels_last=channels_last and session is None)
-        if session is not None:
-            f = torch.from_numpy(run_session(session, x.numpy())[1])
-            if not feats and not _features_agree(model, x, f, precision, device, tta):
-                session = None
-        if session is None:
-            f = _torch_features(model, x, precision, device, tta)
-        feats.append(f.float().cpu())
-        labels.append(torch.as_tensor(batch["label"]).long().cpu())
+    quiet = label is None
+    with logs.Progress(f"[pneumo train] {label}", total=total, write=(lambda _: None) if quiet else None,
+                       bar=False if quiet else None) as progress:
+        for batch in batches:
+            if predictor is not None:
+                f = torch.from_numpy(predictor.predict_with_features(np.asarray(batch["image"]))[1])
+                if not feats and not _features_agree(model, spec, batch["image"], f, predictor.precision, tta):
+                    predictor = None
+            if predictor is None:
+                x = to_tensor(batch["image"], spec, device=device, channels_last=channels_last)
+                f = _torch_features(model, x, precision, device, tta)
+            feats.append(f.float().cpu())
+            labels.append(torch.as_tensor(batch["label"]).long().cpu())
+            progress.update(len(f))
     if not feats:
         return torch.zeros((0, 0)), torch.zeros((0,), dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
 
 
-def _feature_session(model: nn.Module, model_name: str, num_classes: int, spec: InputSpec, threads: int,
-                     tta: tuple[str, ...] = ()) -> Any:
+def feature_predictor(model: nn.Module, model_name: str, num_classes: int, spec: InputSpec, precision: str,
+                      threads: int, tta: tuple[str, ...] = ()) -> Predictor | None:
+    """The Predictor over the model's exported scoring graph (None, logged, where there is none)."""
     try:
-        graph = scoring_module(model, model_name, num_classes, tta)
-        return ort_session(export_onnx(graph, spec), threads)
-    except (ExportError, ImportError, ValueError) as exc:
-        log.warning("feature cache: ONNX Runtime unavailable, eager torch instead (%s)", exc)
+        blob = export_onnx(scoring_module(model, model_name, num_classes, tta), spec)
+        draft = Manifest(model=model_name, classes=[str(i) for i in range(max(2, num_classes))], input=spec,
+                         onnx={"tta": list(tta)}, files={ONNX_FILE: "in-memory"})
+        # bf16 is training's own precision here (native bf16 only), checked on the first batch below
+        engine = "openvino" if precision == "bf16" else "auto"
+        p = Predictor.from_model(model, draft, onnx_bytes=blob, engine=engine, precision=precision, threads=threads)
+    except (ExportError, ImportError, ValueError, RuntimeError) as exc:
+        log.warning("feature cache: no ONNX engine, eager torch instead (%s)", exc)
         return None
+    if p.engine == "torch":
+        return None
+    log.info("feature cache: %s %s", p.engine, p.precision)
+    return p
 
 
 def _torch_features(model: nn.Module, x: torch.Tensor, precision: str, device: torch.device,
@@ -79,13 +102,18 @@ def _torch_features(model: nn.Module, x: torch.Tensor, precision: str, device: t
     return f
 
 
-def _features_agree(model: nn.Module, x: torch.Tensor, got: torch.Tensor, precision: str,
-                    device: torch.device, tta: tuple[str, ...] = ()) -> bool:
-    ref = _torch_features(model, x, precision, device, tta)
-    ok = bool(torch.allclose(got, ref, rtol=1e-3, atol=1e-4))
+def _features_agree(model: nn.Module, spec: InputSpec, images: Any, got: torch.Tensor, precision: str,
+                    tta: tuple[str, ...] = ()) -> bool:
+    """The engine's features against eager torch fp32 on one batch (bf16: within `BF16_REL_TOL` per image)."""
+    ref = _torch_features(model, to_tensor(images, spec), "fp32", torch.device("cpu"), tta)
+    if precision == "bf16":
+        rel = ((got - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-12)).max()
+        ok, how = bool(rel <= BF16_REL_TOL), f"relative {float(rel):.2e} (> {BF16_REL_TOL})"
+    else:
+        rtol, atol = FEATURE_TOL["fp32"]
+        ok, how = bool(torch.allclose(got, ref, rtol=rtol, atol=atol)), f"{float((got - ref).abs().max()):.2e}"
     if not ok:
-        log.warning("feature cache: ONNX Runtime features differ from torch by %.2e; eager torch instead",
-                    float((got - ref).abs().max()))
+        log.warning("feature cache: %s features differ from torch by %s; eager torch instead", precision, how)
     return ok
 
 
@@ -151,8 +179,9 @@ def evaluate_head(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, lo
 class FeatureLoop:
     """`cache_features`: the frozen backbone's features once (first epoch), then the head on them."""
 
-    def __init__(self, ts: TrainState):
+    def __init__(self, ts: TrainState, sizes: dict[str, int] | None = None):
         self.ts, self.cache = ts, {}
+        self.sizes = sizes or {}  # images per split (the whole split; a worker gets its share)
 
     def run_epoch(self, train: Any, val: Any, number: int) -> tuple[dict[str, float], dict[str, Any]]:
         ts, cfg = self.ts, self.ts.cfg
@@ -162,9 +191,12 @@ class FeatureLoop:
                 reestimate_batchnorm(ts, train.iter_torch_batches(batch_size=64), cfg.bn_images)
             tta = () if cfg.tta == "none" else (cfg.tta,)
             for name, shard in (("train", train), ("val", val)):
-                self.cache[name] = backbone_features(ts.model, shard.iter_torch_batches(batch_size=64), ts.spec,
-                                                     ts.device, ts.precision, cfg.channels_last, cfg.model,
-                                                     cfg.threads or cfg.cpus_per_worker, ts.num_classes, tta)
+                total = self.sizes[name] // ts.world if self.sizes.get(name) else None
+                self.cache[name] = backbone_features(
+                    ts.model, shard.iter_batches(batch_size=64, batch_format="numpy"), ts.spec, ts.device,
+                    ts.precision, cfg.channels_last, cfg.model, cfg.threads or cfg.cpus_per_worker,
+                    ts.num_classes, tta, total=total,
+                    label=(f"{name} features" + (" (worker 0)" if ts.world > 1 else "")) if ts.rank == 0 else None)
             if ts.rank == 0:
                 logs.worker_line(f"[pneumo train] cached backbone features of {len(self.cache['train'][0])} train "
                                  f"and {len(self.cache['val'][0])} val images per worker in "
