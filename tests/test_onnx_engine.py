@@ -13,10 +13,17 @@ import pytest
 import torch
 from torch import nn
 
-from pneumo.bundle.manifest import FORMAT_VERSION, INT8_FILE, MANIFEST_FILE, ONNX_FILE, BundleError, read_manifest
+from pneumo.bundle.gates import precision_gate
+from pneumo.bundle.manifest import (
+    FORMAT_VERSION,
+    INT8_FILE,
+    MANIFEST_FILE,
+    ONNX_FILE,
+    BundleError,
+    read_manifest,
+)
 from pneumo.bundle.predict import EngineError, Predictor
 from pneumo.bundle.store import save_bundle
-from pneumo.bundle.gates import precision_gate
 from pneumo.bundle.upgrade import quantize_bundle
 from pneumo.cli import main as cli
 from pneumo.io.preprocess import InputSpec, to_tensor
@@ -241,7 +248,7 @@ def test_gate_refuses_a_model_with_an_activation_outlier(gated, engine: str, pre
 
 
 def test_int8_file_kept_only_when_an_engine_passed(gated) -> None:
-    (normal, m), (outlier, bad) = gated["normal"], gated["outlier"]
+    (_, m), (outlier, bad) = gated["normal"], gated["outlier"]
     assert m.has_int8 and m.gate("onnxruntime", "int8")["calibration_split"] == "train"
     passed = [e for e in ("onnxruntime", "openvino") if bad.gate(e, "int8")["passed"]]
     assert bad.has_int8 == bool(passed) and (tmp := Path(outlier) / INT8_FILE).exists() == bool(passed), tmp
@@ -289,7 +296,7 @@ def test_int8_needs_an_onnx_engine() -> None:
 
 
 @pytest.mark.parametrize("precision", ["fp32"] + (["bf16"] if cpu_bf16_native() else []))
-def test_feature_cache_runs_on_an_onnx_engine_and_matches_torch(precision: str, caplog, capsys) -> None:
+def test_feature_cache_runs_on_an_onnx_engine_and_matches_torch(precision: str, caplog, capfd) -> None:
     import logging
 
     from pneumo.train.feature_cache import BF16_REL_TOL, backbone_features
@@ -311,4 +318,4 @@ def test_feature_cache_runs_on_an_onnx_engine_and_matches_torch(precision: str, 
         assert float(((fast - eager).norm(dim=1) / eager.norm(dim=1)).max()) <= BF16_REL_TOL
         assert "feature cache: openvino bf16" in caplog.text
     assert "eager torch instead" not in caplog.text  # the engine really computed them
-    assert "[pneumo train] train features: 10/10 images" in capsys.readouterr().out  # the closing line
+    assert "[pneumo train] train features: 10/10 images" in capfd.readouterr().out  # the closing line
