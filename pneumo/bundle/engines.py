@@ -40,11 +40,12 @@ import numpy as np
 from pneumo import precision as P
 from pneumo.bundle.manifest import INT8_FILE, ONNX_FILE, Manifest
 from pneumo.io.preprocess import to_array
-from pneumo.models.runtime import run, versions
+from pneumo.models.runtime import CACHE_ENV, cache_dir, run, versions
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "PNEUMO_CACHE_DIR"
+__all__ = ["CACHE_ENV", "CACHE_FILE", "Choice", "EngineError", "candidates", "choose", "fastest"]
+
 CACHE_FILE = "engines.json"
 TIE_MARGIN = 0.05  # a later candidate must be this much faster to be preferred
 BENCH_BATCH = 16
@@ -126,9 +127,7 @@ def candidates(manifest: Manifest, engine: str, precision: str,
 
 
 def cache_path() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.path.join(os.environ.get("XDG_CACHE_HOME") or
-                                                     os.path.expanduser("~/.cache"), "pneumo")
-    return Path(root) / CACHE_FILE
+    return cache_dir() / CACHE_FILE
 
 
 def machine_key(manifest: Manifest, pairs: list[tuple[str, str]], threads: int) -> str:

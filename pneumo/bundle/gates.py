@@ -89,13 +89,15 @@ def openvino_missing() -> str | None:
 
 def run_gates(fp32_onnx: bytes, spec: InputSpec, classes: list[str], threshold: float, val_images: np.ndarray,
               val_labels: np.ndarray, calibration: np.ndarray | None, threads: int = 0,
-              bf16_native: bool | None = None) -> tuple[dict[str, dict[str, Any]], bytes | None]:
+              bf16_native: bool | None = None,
+              reference: np.ndarray | None = None) -> tuple[dict[str, dict[str, Any]], bytes | None]:
     """(the manifest's `gates`, the int8 graph if it passed on any engine) for a bundle's fp32 graph.
 
     `calibration`: training-split images for int8 (None: no int8). `bf16_native`: whether to run the
-    bf16 gate (default: this CPU runs bf16 natively)."""
+    bf16 gate (default: this CPU runs bf16 natively). `reference`: the val probabilities at fp32
+    when the caller has them from ONNX Runtime (training's final pass), else computed here."""
     x = to_array(val_images, spec)
-    ref = _probs("onnxruntime", fp32_onnx, "fp32", x, threads)
+    ref = reference if reference is not None else _probs("onnxruntime", fp32_onnx, "fp32", x, threads)
     gates: dict[str, dict[str, Any]] = {"onnxruntime": {}, "openvino": {}}
     int8 = None
     if calibration is not None and len(calibration):

@@ -95,8 +95,9 @@ def export_run(cfg: Any, model: nn.Module, classes: list[str], spec: InputSpec,
                                         getattr(cfg, "seed", 0))
     gates: dict[str, Any] = {}
     if onnx:
+        reference = probs["val"] if predictor.engine == "onnxruntime" else None  # the gates' fp32 is ORT's
         gates, int8 = run_gates(onnx[0], spec, classes, threshold["value"], splits["val"]["image"],
-                                splits["val"]["label"], calibration_images)
+                                splits["val"]["label"], calibration_images, reference=reference)
         print(f"[pneumo train] precision gates on {len(splits['val']['label'])} val images: {gate_summary(gates)}",
               flush=True)
         if int8 is not None:
