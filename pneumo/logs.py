@@ -53,7 +53,7 @@ class Progress:
         self.label, self.total, self.every_s, self.unit = label, total, every_s, unit
         self.write = write or worker_line
         self.done, self.t0 = 0, time.perf_counter()
-        self.last = self.t0
+        self.last, self.written = self.t0, -1  # when the last line was written, and at what count
         self._bar: Any = self._make_bar() if (interactive() if bar is None else bar) else None
 
     def _make_bar(self) -> Any:
@@ -83,13 +83,13 @@ class Progress:
             return
         now = time.perf_counter()
         if now - self.last >= self.every_s:
-            self.last = now
+            self.last, self.written = now, self.done
             self.write(self.line())
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-        else:
+        elif self.written != self.done:  # the closing line, unless the last one said the same
             self.write(self.line())
 
     def __enter__(self) -> Progress:

@@ -299,7 +299,12 @@ def test_int8_needs_an_onnx_engine() -> None:
 def test_feature_cache_runs_on_an_onnx_engine_and_matches_torch(precision: str, caplog, capfd) -> None:
     import logging
 
-    from pneumo.train.feature_cache import BF16_REL_TOL, backbone_features
+    from pneumo.train.feature_cache import (
+        BF16_MARGIN,
+        backbone_features,
+        relative_error,
+        torch_features,
+    )
 
     caplog.set_level(logging.INFO)
     spec = get_spec("efficientnet_lite0").input.replace(size=64)
@@ -314,8 +319,10 @@ def test_feature_cache_runs_on_an_onnx_engine_and_matches_torch(precision: str, 
     if precision == "fp32":
         assert torch.allclose(fast, eager, rtol=1e-3, atol=1e-4)
         assert "feature cache: onnxruntime fp32" in caplog.text or "feature cache: openvino fp32" in caplog.text
+        assert "fp32 features vs torch fp32" in caplog.text
     else:
-        assert float(((fast - eager).norm(dim=1) / eager.norm(dim=1)).max()) <= BF16_REL_TOL
-        assert "feature cache: openvino bf16" in caplog.text
+        torch_bf16 = torch_features(model, to_tensor(images, spec), "bf16", cpu)
+        assert relative_error(fast, eager) <= BF16_MARGIN * relative_error(torch_bf16, eager) + 1e-3
+        assert "feature cache: openvino bf16" in caplog.text and "eager torch bf16:" in caplog.text
     assert "eager torch instead" not in caplog.text  # the engine really computed them
     assert "[pneumo train] train features: 10/10 images" in capfd.readouterr().out  # the closing line

@@ -97,12 +97,12 @@ def _gate_reason(manifest: Manifest, engine: str, precision: str, bf16_native: b
     return None, False
 
 
-def candidates(manifest: Manifest, engine: str, precision: str,
-               bf16_native: bool | None = None) -> tuple[list[tuple[str, str]], dict[str, str]]:
+def candidates(manifest: Manifest, engine: str, precision: str, bf16_native: bool | None = None,
+               in_memory: bool = False) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """(the CPU (engine, precision) pairs that may run, in order of preference; why each other was left out).
 
-    A precision asked for by name on an engine asked for by name may run without a gate (logged);
-    never one whose gate failed."""
+    A precision asked for by name on an engine asked for by name may run without a gate (a warning;
+    for an in-memory graph, whose caller checks it itself, an info line); never one whose gate failed."""
     bf16 = P.cpu_bf16_native() if bf16_native is None else bf16_native
     explicit = engine != "auto" and precision != "auto"
     engines = P.CPU_ENGINES if engine == "auto" else (engine,)
@@ -117,7 +117,7 @@ def candidates(manifest: Manifest, engine: str, precision: str,
                 missing = importable(e)
                 why, soft = (missing, False) if missing else _gate_reason(manifest, e, p, bf16)
             if why and soft and explicit:
-                log.warning("pneumo: %s %s as asked, although %s", e, p, why)
+                (log.info if in_memory else log.warning)("pneumo: %s %s as asked, although %s", e, p, why)
             elif why:
                 excluded[f"{e} {p}"] = why
                 continue
@@ -199,7 +199,7 @@ def choose(manifest: Manifest, engine: str, precision: str, device_type: str, th
         if engine not in ("auto", "torch"):
             raise EngineError(f"engine={engine!r} runs on the CPU here; use device=cpu or --engine torch")
         return Choice("torch", precision, "requested" if engine == "torch" else "cuda")
-    pairs, excluded = candidates(manifest, engine, precision, bf16_native)
+    pairs, excluded = candidates(manifest, engine, precision, bf16_native, in_memory)
     if not pairs:
         return _no_candidate(manifest, engine, precision, excluded)
     if len(pairs) == 1:
