@@ -154,7 +154,7 @@ class Predictor:
                 engine, precision = name.split()
                 if (engine, precision) != (self.engine, self.precision) and self.choice.how == "benchmark":
                     drop_session(engine, self._graphs[precision][1], precision, self.threads)
-
+            self._graphs = {p: (b"", digest) for p, (_, digest) in self._graphs.items()}  # the session has it
     def _setup_torch(self, precision: str) -> None:
         import torch
 
@@ -170,7 +170,7 @@ class Predictor:
 
     def _graph(self, precision: str) -> tuple[bytes, str]:
         """(the ONNX graph for `precision`, its sha256), hash-checked against the manifest, read once."""
-        if precision not in self._graphs:
+        if not self._graphs.get(precision, (b"",))[0]:
             name = INT8_FILE if precision == "int8" else ONNX_FILE
             if self._onnx_in_memory is not None and name == ONNX_FILE:
                 blob = self._onnx_in_memory

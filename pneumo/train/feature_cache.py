@@ -38,31 +38,52 @@ FP32_TOL = (1e-3, 1e-4)  # engine features against eager torch fp32 on the first
 BF16_MARGIN = 1.25
 
 
+class FeatureEngine:
+    """The scoring graph's `features` on the fastest ONNX engine (the one `Predictor`), checked
+    against eager torch on the first batch it sees; `predictor` is None where it cannot run or the
+    check failed (logged), and callers use eager torch. Built once, used for every shard."""
+
+    def __init__(self, model: nn.Module, model_name: str | None, num_classes: int, spec: InputSpec,
+                 device: torch.device, precision: str, threads: int, tta: tuple[str, ...] = ()):
+        self.model, self.spec, self.tta, self.checked = model, spec, tta, False
+        self.predictor = feature_predictor(model, model_name, num_classes, spec, precision, threads, tta) if (
+            model_name and device.type == "cpu") else None
+
+    def features(self, images: Any) -> torch.Tensor | None:
+        if self.predictor is None:
+            return None
+        f = torch.from_numpy(self.predictor.predict_with_features(np.asarray(images))[1])
+        if not self.checked:
+            self.checked = True
+            if not _features_agree(self.model, self.spec, images, f, self.predictor.precision, self.tta):
+                self.predictor = None
+                return None
+        return f
+
+
 def backbone_features(model: nn.Module, batches: Any, spec: InputSpec, device: torch.device,
                       precision: str = "fp32", channels_last: bool = True, model_name: str | None = None,
                       threads: int = 0, num_classes: int = 2, tta: tuple[str, ...] = (),
-                      total: int | None = None, label: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      total: int | None = None, label: str | None = None,
+                      engine: FeatureEngine | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled pre-logit features of a frozen model over `batches`: (float32[N, F], int64[N]).
 
-    On CPU, with `model_name` given, they come from the fastest ONNX engine at `precision` (the
-    `pneumo.bundle.predict.Predictor` over the same scoring graph bundles carry: its `features`
-    output; bf16 on OpenVINO where the CPU runs it natively), checked against eager torch fp32 on
-    the first batch; on a GPU, or where the export or the check fails (logged), from eager torch.
-    With a `label`, progress (images, images/s, ETA against `total`) is shown as `logs.Progress` does.
+    On CPU, with `model_name` given (or an `engine` built for it), they come from the fastest ONNX
+    engine at `precision` (`FeatureEngine`: the `pneumo.bundle.predict.Predictor` over the same
+    scoring graph bundles carry; bf16 on OpenVINO where the CPU runs it natively), checked against
+    eager torch on the first batch; on a GPU, or where the export or the check fails (logged), from
+    eager torch. With a `label`, progress (images, images/s, ETA against `total`) is shown as
+    `logs.Progress` does.
     """
     model.eval()
-    predictor = feature_predictor(model, model_name, num_classes, spec, precision, threads, tta) if (
-        model_name and device.type == "cpu") else None
+    engine = engine or FeatureEngine(model, model_name, num_classes, spec, device, precision, threads, tta)
     feats, labels = [], []
     quiet = label is None
     with logs.Progress(f"[pneumo train] {label}", total=total, write=(lambda _: None) if quiet else None,
                        bar=False if quiet else None) as progress:
         for batch in batches:
-            if predictor is not None:
-                f = torch.from_numpy(predictor.predict_with_features(np.asarray(batch["image"]))[1])
-                if not feats and not _features_agree(model, spec, batch["image"], f, predictor.precision, tta):
-                    predictor = None
-            if predictor is None:
+            f = engine.features(batch["image"])
+            if f is None:
                 x = to_tensor(batch["image"], spec, device=device, channels_last=channels_last)
                 f = torch_features(model, x, precision, device, tta)
             feats.append(f.float().cpu())
@@ -199,13 +220,16 @@ class FeatureLoop:
             if cfg.bn_images:
                 reestimate_batchnorm(ts, train.iter_torch_batches(batch_size=64), cfg.bn_images)
             tta = () if cfg.tta == "none" else (cfg.tta,)
+            engine = FeatureEngine(ts.model, cfg.model, ts.num_classes, ts.spec, ts.device, ts.precision,
+                                   cfg.threads or cfg.cpus_per_worker, tta)
             for name, shard in (("train", train), ("val", val)):
                 total = self.sizes[name] // ts.world if self.sizes.get(name) else None
                 self.cache[name] = backbone_features(
                     ts.model, shard.iter_batches(batch_size=64, batch_format="numpy"), ts.spec, ts.device,
                     ts.precision, cfg.channels_last, cfg.model, cfg.threads or cfg.cpus_per_worker,
                     ts.num_classes, tta, total=total,
-                    label=(f"{name} features" + (" (worker 0)" if ts.world > 1 else "")) if ts.rank == 0 else None)
+                    label=(f"{name} features" + (" (worker 0)" if ts.world > 1 else "")) if ts.rank == 0 else None,
+                    engine=engine)
             if ts.rank == 0:
                 logs.worker_line(f"[pneumo train] cached backbone features of {len(self.cache['train'][0])} train "
                                  f"and {len(self.cache['val'][0])} val images per worker in "
