@@ -21,7 +21,10 @@ with `num_cpus` = the machine's cores:
   defaults (`--engine auto`), one run per size; from two sizes the fixed cost per run and the
   steady-state rate are separated (t = fixed + n / rate).
 
-Prints images/s of each and the ratios pneumo/(a), pneumo/(b), pneumo/(c); `--json` writes them.
+Prints images/s of each and the ratios pneumo/(a), pneumo/(b), pneumo/(c), in wall time and at
+CPU cost (`CPUMeter`: CPU seconds of the process tree, Ray's included, so a machine shared with
+other work does not distort the comparison: images/s that the cores, fully used, would give);
+`--json` writes them.
 """
 
 from __future__ import annotations
@@ -76,6 +79,69 @@ def build_workload(files: list[tuple[Path, int]], work: Path, n: int) -> Path:
         dst.parent.mkdir(parents=True, exist_ok=True)
         dst.symlink_to(p.resolve())
     return data
+
+
+# ---------------------------------------------------------------- CPU time, which load does not distort
+
+
+class CPUMeter:
+    """CPU seconds (user + system) used by this process and all its descendants (DataLoader
+    workers; the local Ray's raylet, workers and actors) while open, sampled from /proc every
+    0.2 s so processes that exit in between still count (up to their last sample). On a shared
+    machine wall time depends on what else runs; CPU seconds per image much less."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.seen: dict[int, float] = {}
+        self.start: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @staticmethod
+    def _tree() -> dict[int, float]:
+        tick = os.sysconf("SC_CLK_TCK")
+        stats = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                stats[int(d)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        mine, todo = {}, [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            if pid in stats and pid not in mine:
+                mine[pid] = stats[pid][1]
+                todo += [c for c, (ppid, _) in stats.items() if ppid == pid]
+        return mine
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            for pid, cpu in self._tree().items():
+                self.seen[pid] = cpu
+
+    def __enter__(self) -> CPUMeter:
+        self.start = self._tree()
+        self.seen = dict(self.start)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for pid, cpu in self._tree().items():
+            self.seen[pid] = cpu
+
+    @property
+    def seconds(self) -> float:
+        return sum(cpu - self.start.get(pid, 0.0) for pid, cpu in self.seen.items())
+
+
+def per_cpu(images: int, meter: CPUMeter, cores: int) -> float:
+    """Images per second that `cores` fully used would give at the measured CPU cost per image."""
+    return images / meter.seconds * cores if meter.seconds else float("nan")
 
 
 # ---------------------------------------------------------------- the bundle
@@ -135,7 +201,7 @@ class PlainDataset(torch.utils.data.Dataset):
         return (x - self.mean) / self.std
 
 
-def bench_plain(bundle: Path, paths: list[Path], batch_size: int) -> float:
+def bench_plain(bundle: Path, paths: list[Path], batch_size: int) -> tuple[float, float]:
     from pneumo.bundle.store import load_bundle
 
     model, manifest = load_bundle(str(bundle))
@@ -143,26 +209,28 @@ def bench_plain(bundle: Path, paths: list[Path], batch_size: int) -> float:
     loader = torch.utils.data.DataLoader(PlainDataset(paths, spec.size, spec.mean, spec.std),
                                          batch_size=batch_size, num_workers=2)
     t0, n = time.perf_counter(), 0
-    with torch.inference_mode():
+    with CPUMeter() as meter, torch.inference_mode():
         for x in loader:
             torch.sigmoid(model(x))
             n += len(x)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), per_cpu(n, meter, os.cpu_count() or 2)
 
 
 # ---------------------------------------------------------------- (b), (c): the engines alone
 
 
 def bench_engine(bundle: Path, engine: str, precision: str, x: np.ndarray, batch: int, threads: int,
-                 min_seconds: float = 8.0) -> float:
+                 min_seconds: float = 8.0) -> tuple[float, float]:
+    """(images/s, images/s at the measured CPU cost with `threads` cores) of one engine alone."""
     p = Predictor(str(bundle), engine=engine, precision=precision, threads=threads)
     run(engine, p.session, x[:batch])
     n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min_seconds or n < len(x):
-        for s in range(0, len(x), batch):
-            run(engine, p.session, x[s:s + batch])
-            n += len(x[s:s + batch])
-    return n / (time.perf_counter() - t0)
+    with CPUMeter() as meter:
+        while time.perf_counter() - t0 < min_seconds or n < len(x):
+            for s in range(0, len(x), batch):
+                run(engine, p.session, x[s:s + batch])
+                n += len(x[s:s + batch])
+    return n / (time.perf_counter() - t0), per_cpu(n, meter, threads)
 
 
 def gated_pairs(bundle: Path) -> list[tuple[str, str]]:
@@ -179,10 +247,12 @@ def bench_pneumo(data: Path, bundle: Path, out: Path, extra: list[str]) -> dict:
     from pneumo.score.driver import run_score
 
     cfg = parse_config(ScoreConfig, [str(data), "--bundle", str(bundle), "--out", str(out), *extra])
-    r = run_score(cfg)
+    with CPUMeter() as meter:
+        r = run_score(cfg)
     rows = _first_row(out)
     return {"images": r.n_scored, "ok": r.counts["ok"], "errors": r.counts["error"], "wall_s": r.wall_s,
-            "images_per_s": r.images_per_s, "stages": r.stages, **rows}
+            "images_per_s": r.images_per_s, "stages": r.stages, "cpu_s": meter.seconds,
+            "images_per_s_at_cpu_cost": per_cpu(r.n_scored, meter, os.cpu_count() or 2), **rows}
 
 
 def _first_row(out: Path) -> dict:
@@ -242,15 +312,18 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         spec = read_manifest(str(bundle)).input
         pick = files[:: max(1, len(files) // args.forward_n)][: args.forward_n]
         x = to_array(np.stack([load_image(p.read_bytes(), "", spec) for p, _ in pick]), spec)
-        alone = {f"{e} {p}": bench_engine(bundle, e, p, x, args.batch_size, cores) for e, p in gated_pairs(bundle)}
-        results["engines_alone"] = alone
-        b, c_name = alone["onnxruntime fp32"], max(alone, key=alone.get)
-        print("(b)/(c) engines alone, images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in alone.items()), flush=True)
+        measured = {f"{e} {p}": bench_engine(bundle, e, p, x, args.batch_size, cores) for e, p in gated_pairs(bundle)}
+        alone, alone_cpu = ({k: v[i] for k, v in measured.items()} for i in (0, 1))
+        results["engines_alone"], results["engines_alone_at_cpu_cost"] = alone, alone_cpu
+        b, c_name = alone["onnxruntime fp32"], max(alone_cpu, key=alone_cpu.get)
+        print("(b)/(c) engines alone, images/s (at CPU cost): "
+              + ", ".join(f"{k} {v:.1f} ({alone_cpu[k]:.1f})" for k, v in alone.items()), flush=True)
 
         plain_paths = [p for p, _ in files[:: max(1, len(files) // args.plain_n)][: args.plain_n]]
-        results["plain_dataloader"] = a = bench_plain(bundle, plain_paths, 64)
-        print(f"(a) plain DataLoader(num_workers=2) + eager fp32 over {len(plain_paths)} images: {a:.1f} images/s",
-              flush=True)
+        a, a_cpu = bench_plain(bundle, plain_paths, 64)
+        results["plain_dataloader"], results["plain_dataloader_at_cpu_cost"] = a, a_cpu
+        print(f"(a) plain DataLoader(num_workers=2) + eager fp32 over {len(plain_paths)} images: {a:.1f} images/s "
+              f"({a_cpu:.1f} at CPU cost)", flush=True)
 
         import ray
 
@@ -266,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
             r = bench_pneumo(build_workload(files, work, n), bundle, work / f"out_{n}", extra)
             r["load_avg"] = os.getloadavg()
             results["pneumo"].append(r)
-            print(f"pneumo score, {n} images: {r['images_per_s']:.1f} images/s ({r['wall_s']:.1f} s, engine "
+            print(f"pneumo score, {n} images: {r['images_per_s']:.1f} images/s ({r['wall_s']:.1f} s, "
+                  f"{r['images_per_s_at_cpu_cost']:.1f} at CPU cost: {r['cpu_s']:.0f} CPU-s; engine "
                   f"{r['engine']} {r['precision']}, {r['errors']} errors; stages {r['stages']})", flush=True)
         ray.shutdown()
 
@@ -278,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         results["ratio_vs_plain"] = last["images_per_s"] / a
         results["ratio_vs_ort"] = last["images_per_s"] / b
         results["ratio_vs_fastest"] = last["images_per_s"] / alone[c_name]
+        cpu_last = last["images_per_s_at_cpu_cost"]
+        results["cpu_cost_ratios"] = {"vs_plain": cpu_last / a_cpu, "vs_ort": cpu_last / alone_cpu["onnxruntime fp32"],
+                                      "vs_fastest": cpu_last / alone_cpu[c_name]}
         print("\nsummary (images/s):")
         print(f"  (a) plain DataLoader loop, eager fp32      : {a:8.1f}")
         print(f"  (b) ONNX Runtime fp32 alone                 : {b:8.1f}")
@@ -289,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         print(f"  pneumo ({last['images']}) / (a) = {results['ratio_vs_plain']:.2f}x  (target >= 10x)")
         print(f"  pneumo ({last['images']}) / (b) = {results['ratio_vs_ort']:.2f}x")
         print(f"  pneumo ({last['images']}) / (c) = {results['ratio_vs_fastest']:.2f}x  (target >= 0.8x)")
+        cr = results["cpu_cost_ratios"]
+        print(f"  at CPU cost (load-independent): pneumo {cpu_last:.1f}, (a) {a_cpu:.1f}, (b) "
+              f"{alone_cpu['onnxruntime fp32']:.1f}, (c) {alone_cpu[c_name]:.1f} images/s per {cores} cores: "
+              f"{cr['vs_plain']:.2f}x (a), {cr['vs_ort']:.2f}x (b), {cr['vs_fastest']:.2f}x (c)")
         print(f"  load average at the end: {os.getloadavg()}")
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2, default=str))

@@ -13,7 +13,8 @@ they run. One is left out, with its reason kept in `excluded` and logged, when:
 - OpenVINO fp32 was measured and disagreed with ONNX Runtime.
 
 With one candidate left, that is the choice; with several, a short micro-benchmark (the bundle's
-own graphs, seeded images, the actor's threads) picks the fastest, preferring the earlier
+own graphs, seeded images, the actor's threads; images per CPU-second, so a busy machine does not
+skew it) picks the fastest, preferring the earlier
 candidate (fp32 before reduced precision, ONNX Runtime before OpenVINO) within `TIE_MARGIN`. The
 result is cached on disk per bundle graph, CPU, threads and engine versions
 (`$PNEUMO_CACHE_DIR`, default `~/.cache/pneumo/engines.json`), so only the first process on a
@@ -163,13 +164,15 @@ def _write_cache(key: str, value: dict[str, Any]) -> None:
 
 
 def images_per_s(engine: str, session: Any, x: np.ndarray, seconds: float = BENCH_SECONDS) -> float:
-    """One warm-up run, then runs of `x` until `seconds` have passed (at least two)."""
+    """Images per CPU-second of `engine` on `x`: one warm-up run, then runs until `seconds` of
+    this process's CPU time (at least two). CPU time, not wall time: on a machine shared with
+    other work the wall clock measures the neighbours, and a choice cached for good must not."""
     run(engine, session, x)
-    n, t0 = 0, time.perf_counter()
-    while n < 2 * len(x) or time.perf_counter() - t0 < seconds:
+    n, t0 = 0, time.process_time()
+    while n < 2 * len(x) or time.process_time() - t0 < seconds:
         run(engine, session, x)
         n += len(x)
-    return n / (time.perf_counter() - t0)
+    return n / max(1e-9, time.process_time() - t0)
 
 
 def bench_images(manifest: Manifest, n: int = BENCH_BATCH) -> np.ndarray:
@@ -229,7 +232,7 @@ def _no_candidate(manifest: Manifest, engine: str, precision: str, excluded: dic
 
 
 def _logged(choice: Choice) -> Choice:
-    measured = ", ".join(f"{k} {v:.0f} img/s" for k, v in choice.images_per_s.items())
+    measured = ", ".join(f"{k} {v:.0f} img/CPU-s" for k, v in choice.images_per_s.items())
     log.info("pneumo: engine %s %s (%s%s)%s", choice.engine, choice.precision, choice.how,
              f": {measured}" if measured else "",
              "; left out: " + "; ".join(f"{k}: {v}" for k, v in choice.excluded.items()) if choice.excluded else "")

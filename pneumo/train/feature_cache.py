@@ -225,7 +225,7 @@ class FeatureLoop:
             for name, shard in (("train", train), ("val", val)):
                 total = self.sizes[name] // ts.world if self.sizes.get(name) else None
                 self.cache[name] = backbone_features(
-                    ts.model, shard.iter_batches(batch_size=64, batch_format="numpy"), ts.spec, ts.device,
+                    ts.model, shard.iter_torch_batches(batch_size=64), ts.spec, ts.device,
                     ts.precision, cfg.channels_last, cfg.model, cfg.threads or cfg.cpus_per_worker,
                     ts.num_classes, tta, total=total,
                     label=(f"{name} features" + (" (worker 0)" if ts.world > 1 else "")) if ts.rank == 0 else None,
