@@ -247,11 +247,12 @@ def bench_pneumo(data: Path, bundle: Path, out: Path, extra: list[str]) -> dict:
     from pneumo.score.driver import run_score
 
     cfg = parse_config(ScoreConfig, [str(data), "--bundle", str(bundle), "--out", str(out), *extra])
+    load = os.getloadavg()
     with CPUMeter() as meter:
         r = run_score(cfg)
     rows = _first_row(out)
     return {"images": r.n_scored, "ok": r.counts["ok"], "errors": r.counts["error"], "wall_s": r.wall_s,
-            "images_per_s": r.images_per_s, "stages": r.stages, "cpu_s": meter.seconds,
+            "images_per_s": r.images_per_s, "stages": r.stages, "cpu_s": meter.seconds, "load_avg_start": load,
             "images_per_s_at_cpu_cost": per_cpu(r.n_scored, meter, os.cpu_count() or 2), **rows}
 
 
@@ -330,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         t0 = time.perf_counter()
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
         results["ray_init_s"] = time.perf_counter() - t0
+        with CPUMeter() as idle:  # what Ray's own processes burn doing nothing (scales with wall time)
+            time.sleep(10)
+        results["ray_idle_cpu_per_s"] = idle.seconds / 10
+        print(f"Ray idle: {results['ray_idle_cpu_per_s']:.3f} CPU-s per second", flush=True)
         extra = args.pneumo_args.split()
         results["warm"] = bench_pneumo(build_workload(files, work, 16), bundle, work / "warm_out", extra)
         print(f"warm-up run (16 images, fills the engine-choice cache): {results['warm']['wall_s']:.1f} s, "
@@ -353,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         results["ratio_vs_ort"] = last["images_per_s"] / b
         results["ratio_vs_fastest"] = last["images_per_s"] / alone[c_name]
         cpu_last = last["images_per_s_at_cpu_cost"]
+        idle_s = results["ray_idle_cpu_per_s"] * last["wall_s"]  # Ray's idle burn over the run's wall time
+        results["pneumo_at_cpu_cost_less_ray_idle"] = last["images"] / max(1e-9, last["cpu_s"] - idle_s) * cores
         results["cpu_cost_ratios"] = {"vs_plain": cpu_last / a_cpu, "vs_ort": cpu_last / alone_cpu["onnxruntime fp32"],
                                       "vs_fastest": cpu_last / alone_cpu[c_name]}
         print("\nsummary (images/s):")
@@ -370,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
         print(f"  at CPU cost (load-independent): pneumo {cpu_last:.1f}, (a) {a_cpu:.1f}, (b) "
               f"{alone_cpu['onnxruntime fp32']:.1f}, (c) {alone_cpu[c_name]:.1f} images/s per {cores} cores: "
               f"{cr['vs_plain']:.2f}x (a), {cr['vs_ort']:.2f}x (b), {cr['vs_fastest']:.2f}x (c)")
+        print(f"  pneumo at CPU cost less Ray's idle burn ({idle_s:.0f} CPU-s over the run): "
+              f"{results['pneumo_at_cpu_cost_less_ray_idle']:.1f} images/s per {cores} cores")
         print(f"  load average at the end: {os.getloadavg()}")
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2, default=str))
