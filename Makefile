@@ -44,13 +44,12 @@ BENCH_PY := $(VENV)/bin/python benchmarks
 bench: setup
 	@test -d ../shared/data || { echo "make bench needs ../shared/data (see BENCHMARKS.md)"; exit 2; }
 ifdef FULL
-	$(BENCH_PY)/bench_score.py --n 600 --fullres-frac 0 --json bench_score.json
-	$(BENCH_PY)/bench_score.py --n 600 --fullres-frac 0.333 --no-bf16 --json bench_score_fullres.json
+	$(BENCH_PY)/bench_score.py --sizes 600,2400 --json bench_score.json
 	$(BENCH_PY)/bench_feature_cache.py --n 1024
 	$(BENCH_PY)/bench_serve.py
 	$(BENCH_PY)/bench_train_throughput.py --images 4096 --epochs 3
 else
-	$(BENCH_PY)/bench_score.py --n 200 --fullres-frac 0 --actors auto --no-bf16 --forward-n 64
+	$(BENCH_PY)/bench_score.py --sizes 100,200 --fit-n 100 --val-n 100 --plain-n 64 --forward-n 32
 	$(BENCH_PY)/bench_feature_cache.py --n 256 --repeats 1
 	$(BENCH_PY)/bench_serve.py --requests 60 --skip-autoscale
 	$(BENCH_PY)/bench_train_throughput.py --images 256 --epochs 2

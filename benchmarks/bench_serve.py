@@ -8,10 +8,11 @@ All sides serve the same bundle (efficientnet_lite0 with its packaged ImageNet w
 
 - (a) pneumo: `pneumo.serving.bind` on a local Ray: proxy -> one `PneumoService` deployment
   (FastAPI ingress and `@serve.batch` in each replica; batches form from concurrent requests),
-  engine auto (ONNX Runtime fp32 on CPU);
+  engine auto (the fastest CPU engine whose gate passed on the bundle);
 - (b) baseline: one uvicorn process, one FastAPI endpoint, one image per forward pass (sync
   endpoint in FastAPI's thread pool), eager torch fp32 (the issue's baseline);
-- (c) peer: the same plain process on ONNX Runtime fp32 (the hard peer on one machine).
+- (c) peer: the same plain process on the engine pneumo's `auto` picks (`--peer-engine`,
+  `--peer-precision`; default auto/auto: the fastest gated engine, the hard peer on one machine).
 
 Load: an asyncio httpx client on loopback posting real JPEGs from ../shared/data/chest_xray_224
 (synthetic PNGs when absent); requests/s and p50/p95/p99 latency at concurrency 1, 8, 32, then
@@ -297,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", default="1,8,32")
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "int8"])
     p.add_argument("--engine", default="torch", help=argparse.SUPPRESS)
+    p.add_argument("--peer-engine", default="auto", help="(c)'s engine: auto (pneumo's choice), onnxruntime, openvino")
+    p.add_argument("--peer-precision", default="auto", help="(c)'s precision (auto: pneumo's choice)")
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs for the local Ray")
     p.add_argument("--replicas", type=int, default=1, help="model replicas for the throughput runs")
     p.add_argument("--replica-cpus", type=float, default=2, help="CPUs (= torch threads) per model replica")
@@ -324,11 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle: {bundle} (efficientnet_lite0 unless --bundle); inputs: {source}")
     result: dict = {"machine": {"cpu": cpu, "cores": os.cpu_count()}, "inputs": source, "args": vars(a), "runs": []}
 
-    for name, engine in (("baseline", "torch"), ("ort-peer", "onnxruntime")):
+    for name, engine, precision in (("baseline", "torch", a.precision),
+                                    ("engine-peer", a.peer_engine, a.peer_precision)):
         print(f"({'b' if engine == 'torch' else 'c'}) {name}: plain FastAPI + uvicorn, one process, one image per "
-              f"forward pass, {engine} {a.precision}")
-        proc, base_url = start_baseline(bundle, a.precision if engine == "torch" or a.precision != "bf16" else "fp32",
-                                        engine)
+              f"forward pass, {engine} {precision}")
+        proc, base_url = start_baseline(bundle, precision, engine)
         try:
             result["runs"] += measure(name, base_url, images, levels, a.requests)
         finally:
@@ -349,13 +352,13 @@ def main(argv: list[str] | None = None) -> int:
         result["runs"] += measure("pneumo", url, images, levels, a.requests)
 
         by = {(r["system"], r["concurrency"]): r for r in result["runs"]}
-        print("ratio pneumo / baseline (eager torch) and pneumo / ORT peer (requests/s):")
-        result["ratio"], result["ratio_vs_ort_peer"] = {}, {}
+        print("ratio pneumo / baseline (eager torch) and pneumo / engine peer (requests/s):")
+        result["ratio"], result["ratio_vs_engine_peer"] = {}, {}
         for c in levels:
             ratio = by[("pneumo", c)]["rps"] / max(by[("baseline", c)]["rps"], 1e-9)
-            peer = by[("pneumo", c)]["rps"] / max(by[("ort-peer", c)]["rps"], 1e-9)
-            result["ratio"][c], result["ratio_vs_ort_peer"][c] = round(ratio, 2), round(peer, 2)
-            print(f"  c={c:<3} {ratio:5.2f}x vs eager torch   {peer:5.2f}x vs ORT peer")
+            peer = by[("pneumo", c)]["rps"] / max(by[("engine-peer", c)]["rps"], 1e-9)
+            result["ratio"][c], result["ratio_vs_engine_peer"][c] = round(ratio, 2), round(peer, 2)
+            print(f"  c={c:<3} {ratio:5.2f}x vs eager torch   {peer:5.2f}x vs engine peer")
 
         if not a.skip_autoscale:
             print(f"autoscaling: min 1, max {a.autoscale_max} model replicas x 1 CPU, target_ongoing_requests 4, "

@@ -47,6 +47,10 @@ TEST_AWS_ENV = {
     "AWS_DEFAULT_REGION": "us-east-1",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
+# The engine choice's micro-benchmark cache (`pneumo.bundle.engines`): one per test session, never
+# the user's; set before Ray starts so its workers and Serve replicas share it.
+os.environ.setdefault("PNEUMO_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"),
+                                                       f"pneumo-test-cache-{os.getpid()}"))
 SYNTH_N = 120
 SYNTH_SIZE = (256, 384)
 

@@ -1,15 +1,19 @@
-"""The ONNX Runtime engine: export + parity for every registered model, verified files, engine choice,
-`pneumo export` for older bundles, and the int8 gate (real exports, real ORT sessions, real files)."""
+"""The ONNX engines (ONNX Runtime, OpenVINO): export + parity for every registered model on both,
+verified files, `pneumo export` for older bundles, and the bf16 / int8 gates on every engine that
+runs them (real exports, real sessions, real files). The engine choice (`auto`): test_engine_choice.py."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from pneumo.bundle.gates import precision_gate
 from pneumo.bundle.manifest import (
     FORMAT_VERSION,
     INT8_FILE,
@@ -20,14 +24,14 @@ from pneumo.bundle.manifest import (
 )
 from pneumo.bundle.predict import EngineError, Predictor
 from pneumo.bundle.store import save_bundle
-from pneumo.bundle.upgrade import int8_gate, quantize_bundle
+from pneumo.bundle.upgrade import quantize_bundle
 from pneumo.cli import main as cli
 from pneumo.io.preprocess import InputSpec, to_tensor
 from pneumo.models.factory import CUSTOM_BUILDERS, get_model, register_builder
 from pneumo.models.graph import ScoringModule
 from pneumo.models.onnx import export_checked
 from pneumo.models.zoo import ModelSpec, get_spec, list_models, register, unregister
-from pneumo.precision import PrecisionError
+from pneumo.precision import PrecisionError, cpu_bf16_native
 
 CLASSES = ["NORMAL", "PNEUMONIA"]
 # Models that cannot export: none today. A model listed here must say why; it falls back to torch.
@@ -62,12 +66,15 @@ def test_every_registered_model_exports_with_parity(name: str, tmp_path) -> None
                     parity_images=images)
     assert m.has_onnx, m.onnx
     assert m.onnx["parity"]["max_abs_diff"] <= 1e-4 and m.onnx["parity"]["source"] == "val images"
-    ort = Predictor(str(tmp_path / "b"))
     eager = Predictor(str(tmp_path / "b"), engine="torch", precision="fp32", channels_last=False)
-    assert (ort.engine, ort.precision, eager.engine) == ("onnxruntime", "fp32", "torch")
-    (p1, f1), (p2, f2) = ort.predict_with_features(images), eager.predict_with_features(images)
-    assert np.abs(p1 - p2).max() <= 1e-4
-    assert f1.shape == f2.shape and f1.shape[0] == len(images) and f1.shape[1] > 0
+    p2, f2 = eager.predict_with_features(images)
+    for engine in ("onnxruntime", "openvino"):
+        p = Predictor(str(tmp_path / "b"), engine=engine, precision="fp32")
+        assert (p.engine, p.precision, eager.engine) == (engine, "fp32", "torch")
+        p1, f1 = p.predict_with_features(images)
+        assert np.abs(p1 - p2).max() <= 1e-4, engine
+        assert f1.shape == f2.shape and f1.shape[0] == len(images) and f1.shape[1] > 0
+        assert np.abs(f1 - f2).max() <= 1e-3 * max(1.0, float(np.abs(f2).max())), engine
 
 
 def test_three_class_and_tta_graph_match_torch(tmp_path) -> None:
@@ -145,7 +152,7 @@ def test_old_bundle_upgrades_with_pneumo_export(synth_data, tmp_path) -> None:
                 training={"config": {"data": str(synth_data), "label_set": "binary", "val_frac": 0.2,
                                      "test_frac": 0.2, "seed": 0}})
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())  # what a format-1 bundle looked like
-    for key in ("files", "onnx", "int8"):
+    for key in ("files", "onnx", "gates"):
         manifest.pop(key)
     manifest["format_version"] = 1
     (bundle / MANIFEST_FILE).write_text(json.dumps(manifest))
@@ -156,7 +163,8 @@ def test_old_bundle_upgrades_with_pneumo_export(synth_data, tmp_path) -> None:
     assert m.has_onnx and m.format_version == FORMAT_VERSION and m.onnx["parity"]["source"] == "val images"
     new = Predictor(str(bundle))
     images = _images(spec)
-    assert new.engine == "onnxruntime" and np.abs(new.predict(images) - old.predict(images)).max() <= 1e-4
+    assert new.engine in ("onnxruntime", "openvino") and new.precision == "fp32"
+    assert np.abs(new.predict(images) - old.predict(images)).max() <= 1e-4
 
 
 SPEC64 = InputSpec(size=64, channels=1, mean=(0.5,), std=(0.25,))
@@ -169,17 +177,25 @@ def _brightness_data(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(noise + level[:, None, None], 0, 255).astype(np.uint8), (level > 100).astype(np.int64)
 
 
+OUTLIER = 2048.0
+
+
 def _gate_bundle(tmp_path, outlier: bool = False) -> str:
-    """A seed_cnn bundle with its threshold between the two groups. `outlier` adds a first-layer
-    channel of ~1e4 that the next layer ignores: fp32 is unchanged, but one uint8 scale for that
-    activation tensor leaves the informative channels no resolution (the classic int8 failure)."""
+    """A seed_cnn bundle with its threshold between the two groups. `outlier` adds an activation
+    outlier: every first-layer activation rides on an offset of 2,048 that the second conv takes
+    off again. fp32 carries it (24-bit mantissa), but bf16 (8 bits: steps of 16 there) and one uint8
+    scale per tensor (steps of ~8) leave the signal underneath no resolution: the classic failure
+    of both. (The offset passes ReLU, the identity BatchNorm and max-pooling unchanged, and no
+    padding spoils the second conv's compensation, so fp32 is the same function.)"""
     torch.manual_seed(0)
     model = get_model("seed_cnn", 2, input_spec=SPEC64).eval()
     if outlier:
         with torch.no_grad():
-            model.features[0].weight[0].zero_()
-            model.features[0].bias[0] = 1e4
-            model.features[4].weight[:, 0].zero_()
+            model.features[0].bias += OUTLIER
+            bn = model.features[2]
+            shift = OUTLIER * bn.weight / torch.sqrt(bn.running_var + bn.eps)  # what reaches the second conv
+            conv = model.features[4]
+            conv.bias -= (conv.weight * shift.view(1, -1, 1, 1)).sum(dim=(1, 2, 3))
     val, labels = _brightness_data(64, seed=2)
     score = Predictor.from_model(model, save_bundle(model, str(tmp_path / "probe"), "seed_cnn", CLASSES,
                                                     SPEC64, onnx=False)).predict(val)[:, 1]
@@ -189,31 +205,73 @@ def _gate_bundle(tmp_path, outlier: bool = False) -> str:
     return str(tmp_path / "b")
 
 
-def test_int8_passes_when_calibrated_on_training_like_images(tmp_path) -> None:
-    bundle = _gate_bundle(tmp_path)
+# (engine, precision) pairs whose gate runs on this machine: bf16 only where the CPU runs it natively
+GATED = [("onnxruntime", "int8"), ("openvino", "int8"), ("openvino", "fp32")] + (
+    [("openvino", "bf16")] if cpu_bf16_native() else [])
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory) -> dict[str, tuple[str, object]]:
+    """The gates run once on a normal bundle and once on one with an activation outlier."""
     (calib, _), (val, labels) = _brightness_data(32, seed=1), _brightness_data(64, seed=2)
-    m = quantize_bundle(bundle, calib, val, labels)
-    assert m.int8["passed"], m.int8
-    assert m.has_int8 and m.int8["calibration_split"] == "train" and m.int8["auc_int8"] == 1.0
-    p = Predictor(bundle, precision="int8")
-    assert (p.engine, p.precision) == ("onnxruntime", "int8")
+    out = {}
+    for kind in ("normal", "outlier"):
+        bundle = _gate_bundle(tmp_path_factory.mktemp(kind), outlier=kind == "outlier")
+        out[kind] = bundle, quantize_bundle(bundle, calib, val, labels)
+    return out
+
+
+@pytest.mark.parametrize("engine, precision", GATED)
+def test_gate_passes_a_normal_model(gated, engine: str, precision: str) -> None:
+    bundle, m = gated["normal"]
+    g = m.gate(engine, precision)
+    assert g["passed"], g
+    if precision != "fp32":
+        assert g["auc"] == 1.0 and g["agreement"] == 1.0
+    (_, _), (val, labels) = _brightness_data(32, seed=1), _brightness_data(64, seed=2)
+    p = Predictor(bundle, engine=engine, precision=precision)
+    assert (p.engine, p.precision) == (engine, precision)
     assert p.labels(p.predict(val)) == [CLASSES[i] for i in labels]
 
 
-def test_int8_gate_refuses_a_model_it_should(tmp_path) -> None:
-    bundle = _gate_bundle(tmp_path, outlier=True)
-    (calib, _), (val, labels) = _brightness_data(32, seed=1), _brightness_data(64, seed=2)
-    assert Predictor(bundle).labels(Predictor(bundle).predict(val)) == [CLASSES[i] for i in labels]  # fp32 is fine
-    m = quantize_bundle(bundle, calib, val, labels)
-    assert not m.int8["passed"] and m.int8["reason"], m.int8
-    assert not m.has_int8 and not (tmp_path / "b" / INT8_FILE).exists()
-    assert read_manifest(bundle).int8["agreement"] == m.int8["agreement"]  # the figures are kept
-    with pytest.raises(PrecisionError, match="no gated model.int8.onnx"):
-        Predictor(bundle, precision="int8")
+@pytest.mark.parametrize("engine, precision", [g for g in GATED if g[1] != "fp32"])
+def test_gate_refuses_a_model_with_an_activation_outlier(gated, engine: str, precision: str) -> None:
+    bundle, m = gated["outlier"]
+    g = m.gate(engine, precision)
+    assert not g["passed"] and g["reason"], g
+    (_, _), (val, labels) = _brightness_data(32, seed=1), _brightness_data(64, seed=2)
+    fp32 = Predictor(bundle, engine="onnxruntime", precision="fp32")
+    assert fp32.labels(fp32.predict(val)) == [CLASSES[i] for i in labels]  # fp32 is fine
+    assert read_manifest(bundle).gate(engine, precision) == g  # the figures are kept
+    auto = Predictor(bundle)
+    assert auto.precision == "fp32" and f"{engine} {precision}" in auto.choice.excluded
+
+
+def test_int8_file_kept_only_when_an_engine_passed(gated) -> None:
+    (_, m), (outlier, bad) = gated["normal"], gated["outlier"]
+    assert m.has_int8 and m.gate("onnxruntime", "int8")["calibration_split"] == "train"
+    passed = [e for e in ("onnxruntime", "openvino") if bad.gate(e, "int8")["passed"]]
+    assert bad.has_int8 == bool(passed) and (tmp := Path(outlier) / INT8_FILE).exists() == bool(passed), tmp
+    if not passed:
+        with pytest.raises(PrecisionError, match="int8"):
+            Predictor(outlier, precision="int8")
+
+
+def test_format_2_bundle_reads_its_int8_gate_as_onnxruntimes(gated, tmp_path) -> None:
+    bundle, m = gated["normal"]
+    old = tmp_path / "old"
+    shutil.copytree(bundle, old)
+    d = json.loads((old / MANIFEST_FILE).read_text())
+    d["format_version"], d["int8"] = 2, d.pop("gates")["onnxruntime"]["int8"]
+    (old / MANIFEST_FILE).write_text(json.dumps(d))
+    back = read_manifest(str(old))
+    assert back.gate("onnxruntime", "int8") == m.gate("onnxruntime", "int8") and back.gate("openvino", "int8") is None
+    p = Predictor(str(old), precision="int8")
+    assert (p.engine, p.precision) == ("onnxruntime", "int8")  # OpenVINO int8 was never gated on it
 
 
 @pytest.mark.parametrize("auc_drop, flips, passed", [(0.0, 0, True), (0.0, 2, False), (0.01, 0, False)])
-def test_int8_gate_table(auc_drop: float, flips: int, passed: bool) -> None:
+def test_precision_gate_table(auc_drop: float, flips: int, passed: bool) -> None:
     rng = np.random.default_rng(0)
     labels = np.r_[np.zeros(50, np.int64), np.ones(50, np.int64)]
     score = np.r_[rng.uniform(0, 0.45, 50), rng.uniform(0.55, 1, 50)]
@@ -222,28 +280,49 @@ def test_int8_gate_table(auc_drop: float, flips: int, passed: bool) -> None:
     if auc_drop:
         other[50:60] = 0.01 + np.arange(10) * 0.001  # positives below every negative: AUC falls
     probs = lambda s: np.c_[1 - s, s]  # noqa: E731
-    gate = int8_gate(probs(score), probs(other), labels, CLASSES, 0.5)
+    gate = precision_gate(probs(score), probs(other), labels, CLASSES, 0.5)
     assert gate["passed"] is passed
 
 
-def test_int8_needs_onnxruntime() -> None:
+def test_int8_needs_an_onnx_engine() -> None:
     from pneumo import precision as P
 
-    with pytest.raises(PrecisionError, match="onnxruntime"):
+    with pytest.raises(PrecisionError, match="onnxruntime or openvino"):
         P.resolve("int8", torch.device("cpu"), engine="torch")
+    with pytest.raises(PrecisionError, match="not available on onnxruntime"):
+        P.resolve("bf16", torch.device("cpu"), engine="onnxruntime")
     assert P.resolve("auto", torch.device("cpu"), engine="onnxruntime") == "fp32"
+    assert P.resolve("auto", torch.device("cpu"), engine="torch") == "fp32"  # never an ungated bf16 by itself
 
 
-def test_feature_cache_runs_on_onnxruntime_and_matches_torch(caplog) -> None:
-    from pneumo.train.feature_cache import backbone_features
+@pytest.mark.parametrize("precision", ["fp32"] + (["bf16"] if cpu_bf16_native() else []))
+def test_feature_cache_runs_on_an_onnx_engine_and_matches_torch(precision: str, caplog, capfd) -> None:
+    import logging
 
+    from pneumo.train.feature_cache import (
+        BF16_MARGIN,
+        backbone_features,
+        relative_error,
+        torch_features,
+    )
+
+    caplog.set_level(logging.INFO)
     spec = get_spec("efficientnet_lite0").input.replace(size=64)
     model = get_model("efficientnet_lite0", 2, input_spec=spec).eval()
     images = torch.from_numpy(_images(spec, 10))
     batches = [{"image": images[:6], "label": torch.zeros(6)}, {"image": images[6:], "label": torch.ones(4)}]
     cpu = torch.device("cpu")
     eager, y1 = backbone_features(model, batches, spec, cpu, channels_last=False)
-    ort, y2 = backbone_features(model, batches, spec, cpu, model_name="efficientnet_lite0", threads=1)
-    assert ort.shape == eager.shape == (10, 1280) and torch.equal(y1, y2)
-    assert torch.allclose(ort, eager, rtol=1e-3, atol=1e-4)
-    assert "eager torch instead" not in caplog.text  # ONNX Runtime really computed them
+    fast, y2 = backbone_features(model, batches, spec, cpu, precision, model_name="efficientnet_lite0", threads=1,
+                                 total=10, label="train features")
+    assert fast.shape == eager.shape == (10, 1280) and torch.equal(y1, y2)
+    if precision == "fp32":
+        assert torch.allclose(fast, eager, rtol=1e-3, atol=1e-4)
+        assert "feature cache: onnxruntime fp32" in caplog.text or "feature cache: openvino fp32" in caplog.text
+        assert "fp32 features vs torch fp32" in caplog.text
+    else:
+        torch_bf16 = torch_features(model, to_tensor(images, spec), "bf16", cpu)
+        assert relative_error(fast, eager) <= BF16_MARGIN * relative_error(torch_bf16, eager) + 1e-3
+        assert "feature cache: openvino bf16" in caplog.text and "eager torch bf16:" in caplog.text
+    assert "eager torch instead" not in caplog.text  # the engine really computed them
+    assert "[pneumo train] train features: 10/10 images" in capfd.readouterr().out  # the closing line

@@ -3,7 +3,8 @@
 The bundle is efficientnet_lite0 (pretrained backbone) with a logistic head fitted
 (scikit-learn) on the fp32 embeddings of half of 200 real images (every other one), so the AUC
 over all 200 is high but not trivially 1 and a precision change could move it. fp32 runs on
-ONNX Runtime (the CPU default), bf16 on torch autocast.
+ONNX Runtime, bf16 on torch autocast and on OpenVINO (where the CPU runs bf16 natively, as its
+gate requires).
 """
 
 from __future__ import annotations
@@ -19,13 +20,18 @@ from pneumo.bundle.store import save_bundle
 from pneumo.io.preprocess import load_image
 from pneumo.models.factory import get_model
 from pneumo.models.zoo import get_spec
+from pneumo.precision import cpu_bf16_native
 
 N_PER_CLASS = 100
 
 
+BF16_ENGINES = ["torch"] + (["openvino"] if cpu_bf16_native() else [])
+
+
 @pytest.mark.shared_data
 @pytest.mark.slow
-def test_bf16_auc_within_0002_of_fp32_on_real_images(shared_data, tmp_path) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("engine", BF16_ENGINES)
+def test_bf16_auc_within_0002_of_fp32_on_real_images(shared_data, tmp_path, engine: str) -> None:  # noqa: ANN001
     root = shared_data / "chest_xray_224" / "train"
     files = []
     for label, cls in ((0, "NORMAL"), (1, "PNEUMONIA")):
@@ -48,9 +54,9 @@ def test_bf16_auc_within_0002_of_fp32_on_real_images(shared_data, tmp_path) -> N
         model.classifier.bias.copy_(torch.from_numpy(head.intercept_).float())
     save_bundle(model, str(tmp_path / "fitted"), "efficientnet_lite0", ["NORMAL", "PNEUMONIA"], spec)
 
-    p32 = Predictor(str(tmp_path / "fitted"), precision="fp32")
-    p16 = Predictor(str(tmp_path / "fitted"), engine="torch", precision="bf16")
-    assert (p32.engine, p16.precision) == ("onnxruntime", "bf16")
+    p32 = Predictor(str(tmp_path / "fitted"), engine="onnxruntime", precision="fp32")
+    p16 = Predictor(str(tmp_path / "fitted"), engine=engine, precision="bf16")
+    assert (p32.engine, p16.engine, p16.precision) == ("onnxruntime", engine, "bf16")
     s32 = p32.positive_probability(p32.predict(images))
     s16 = p16.positive_probability(p16.predict(images))
     auc32, auc16 = roc_auc_score(labels, s32), roc_auc_score(labels, s16)

@@ -5,11 +5,14 @@ A bundle is a directory (local or `s3://`):
 - `model.safetensors`: the weights (no pickle anywhere);
 - `model.onnx`: the same model as an ONNX graph `input -> (probs, features)` for ONNX Runtime,
   written only after a parity check against torch (`pneumo.models.onnx`);
-- `model.int8.onnx` (optional, `pneumo quantize`): the int8 graph, kept only when it passed its gate;
+- `model.int8.onnx` (optional, `pneumo train` or `pneumo quantize`): the int8 graph, kept only when
+  it passed its gate on at least one engine;
 - further files named in `files` (e.g. the drift reference);
 - `manifest.json`, written **last**: model name and options, classes, input spec, decision
   threshold, metrics, training config and data fingerprint, creation time, library versions, and
-  the sha256 of every other file.
+  the sha256 of every other file, and `gates`: the reduced-precision gates' figures per engine and
+  precision (`{"openvino": {"bf16": {...}, "int8": {...}}, "onnxruntime": {"int8": {...}}}`, each
+  with `passed`; `pneumo.bundle.gates`), which say what `--engine auto` may run.
 
 Every file is written atomically (`Location.write_bytes`) and the manifest after the files it
 names, so a reader sees the old bundle or the new one. `read_manifest` / `read_file` refuse an
@@ -30,7 +33,7 @@ from pneumo.labels import negative_index
 from pneumo.monitor.drift import FILE_NAME, DriftReference
 
 FORMAT_VERSION = 3
-SUPPORTED_FORMATS = (1, 2, 3)  # 1: no ONNX (`pneumo export` upgrades it); 2: no lineage
+SUPPORTED_FORMATS = (1, 2, 3)  # 1: no ONNX (`pneumo export` upgrades it); 2: `int8` instead of `gates`, no lineage
 WEIGHTS_FILE = "model.safetensors"
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -58,7 +61,7 @@ class Manifest:
     version: str = ""
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256, beside the weights
     onnx: dict[str, Any] = field(default_factory=dict)  # export record: opset, outputs, parity; {} = torch only
-    int8: dict[str, Any] = field(default_factory=dict)  # quantisation gate figures; `passed` says if kept
+    gates: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # engine -> precision -> figures
     calibration: dict[str, Any] = field(default_factory=dict)  # fitted on val, folded into the head; prevalence
     lineage: dict[str, Any] = field(default_factory=dict)  # `pneumo calibrate`: the parent bundle, the site sample
     format_version: int = FORMAT_VERSION
@@ -73,7 +76,12 @@ class Manifest:
 
     @property
     def has_int8(self) -> bool:
-        return INT8_FILE in self.files and bool(self.int8.get("passed"))
+        """The bundle keeps a `model.int8.onnx` (it passed its gate on at least one engine)."""
+        return INT8_FILE in self.files
+
+    def gate(self, engine: str, precision: str) -> dict[str, Any] | None:
+        """The gate's figures for `precision` on `engine` (None: never run on this bundle)."""
+        return (self.gates.get(engine) or {}).get(precision)
 
     @property
     def negative_index(self) -> int:
@@ -91,6 +99,9 @@ class Manifest:
         fv = d.get("format_version")
         if fv not in SUPPORTED_FORMATS:
             raise BundleError(f"bundle format_version {fv!r} is not supported (supported: {SUPPORTED_FORMATS})")
+        legacy_int8 = d.pop("int8", None) if fv in (1, 2) else None
+        if legacy_int8:  # format 2 gated int8 on ONNX Runtime only, in a field of its own
+            d.setdefault("gates", {}).setdefault("onnxruntime", {})["int8"] = legacy_int8
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
@@ -108,6 +119,8 @@ def add_file(location: Location | str, manifest: Manifest, name: str, data: byte
 
 
 def write_manifest(location: Location | str, manifest: Manifest) -> None:
+    """Write `manifest.json` (always in this version's format: an older bundle rewritten is upgraded)."""
+    manifest.format_version = FORMAT_VERSION
     Location.of(location).join(MANIFEST_FILE).write_bytes(
         json.dumps(manifest.to_dict(), indent=2, default=str).encode())
 

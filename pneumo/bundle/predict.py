@@ -1,40 +1,44 @@
 """`Predictor`: a model bundle -> class probabilities (and embeddings) for batches of preprocessed images.
 
-Batch scoring (Ray Data actors), serving (Ray Serve replicas), `pneumo evaluate` and training's
-final val/test pass all wrap this one class, so they load the same bundle the same way and
-cannot disagree.
+Batch scoring (Ray Data actors), serving (Ray Serve replicas), `pneumo evaluate`, training's
+final val/test pass and its frozen-feature cache all wrap this one class, so they load the same
+bundle the same way and cannot disagree.
 
     p = Predictor("runs/demo/bundle")                       # or a Location; engine="auto", precision="auto"
     images = np.stack([...])                                # uint8[N, S, S] from pneumo.io.reading
     probs = p.predict(images)                               # float32[N, num_classes]
     probs, feats = p.predict_with_features(images)          # + float32[N, F] pooled embeddings
-    p.labels(probs), p.positive_probability(probs), p.engine, p.precision
+    p.labels(probs), p.positive_probability(probs), p.engine, p.precision, p.choice
     p.drift_reference()                                     # pneumo.monitor.drift.DriftReference or None
 
 Engines (`engine=`):
 - `onnxruntime`: the bundle's verified `model.onnx` (or the gated `model.int8.onnx` with
   `precision="int8"`) on ONNX Runtime's CPU provider, intra-op threads = `threads` (default: the
   actor's or replica's CPUs, which Ray puts in OMP_NUM_THREADS).
+- `openvino`: the same files on OpenVINO's CPU plugin, fp32, bf16 (native bf16 CPUs) or int8.
 - `torch`: the same scoring graph (`pneumo.models.graph.ScoringModule`) in eager torch, channels_last,
   bf16/fp16 autocast where asked (`pneumo.precision`).
-- `auto`: torch on CUDA; ONNX Runtime on CPU when the bundle has an ONNX file, otherwise torch,
-  with the fallback logged and reported in `describe()`.
+- `auto`: torch on CUDA; on a CPU the fastest engine and precision whose gate passed on this
+  bundle (`pneumo.bundle.engines.choose`: a cached micro-benchmark), otherwise torch, with the
+  fallback logged and reported in `describe()`.
 
+On the ONNX engines this module never imports torch (a scoring actor starts without it); the
+compiled graph is cached per process (`pneumo.models.runtime.engine_session`).
 Grad-CAM needs gradients, so `explain_model` is a torch model loaded lazily on first use.
 The positive score is `1 - P(NORMAL)` (`pneumo.labels.positive_score`); the bundle's threshold applies to it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from typing import Any
 
 import numpy as np
-import torch
-from torch import nn
 
 from pneumo import precision as P
+from pneumo.bundle.engines import Choice, EngineError, choose
 from pneumo.bundle.manifest import (
     INT8_FILE,
     ONNX_FILE,
@@ -43,14 +47,12 @@ from pneumo.bundle.manifest import (
     read_file,
     read_manifest,
 )
-from pneumo.bundle.store import load_model
-from pneumo.config import UserError
-from pneumo.io.preprocess import InputSpec, to_tensor
+from pneumo.io.preprocess import InputSpec, to_array, to_tensor
 from pneumo.io.storage import Location
 from pneumo.labels import decide, negative_index, positive_score
-from pneumo.models.graph import scoring_module
-from pneumo.models.onnx import ort_session, run_session
-from pneumo.precision import ENGINES
+from pneumo.models.runtime import drop_session, engine_session, run
+
+__all__ = ["Predictor", "EngineError", "resolve_device", "default_threads", "reference_prevalence", "DEVICES"]
 
 log = logging.getLogger(__name__)
 
@@ -58,16 +60,26 @@ DEVICES = ("auto", "cpu", "cuda")
 DEFAULT_MAX_BATCH = 64
 
 
-class EngineError(UserError, RuntimeError):
-    """The engine asked for cannot run this bundle here."""
+def _cuda_possible() -> bool:
+    """False where no CUDA device can be visible (so `auto` needs no torch import to say "cpu")."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1", "NoDevFiles"):
+        return False
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/dxg")
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    if device not in DEVICES and not str(device).startswith("cuda:"):
+def resolve_device(device: str = "auto") -> str:
+    """`cpu`, `cuda` or `cuda:N` for a requested device (`auto`: CUDA where torch sees it)."""
+    device = str(device)
+    if device not in DEVICES and not device.startswith("cuda:"):
         raise ValueError(f"device={device!r}; valid: {', '.join(DEVICES)}, cuda:N")
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+        if not _cuda_possible():
+            return "cpu"
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def default_threads() -> int:
@@ -76,28 +88,6 @@ def default_threads() -> int:
         return max(1, int(os.environ.get("OMP_NUM_THREADS", "0"))) if os.environ.get("OMP_NUM_THREADS") else 0
     except ValueError:
         return 0
-
-
-def resolve_engine(engine: str, device: torch.device, manifest: Manifest) -> tuple[str, str | None]:
-    """(engine, why the auto choice fell back to torch or None)."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine={engine!r}; valid: {', '.join(ENGINES)}")
-    if engine == "onnxruntime":
-        if device.type != "cpu":
-            raise EngineError("engine='onnxruntime' runs on the CPU here (no CUDA build of ORT); use device=cpu")
-        if not manifest.has_onnx:
-            raise EngineError(f"the bundle has no {ONNX_FILE} ({manifest.onnx.get('refused', 'older bundle')}); "
-                              "run `pneumo export BUNDLE`, or use --engine torch")
-        return engine, None
-    if engine == "torch" or device.type == "cuda":
-        return "torch", None
-    if not manifest.has_onnx:
-        return "torch", f"bundle has no {ONNX_FILE} ({manifest.onnx.get('refused', 'run `pneumo export BUNDLE`')})"
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError as exc:
-        return "torch", f"onnxruntime is not importable ({exc})"
-    return "onnxruntime", None
 
 
 def reference_prevalence(manifest: Manifest) -> float:
@@ -126,62 +116,92 @@ class Predictor:
     ):
         location = Location.of(bundle)
         manifest = read_manifest(location)
+        self._model_in_memory = self._onnx_in_memory = None
         self._setup(manifest, resolve_device(device), precision, engine, channels_last, max_batch, threads,
                     location=location)
         self.set_prevalence(prevalence)
 
     @classmethod
-    def from_model(cls, model: nn.Module, manifest: Manifest, onnx_bytes: bytes | None = None,
+    def from_model(cls, model: Any, manifest: Manifest, onnx_bytes: bytes | None = None,
                    engine: str = "auto", device: str = "auto", precision: str = "auto", threads: int = 0,
-                   channels_last: bool = True) -> Predictor:
-        """A Predictor over an in-memory model (and ONNX graph), before any bundle is written:
-        training chooses the threshold through the very path scoring will use."""
+                   channels_last: bool = True, max_batch: int = DEFAULT_MAX_BATCH) -> Predictor:
+        """A Predictor over an in-memory torch model (and its ONNX graph), before any bundle is
+        written: training computes its feature cache and chooses the threshold through the very
+        path scoring will use."""
         self = cls.__new__(cls)
-        self._model_in_memory = model
-        self._onnx_in_memory = onnx_bytes
-        self._setup(manifest, resolve_device(device), precision, engine, channels_last, DEFAULT_MAX_BATCH, threads)
+        self._model_in_memory, self._onnx_in_memory = model, onnx_bytes
+        self._setup(manifest, resolve_device(device), precision, engine, channels_last, max_batch, threads)
         self.set_prevalence(None)
         return self
 
-    def _setup(self, manifest: Manifest, device: torch.device, precision: str, engine: str, channels_last: bool,
+    def _setup(self, manifest: Manifest, device: str, precision: str, engine: str, channels_last: bool,
                max_batch: int, threads: int, location: Location | None = None) -> None:
         self.manifest, self.device, self.location = manifest, device, location
         self.max_batch, self.channels_last = max_batch, channels_last
         self.threads = threads or default_threads()
-        self.engine, self.fallback = resolve_engine(engine, device, manifest)
-        if self.fallback:
-            log.warning("pneumo: engine auto -> torch: %s", self.fallback)
-        self.precision = P.resolve(precision, device, self.engine)
-        self._explain: nn.Module | None = None
-        self._session = self._graph = None
-        if self.engine == "onnxruntime":
-            if self.precision == "int8" and not manifest.has_int8:
-                raise P.PrecisionError("precision='int8': the bundle has no gated model.int8.onnx "
-                                       "(run `pneumo quantize BUNDLE`; a model that fails the gate keeps none)")
-            name = INT8_FILE if self.precision == "int8" else ONNX_FILE
-            in_memory = getattr(self, "_onnx_in_memory", None)
-            blob = in_memory if in_memory is not None and name == ONNX_FILE else self._read(name)
-            self._session = ort_session(blob, self.threads)
+        self._explain: Any = None
+        self._session = self._torch_graph = None
+        self._graphs: dict[str, tuple[bytes, str]] = {}
+        self.choice: Choice = choose(manifest, engine, precision, device.split(":")[0], self.threads, self._load,
+                                     in_memory=location is None)
+        self.engine, self.fallback = self.choice.engine, self.choice.fallback
+        if self.engine == "torch":
+            self._setup_torch(P.resolve(self.choice.precision, _torch_device(device), "torch"))
         else:
-            if self.threads and device.type == "cpu":
-                torch.set_num_threads(self.threads)
-            model = self._torch_model()
-            graph = scoring_module(model, manifest.model, len(manifest.classes), manifest.onnx.get("tta", ()),
-                                   copy_model=hasattr(self, "_model_in_memory")).to(device)
-            self._graph = graph.to(memory_format=torch.channels_last) if channels_last else graph
+            self.precision = self.choice.precision
+            self._session = self._load(self.engine, self.precision)
+            for name in self.choice.images_per_s:  # the micro-benchmark's other candidates are not kept
+                engine, precision = name.split()
+                if (engine, precision) != (self.engine, self.precision) and self.choice.how == "benchmark":
+                    drop_session(engine, self._graphs[precision][1], precision, self.threads)
+            self._graphs = {p: (b"", digest) for p, (_, digest) in self._graphs.items()}  # the session has it
+    def _setup_torch(self, precision: str) -> None:
+        import torch
+
+        from pneumo.models.graph import scoring_module
+
+        self.precision = precision
+        if self.threads and self.device == "cpu":
+            torch.set_num_threads(self.threads)
+        m = self.manifest
+        graph = scoring_module(self._torch_model(), m.model, len(m.classes), m.onnx.get("tta", ()),
+                               copy_model=self._model_in_memory is not None).to(self.device)
+        self._torch_graph = graph.to(memory_format=torch.channels_last) if self.channels_last else graph
+
+    def _graph(self, precision: str) -> tuple[bytes, str]:
+        """(the ONNX graph for `precision`, its sha256), hash-checked against the manifest, read once."""
+        if not self._graphs.get(precision, (b"",))[0]:
+            name = INT8_FILE if precision == "int8" else ONNX_FILE
+            if self._onnx_in_memory is not None and name == ONNX_FILE:
+                blob = self._onnx_in_memory
+                self._graphs[precision] = blob, hashlib.sha256(blob).hexdigest()
+            else:
+                self._graphs[precision] = self._read(name), self.manifest.files[name]
+        return self._graphs[precision]
+
+    def _load(self, engine: str, precision: str) -> Any:
+        """The cached session of `engine` for the graph of `precision` (built on first use)."""
+        blob, digest = self._graph(precision)
+        return engine_session(engine, blob, precision, self.threads, digest)
 
     def _read(self, name: str) -> bytes:
         if self.location is None:
             raise EngineError(f"an in-memory Predictor has no {name}")
         return read_file(self.location, self.manifest, name)
 
-    def _torch_model(self) -> nn.Module:
-        in_memory = getattr(self, "_model_in_memory", None)
-        if in_memory is not None:
-            return in_memory.eval()
+    def _torch_model(self) -> Any:
+        if self._model_in_memory is not None:
+            return self._model_in_memory.eval()
+        from pneumo.bundle.store import load_model
+
         return load_model(self.location, self.manifest, self.device)
 
     # ---------------------------------------------------------------- properties
+
+    @property
+    def session(self) -> Any:
+        """The ONNX engine's session (`pneumo.models.runtime.run` takes it), None on torch."""
+        return self._session
 
     @property
     def spec(self) -> InputSpec:
@@ -196,12 +216,12 @@ class Predictor:
         return self.manifest.threshold_value
 
     @property
-    def explain_model(self) -> nn.Module:
+    def explain_model(self) -> Any:
         """A full torch model for Grad-CAM, loaded on first use."""
         if self._explain is None:
             import copy
 
-            in_memory = getattr(self, "_model_in_memory", None)
+            in_memory = self._model_in_memory
             self._explain = copy.deepcopy(in_memory).eval() if in_memory is not None else self._torch_model()
         return self._explain
 
@@ -213,18 +233,20 @@ class Predictor:
                                      if self.location is not None else None)
         return self._drift_reference
 
-    def to_input(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    def to_input(self, images: Any) -> Any:
+        """The torch engine's input tensor (on the Predictor's device)."""
         return to_tensor(images, self.spec, device=self.device,
                          channels_last=self.channels_last and self.engine == "torch")
 
     # ---------------------------------------------------------------- scoring
 
-    @torch.inference_mode()
-    def _run(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def _run(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
         if self._session is not None:
-            return run_session(self._session, to_tensor(images, self.spec).numpy())
-        with P.autocast(self.device, self.precision):
-            probs, feats = self._graph(self.to_input(images))
+            return run(self.engine, self._session, to_array(images, self.spec))
+        import torch
+
+        with torch.inference_mode(), P.autocast(_torch_device(self.device), self.precision):
+            probs, feats = self._torch_graph(self.to_input(images))
         return probs.float().cpu().numpy(), feats.float().cpu().numpy()
 
     def set_prevalence(self, prevalence: float | None) -> None:
@@ -250,7 +272,7 @@ class Predictor:
         out = probs * weights
         return (out / out.sum(axis=1, keepdims=True)).astype(np.float32)
 
-    def predict_with_features(self, images: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def predict_with_features(self, images: Any) -> tuple[np.ndarray, np.ndarray]:
         """uint8[N, S, S] -> (float32[N, num_classes] probabilities, float32[N, F] embeddings)."""
         n = len(images)
         if n == 0:
@@ -259,7 +281,7 @@ class Predictor:
         probs = np.concatenate([p for p, _ in parts]).astype(np.float32)
         return self._adjust(probs), np.concatenate([f for _, f in parts]).astype(np.float32)
 
-    def predict(self, images: np.ndarray | torch.Tensor) -> np.ndarray:
+    def predict(self, images: Any) -> np.ndarray:
         """uint8[N, S, S] -> float32[N, num_classes] probabilities."""
         return self.predict_with_features(images)[0]
 
@@ -282,8 +304,15 @@ class Predictor:
             "engine": self.engine,
             "precision": self.precision,
             "engine_fallback": self.fallback,
+            "engine_choice": self.choice.to_dict(),
             "prevalence": None if self.prevalence is None else {
                 "site": self.prevalence, "reference": self.reference_prevalence},
             "threads": self.threads,
-            "device": str(self.device),
+            "device": self.device,
         }
+
+
+def _torch_device(device: str) -> Any:
+    import torch
+
+    return torch.device(device)

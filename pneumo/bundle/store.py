@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 def _versions() -> dict[str, str]:
     out = {"pneumo": __version__, "torch": torch.__version__}
-    for mod in ("ray", "timm", "torchvision", "onnxruntime", "onnx"):
+    for mod in ("ray", "timm", "torchvision", "onnxruntime", "openvino", "onnx"):
         try:
             out[mod] = __import__(mod).__version__
         except Exception:  # pragma: no cover - optional at bundle time

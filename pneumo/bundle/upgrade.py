@@ -1,25 +1,26 @@
-"""`pneumo export` and `pneumo quantize`: add the fast engine's files to an existing bundle.
+"""`pneumo export` and `pneumo quantize`: add the fast engines' files to an existing bundle.
 
     pneumo export BUNDLE [--data DATA]      add model.onnx (parity-checked on the bundle's val images)
-    pneumo quantize BUNDLE [--data DATA]    add model.int8.onnx if it passes its gate on val
+    pneumo quantize BUNDLE [--data DATA]    run the bf16 and int8 gates; add model.int8.onnx if it passes
 
 Both find the bundle's own images by carving the training data exactly as training did (the
 manifest's data location, label set, fractions and seed; `--data` when it moved). int8 is
-calibrated on training-split images only and gated on the val split: AUC within `max_auc_drop`
-of fp32 and at least `min_agreement` of decisions unchanged at the bundle's threshold. The gate
-figures go in the manifest either way; a bundle that fails keeps no int8 file.
+calibrated on training-split images only; every gate (`pneumo.bundle.gates`: ONNX Runtime int8,
+OpenVINO fp32, bf16 and int8) runs on the val split: AUC within 0.002 of fp32 and at least 99% of
+decisions unchanged at the bundle's threshold. The figures go in the manifest (`gates`) either
+way; a bundle whose int8 fails on every engine keeps no int8 file. `pneumo train` runs the same
+gates at export, so only bundles from before them need `pneumo quantize`.
 """
 
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
+from pneumo.bundle.gates import run_gates, summary
 from pneumo.bundle.manifest import (
-    FORMAT_VERSION,
     INT8_FILE,
     ONNX_FILE,
     BundleError,
@@ -32,14 +33,9 @@ from pneumo.bundle.manifest import (
 from pneumo.bundle.store import load_model
 from pneumo.config import ConfigError, parse_config
 from pneumo.data.datasets import labelled_splits, split_parameters
-from pneumo.io.preprocess import DecodeError, load_image, to_tensor
+from pneumo.io.preprocess import DecodeError, load_image
 from pneumo.io.storage import Location
-from pneumo.labels import negative_index, positive_score
-from pneumo.models.onnx import ExportError, export_checked, ort_session, quantize_onnx, run_session
-from pneumo.report.metrics import roc_auc
-
-MAX_AUC_DROP = 0.002
-MIN_AGREEMENT = 0.99
+from pneumo.models.onnx import ExportError, export_checked
 
 
 def training_data(manifest: Manifest, bundle: Location) -> Location:
@@ -80,48 +76,22 @@ def export_bundle(location: Location | str, images: np.ndarray | None) -> Manife
     blob, record = export_checked(model, manifest.model, len(manifest.classes), manifest.input, images,
                                   tta=manifest.onnx.get("tta", ()))
     manifest.onnx = record
-    manifest.format_version = FORMAT_VERSION
     add_file(location, manifest, ONNX_FILE, blob)
     write_manifest(location, manifest)
     return manifest
 
 
-def int8_gate(fp32: np.ndarray, int8: np.ndarray, labels: np.ndarray, classes: list[str], threshold: float,
-              max_auc_drop: float = MAX_AUC_DROP, min_agreement: float = MIN_AGREEMENT) -> dict[str, Any]:
-    """The gate's figures on val predictions of both graphs, and whether int8 passes."""
-    y = (labels != negative_index(classes)).astype(np.int64)
-    s32, s8 = positive_score(fp32, classes), positive_score(int8, classes)
-    auc32, auc8 = roc_auc(y, s32), roc_auc(y, s8)
-    agreement = float(np.mean((s32 >= threshold) == (s8 >= threshold)))
-    drop = float(auc32 - auc8) if np.isfinite(auc32) and np.isfinite(auc8) else float("nan")
-    reasons = []
-    if not drop <= max_auc_drop:
-        reasons.append(f"val AUC {auc8:.4f} vs fp32 {auc32:.4f} (drop {drop:.4f} > {max_auc_drop})")
-    if agreement < min_agreement:
-        reasons.append(f"{agreement:.1%} of val decisions unchanged (< {min_agreement:.0%})")
-    return {"passed": not reasons, "reason": "; ".join(reasons) or None, "auc_fp32": float(auc32),
-            "auc_int8": float(auc8), "auc_drop": drop, "agreement": agreement, "val_images": int(len(labels)),
-            "max_auc_drop": max_auc_drop, "min_agreement": min_agreement,
-            "max_abs_prob_diff": float(np.abs(fp32 - int8).max()) if len(fp32) else 0.0}
-
-
 def quantize_bundle(location: Location | str, calibration: np.ndarray, val_images: np.ndarray,
                     val_labels: np.ndarray) -> Manifest:
-    """Quantise `model.onnx` on `calibration` (training-split images), gate it on val, record the figures."""
+    """Run every gate on val (int8 quantised on `calibration`, training-split images), record the figures."""
     manifest = read_manifest(location)
     if not manifest.has_onnx:
         raise ConfigError(f"{location} has no {ONNX_FILE}; run `pneumo export {location}` first")
     fp32_bytes = read_file(location, manifest, ONNX_FILE)
-    int8_bytes = quantize_onnx(fp32_bytes, manifest.input, calibration)
-    x = to_tensor(val_images, manifest.input).numpy()
-    p32 = run_session(ort_session(fp32_bytes), x)[0]
-    p8 = run_session(ort_session(int8_bytes), x)[0]
-    gate = int8_gate(p32, p8, val_labels, manifest.classes, manifest.threshold_value)
-    gate.update({"calibration_images": int(len(calibration)), "calibration_split": "train",
-                 "format": "QDQ, per-channel int8 weights, uint8 activations (MinMax)"})
-    manifest.int8 = gate
+    manifest.gates, int8_bytes = run_gates(fp32_bytes, manifest.input, manifest.classes, manifest.threshold_value,
+                                           val_images, val_labels, calibration)
     manifest.files.pop(INT8_FILE, None)
-    if gate["passed"]:
+    if int8_bytes is not None:
         add_file(location, manifest, INT8_FILE, int8_bytes)
     write_manifest(location, manifest)
     return manifest
@@ -146,7 +116,7 @@ class ExportConfig:
 
 @dataclass
 class QuantizeConfig:
-    """Add a gated int8 graph (model.int8.onnx), calibrated on the bundle's training-split images."""
+    """Run the bf16 and int8 gates on val; add an int8 graph (model.int8.onnx, calibrated on training images) if it passes."""
 
     bundle: str = field(metadata={"positional": True, "help": "model bundle folder or s3:// prefix"})
     data: str | None = field(default=None, metadata={"help": "the bundle's training data, if it moved"})
@@ -192,11 +162,9 @@ def quantize_main(argv: list[str] | None = None) -> int:
     except (BundleError, ConfigError) as exc:
         print(f"pneumo quantize: {exc}", file=sys.stderr)
         return 1
-    g = m.int8
-    figures = (f"val AUC {g['auc_int8']:.4f} vs fp32 {g['auc_fp32']:.4f}, {g['agreement']:.2%} of "
-               f"{g['val_images']} decisions unchanged")
-    if not g["passed"]:
-        print(f"pneumo quantize: int8 refused, no {INT8_FILE} kept: {g['reason']} ({figures})", file=sys.stderr)
+    line = summary(m.gates)
+    if not m.has_int8:
+        print(f"pneumo quantize: int8 refused on every engine, no {INT8_FILE} kept; {line}", file=sys.stderr)
         return 1
-    print(f"pneumo quantize: wrote {INT8_FILE}: {figures}; use --precision int8")
+    print(f"pneumo quantize: wrote {INT8_FILE}; {line}; `--engine auto` now picks the fastest that passed")
     return 0

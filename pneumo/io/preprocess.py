@@ -324,10 +324,26 @@ def load_image(data: bytes, path: str, spec: InputSpec, max_pixels: int = DEFAUL
 # ---------------------------------------------------------------- normalise
 
 
+def to_array(images: Any, spec: InputSpec) -> np.ndarray:
+    """`uint8[N, H, W]` -> normalised `float32[N, C, H, W]` numpy array, without torch (the ONNX engines' input)."""
+    x = np.asarray(images)
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3:
+        raise ValueError(f"expected uint8[N, H, W], got shape {tuple(x.shape)}")
+    mean = np.asarray(spec.mean, dtype=np.float32).reshape(1, -1, 1, 1)
+    std = np.asarray(spec.std, dtype=np.float32).reshape(1, -1, 1, 1)
+    plane = x[:, None].astype(np.float32) / np.float32(255.0)  # the same steps, in float32, as torch's path below
+    return np.ascontiguousarray((np.broadcast_to(plane, (len(x), spec.channels, *x.shape[1:])) - mean) / std)
+
+
 def to_tensor(images: Any, spec: InputSpec, device: Any = None, channels_last: bool = False):
-    """`uint8[N, H, W]` (numpy or torch) -> normalised `float32[N, C, H, W]` torch tensor."""
+    """`uint8[N, H, W]` (numpy or torch) -> normalised `float32[N, C, H, W]` torch tensor (on `device`)."""
     import torch
 
+    if not isinstance(images, torch.Tensor) and (device is None or torch.device(device).type == "cpu"):
+        x = torch.from_numpy(to_array(images, spec))
+        return x.contiguous(memory_format=torch.channels_last) if channels_last else x
     x = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(np.asarray(images)))
     if x.ndim == 2:
         x = x.unsqueeze(0)

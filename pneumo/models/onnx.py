@@ -1,7 +1,9 @@
 """ONNX export, parity check and int8 quantisation: the fast inference engine's half of a bundle.
 
     onnx_bytes, parity = export_checked(model, "efficientnet_lite0", 2, spec, val_images)
-    session = ort_session(onnx_bytes, threads=2)
+    int8_bytes = quantize_onnx(onnx_bytes, spec, train_images)
+
+Sessions for the graphs (ONNX Runtime, OpenVINO) are in `pneumo.models.runtime`, without torch.
 
 One graph for every engine: `pneumo.models.graph.ScoringModule` (`x -> (probs, features)`).
 Torch runs it eagerly; `torch.onnx.export` writes it (opset 18, dynamic
@@ -29,13 +31,11 @@ from torch import nn
 
 from pneumo.io.preprocess import InputSpec, to_tensor
 from pneumo.models.graph import ScoringModule, scoring_module
+from pneumo.models.runtime import INPUT_NAME, OUTPUT_NAMES, PARITY_TOL, ort_session, run_session
 
 log = logging.getLogger(__name__)
 
 OPSET = 18
-PARITY_TOL = 1e-4
-INPUT_NAME = "input"
-OUTPUT_NAMES = ("probs", "features")
 
 
 class ExportError(RuntimeError):
@@ -57,28 +57,6 @@ def export_onnx(module: ScoringModule, spec: InputSpec) -> bytes:
         except Exception as exc:  # noqa: BLE001 - any exporter failure means "no ONNX for this model"
             raise ExportError(f"torch.onnx.export failed: {type(exc).__name__}: {exc}") from exc
     return buf.getvalue()
-
-
-def ort_session(model: bytes | str, threads: int = 0) -> Any:
-    """An ONNX Runtime CPU session; `threads` intra-op threads (0: ORT's default, all cores)."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.inter_op_num_threads = 1
-    if threads:
-        so.intra_op_num_threads = int(threads)
-    # No busy-waiting between runs: in an actor or a replica the same cores also decode, proxy and
-    # answer HTTP, and spinning intra-op threads would take those cycles (measured in BENCHMARKS.md).
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
-
-
-def run_session(session: Any, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    probs, feats = session.run(list(OUTPUT_NAMES), {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})
-    return probs.astype(np.float32), feats.astype(np.float32)
 
 
 def parity_images(spec: InputSpec, n: int = 8, seed: int = 0) -> np.ndarray:
@@ -161,7 +139,10 @@ def quantize_onnx(onnx_bytes: bytes, spec: InputSpec, calibration_images: np.nda
         quantize_static(pre, out, _Calibration(np.asarray(calibration_images), spec),
                         quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
                         activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=_output_nodes(pre))
+                        nodes_to_exclude=_output_nodes(pre),
+                        # fold min/max every 4 batches instead of holding every intermediate tensor of
+                        # every calibration image (GBs for the three-backbone ensemble)
+                        extra_options={"CalibMaxIntermediateOutputs": 4})
         with open(out, "rb") as f:
             return f.read()
 

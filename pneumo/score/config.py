@@ -49,10 +49,11 @@ class ScoreConfig:
     explain: bool = field(default=False, metadata={"help": "write Grad-CAM overlay PNGs for positive predictions"})
     engine: str = field(default="auto", metadata={
         "choices": list(ENGINES),
-        "help": "auto = ONNX Runtime on CPU when the bundle has model.onnx, torch on GPU"})
+        "help": "auto = the fastest CPU engine (onnxruntime, openvino) whose gate passed on the bundle, "
+                "measured once per machine; torch on GPU and for torch-only bundles"})
     precision: str = field(default="auto", metadata={
-        "choices": list(PRECISIONS), "help": "auto = fp32 on ONNX Runtime, bf16 on torch only where native; "
-                                             "int8 needs a gated model.int8.onnx"})
+        "choices": list(PRECISIONS), "help": "auto = the fastest precision whose gate passed (fp32 without "
+                                             "gates); bf16 and int8 run only on gated bundles"})
     channels_last: bool = field(default=True, metadata={"help": "channels_last memory layout (torch engine)"})
     batch_size: int = field(default=64, metadata={"help": "images per model call"})
     read_batch_size: int = field(default=64, metadata={"help": "files per read+preprocess task batch"})
@@ -119,7 +120,7 @@ class ScoreConfig:
         asked = {m.strip() for m in self.adapt_methods.split(",") if m.strip()}
         if not asked or asked - set(ADAPT_METHODS):
             raise ConfigError(f"adapt_methods: a comma list of {', '.join(ADAPT_METHODS)}, got {self.adapt_methods!r}")
-        if "adabn" in self.adaptations and (self.engine == "onnxruntime" or self.precision == "int8"):
+        if "adabn" in self.adaptations and (self.engine in ("onnxruntime", "openvino") or self.precision == "int8"):
             raise ConfigError("--adapt re-estimates BatchNorm statistics, which needs the torch engine "
                               "(ONNX graphs have BatchNorm folded): use --engine auto or torch, not int8")
         if self.adapt_sample < 2:

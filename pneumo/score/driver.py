@@ -82,7 +82,7 @@ from pneumo.score.runs import (
     read_parts,
     unchanged_files,
 )
-from pneumo.score.tasks import EXPLAIN_DIR, score_dataset
+from pneumo.score.tasks import EXPLAIN_DIR, score_dataset, write_remote_args
 
 __all__ = ["ScoreConfig", "ScoreResult", "run_score", "format_summary", "main"]
 
@@ -153,7 +153,8 @@ def _score(cfg: ScoreConfig, bundle: Location, manifest: Manifest, store: Locati
     items = [{"path": r.path, "size_bytes": int(r.size), "mtime_ns": int(r.mtime_ns)} for r in records]
     ds = score_dataset(items, store, manifest.input, scoring_bundle, cfg.pipeline(), run_id, engine,
                        run_dir.join(EXPLAIN_DIR) if cfg.explain else None)
-    ds.write_parquet(run_dir.path, filesystem=run_dir.fs, filename_provider=part_names())
+    ds.write_parquet(run_dir.path, filesystem=run_dir.fs, filename_provider=part_names(),
+                     ray_remote_args=write_remote_args(cfg.pipeline()))
     return list_parts(run_dir), adapted
 
 

@@ -47,7 +47,7 @@ class ServeArgs(BaseModel):
 
     bundle: str = Field(description="model bundle: a folder or s3://bucket/prefix")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint, e.g. http://host:8333")
-    engine: Literal[ENGINES] = Field("auto", description="auto, torch or onnxruntime")  # type: ignore[valid-type]
+    engine: Literal[ENGINES] = Field("auto", description="auto, torch, onnxruntime or openvino")  # type: ignore[valid-type]
     precision: Literal[PRECISIONS] = Field("auto", description="scoring precision")  # type: ignore[valid-type]
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     channels_last: bool = Field(True, description="torch engine: channels_last memory format")

@@ -30,6 +30,9 @@ import sys
 import time
 from typing import Any
 
+import numpy as np
+
+from pneumo import logs
 from pneumo.config import ConfigError, config_text, to_dict
 from pneumo.data.datasets import fingerprint, labelled_splits
 from pneumo.data.ingest import Ingest, build_datasets, oversample, to_numpy
@@ -56,18 +59,20 @@ def fit(cfg: TrainConfig, datasets: dict[str, Any], classes: list[str], spec: In
     storage = cfg.storage_location
     use_gpu = cfg.gpus_per_worker > 0
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
-    fault = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}  # tests: see the docstring
+    env = {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}  # tests: see the docstring
+    if logs.interactive():  # the workers' progress bars, drawn here
+        env[logs.INTERACTIVE_ENV] = "1"
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": to_dict(cfg), "classes": classes, "spec": spec.to_dict(),
-                           "class_weights": class_weights},
+                           "class_weights": class_weights, "sizes": {k: d.count() for k, d in datasets.items()}},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=storage.path, storage_filesystem=storage.fs if storage.is_s3 else None,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_to_keep, checkpoint_score_attribute="val_auc",
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
-            worker_runtime_env={"env_vars": fault} if fault else None,
+            worker_runtime_env={"env_vars": env} if env else None,
         ),
         datasets={"train": datasets["train"], "val": datasets["val"]},
     )
@@ -109,6 +114,14 @@ def _best_model(cfg: TrainConfig, result: Any, classes: list[str], spec: InputSp
     return model, last_state, best_state
 
 
+def calibration_images(train: Any, counts: dict[str, int], seed: int, n: int = 256) -> np.ndarray | None:
+    """Up to `n` training-split images, a seeded sample, that int8 is calibrated on (never val or test)."""
+    fraction = min(1.0, 1.5 * n / max(1, sum(counts.values())))
+    sample = train.random_sample(fraction, seed=seed).limit(n).select_columns(["image"])
+    images = [b["image"] for b in sample.iter_batches(batch_size=n, batch_format="numpy")]
+    return np.concatenate(images) if images else None
+
+
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """The whole job: data -> Ray Train -> bundle (+ val-chosen threshold) -> config, report, summary."""
     t0 = time.perf_counter()
@@ -134,7 +147,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                      "starts": last_state.get("starts", []),
                      "history": history, "skipped_files": skipped, "counts": counts}
     splits = {s: to_numpy(ingest.datasets[s]) for s in ("val", "test") if s in ingest.datasets}
-    manifest, scored = export_run(cfg, model, classes, spec, splits, training_info, bundle)
+    manifest, scored = export_run(cfg, model, classes, spec, splits, training_info, bundle,
+                                  calibration_images(datasets["train"], counts["train"], cfg.seed))
     threshold, metrics, probs = scored.threshold, scored.metrics, scored.probs
     out.join("config.yaml").write_bytes(config_text(cfg).encode())
     reports = write_reports(out, splits, probs, classes, threshold, history, skipped) if cfg.report else {}

@@ -4,16 +4,19 @@
 
 1. Export the scoring graph to ONNX in memory, parity-checked on the val images
    (`pneumo.models.onnx.export_checked`); a model that fails stays torch-only, and says why.
-2. Score val (and the carved test split) once through `Predictor.from_model`: the same engine
-   choice batch scoring and serving make (ONNX Runtime on CPU), so the threshold is chosen on the
-   very numbers those paths will produce.
+2. Score val (and the carved test split) once through `Predictor.from_model` at fp32: the same
+   engines batch scoring and serving use (ONNX Runtime or OpenVINO on CPU), so the threshold is
+   chosen on the very numbers those paths will produce.
 3. Optionally calibrate on val (Platt or temperature scaling, folded into the head's weights, so
    every engine outputs calibrated probabilities), then re-export and re-score.
 4. Choose the threshold on val only; metrics for val and test at that threshold.
-5. Build the drift reference (`pneumo.monitor.drift.DriftReference`) from the val embeddings and positive
+5. Run the reduced-precision gates on val (`pneumo.bundle.gates`: OpenVINO fp32 and bf16, int8
+   calibrated on training images on ONNX Runtime and OpenVINO), so the bundle is ready for the
+   fastest engine that passed; their figures go in the manifest (`gates`).
+6. Build the drift reference (`pneumo.monitor.drift.DriftReference`) from the val embeddings and positive
    scores at that threshold; it goes into the bundle as a hash-checked extra file.
-6. Write the bundle once: weights, `model.onnx`, the drift reference, then `manifest.json` last
-   (each file atomic).
+7. Write the bundle once: weights, `model.onnx` (+ `model.int8.onnx` if it passed), the drift
+   reference, then `manifest.json` last (each file atomic).
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from pneumo.bundle.manifest import ONNX_FILE, Manifest
+from pneumo.bundle.gates import run_gates
+from pneumo.bundle.gates import summary as gate_summary
+from pneumo.bundle.manifest import INT8_FILE, ONNX_FILE, Manifest
 from pneumo.bundle.predict import Predictor
 from pneumo.bundle.store import save_bundle
 from pneumo.data.datasets import acquisition_group
@@ -72,8 +77,9 @@ def _engine_pass(cfg: Any, model: nn.Module, classes: list[str], spec: InputSpec
 
 def export_run(cfg: Any, model: nn.Module, classes: list[str], spec: InputSpec,
                splits: dict[str, dict[str, np.ndarray]], training_info: dict[str, Any],
-               bundle: Location) -> tuple[Manifest, RunOutputs]:
-    """Score val/test through the engine, calibrate and choose the threshold on val, write the bundle once."""
+               bundle: Location, calibration_images: np.ndarray | None = None) -> tuple[Manifest, RunOutputs]:
+    """Score val/test through the engine, calibrate and choose the threshold on val, run the bf16/int8
+    gates on val (int8 calibrated on `calibration_images`, training-split images), write the bundle once."""
     model = model.eval()
     tta = () if getattr(cfg, "tta", "none") == "none" else (cfg.tta,)
     onnx, predictor, scored = _engine_pass(cfg, model, classes, spec, splits, tta)
@@ -88,9 +94,18 @@ def export_run(cfg: Any, model: nn.Module, classes: list[str], spec: InputSpec,
     metrics = {s: split_metrics(splits[s]["label"], probs[s], classes, threshold["value"]) for s in splits}
     extra_files = drift_reference_files(scored["val"][1], positive_score(probs["val"], classes), threshold["value"],
                                         getattr(cfg, "seed", 0))
+    gates: dict[str, Any] = {}
+    if onnx:
+        reference = probs["val"] if predictor.engine == "onnxruntime" else None  # the gates' fp32 is ORT's
+        gates, int8 = run_gates(onnx[0], spec, classes, threshold["value"], splits["val"]["image"],
+                                splits["val"]["label"], calibration_images, reference=reference)
+        print(f"[pneumo train] precision gates on {len(splits['val']['label'])} val images: {gate_summary(gates)}",
+              flush=True)
+        if int8 is not None:
+            extra_files[INT8_FILE] = int8
     manifest = save_bundle(model, bundle, cfg.model, classes, spec, threshold=threshold, metrics=metrics,
                            training=training_info, onnx=onnx,
-                           extra_files=extra_files, extra={"calibration": calibration})
+                           extra_files=extra_files, extra={"calibration": calibration, "gates": gates})
     return manifest, RunOutputs(probs, {s: f for s, (_, f) in scored.items()}, threshold, metrics,
                                 predictor.engine)
 

@@ -2,8 +2,9 @@
 then only the classifier head trained on them (`pneumo.train.worker.make_loop` picks it).
 
 `FeatureLoop(ts).run_epoch(train, val, number) -> (train, eval)` is `pneumo.train.engine.ImageLoop`'s
-counterpart: the first epoch runs `backbone_features` over both shards (ONNX Runtime on CPU,
-checked against eager torch; optionally after `reestimate_batchnorm`), every epoch then
+counterpart: the first epoch runs `backbone_features` over both shards (on CPU the fastest ONNX
+engine through the one `Predictor`, checked against eager torch; optionally after
+`reestimate_batchnorm`), showing images done, images/s and an ETA as it goes; every epoch then
 `train_head_epoch` and `evaluate_head` on the cached tensors.
 """
 
@@ -18,58 +19,101 @@ import torch
 from torch import nn
 
 from pneumo import logs
+from pneumo.bundle.manifest import ONNX_FILE, Manifest
+from pneumo.bundle.predict import Predictor
 from pneumo.io.preprocess import InputSpec, equalize_array, to_tensor
 from pneumo.models.adapt import adapt_batchnorm
 from pneumo.models.graph import probabilities as logits_to_probs
 from pneumo.models.graph import scoring_module
-from pneumo.models.onnx import ExportError, export_onnx, ort_session, run_session
+from pneumo.models.onnx import ExportError, export_onnx
 from pneumo.precision import autocast
 from pneumo.train.parts import TrainState, compute_loss, unwrap
 
 log = logging.getLogger(__name__)
 
 
-@torch.inference_mode()
+FP32_TOL = (1e-3, 1e-4)  # engine features against eager torch fp32 on the first batch: allclose's rtol, atol
+# bf16: the engine's error against torch fp32 (|f - f_fp32| / |f_fp32|, worst image) may be at most
+# this much larger than eager torch bf16's own, which the feature cache ran before the engines did
+BF16_MARGIN = 1.25
+
+
+class FeatureEngine:
+    """The scoring graph's `features` on the fastest ONNX engine (the one `Predictor`), checked
+    against eager torch on the first batch it sees; `predictor` is None where it cannot run or the
+    check failed (logged), and callers use eager torch. Built once, used for every shard."""
+
+    def __init__(self, model: nn.Module, model_name: str | None, num_classes: int, spec: InputSpec,
+                 device: torch.device, precision: str, threads: int, tta: tuple[str, ...] = ()):
+        self.model, self.spec, self.tta, self.checked = model, spec, tta, False
+        self.predictor = feature_predictor(model, model_name, num_classes, spec, precision, threads, tta) if (
+            model_name and device.type == "cpu") else None
+
+    def features(self, images: Any) -> torch.Tensor | None:
+        if self.predictor is None:
+            return None
+        f = torch.from_numpy(self.predictor.predict_with_features(np.asarray(images))[1])
+        if not self.checked:
+            self.checked = True
+            if not _features_agree(self.model, self.spec, images, f, self.predictor.precision, self.tta):
+                self.predictor = None
+                return None
+        return f
+
+
 def backbone_features(model: nn.Module, batches: Any, spec: InputSpec, device: torch.device,
                       precision: str = "fp32", channels_last: bool = True, model_name: str | None = None,
-                      threads: int = 0, num_classes: int = 2,
-                      tta: tuple[str, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+                      threads: int = 0, num_classes: int = 2, tta: tuple[str, ...] = (),
+                      total: int | None = None, label: str | None = None,
+                      engine: FeatureEngine | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled pre-logit features of a frozen model over `batches`: (float32[N, F], int64[N]).
 
-    On CPU at fp32, with `model_name` given, they come from ONNX Runtime running the same scoring
-    graph bundles carry (its `features` output), checked against torch on the first batch; on a
-    GPU, or where the export or the check fails (logged), from eager torch.
+    On CPU, with `model_name` given (or an `engine` built for it), they come from the fastest ONNX
+    engine at `precision` (`FeatureEngine`: the `pneumo.bundle.predict.Predictor` over the same
+    scoring graph bundles carry; bf16 on OpenVINO where the CPU runs it natively), checked against
+    eager torch on the first batch; on a GPU, or where the export or the check fails (logged), from
+    eager torch. With a `label`, progress (images, images/s, ETA against `total`) is shown as
+    `logs.Progress` does.
     """
     model.eval()
-    session = _feature_session(model, model_name, num_classes, spec, threads, tta) if (
-        model_name and device.type == "cpu" and precision == "fp32") else None
+    engine = engine or FeatureEngine(model, model_name, num_classes, spec, device, precision, threads, tta)
     feats, labels = [], []
-    for batch in batches:
-        x = to_tensor(batch["image"], spec, device=device, channels_last=channels_last and session is None)
-        if session is not None:
-            f = torch.from_numpy(run_session(session, x.numpy())[1])
-            if not feats and not _features_agree(model, x, f, precision, device, tta):
-                session = None
-        if session is None:
-            f = _torch_features(model, x, precision, device, tta)
-        feats.append(f.float().cpu())
-        labels.append(torch.as_tensor(batch["label"]).long().cpu())
+    quiet = label is None
+    with logs.Progress(f"[pneumo train] {label}", total=total, write=(lambda _: None) if quiet else None,
+                       bar=False if quiet else None) as progress:
+        for batch in batches:
+            f = engine.features(batch["image"])
+            if f is None:
+                x = to_tensor(batch["image"], spec, device=device, channels_last=channels_last)
+                f = torch_features(model, x, precision, device, tta)
+            feats.append(f.float().cpu())
+            labels.append(torch.as_tensor(batch["label"]).long().cpu())
+            progress.update(len(f))
     if not feats:
         return torch.zeros((0, 0)), torch.zeros((0,), dtype=torch.long)
     return torch.cat(feats), torch.cat(labels)
 
 
-def _feature_session(model: nn.Module, model_name: str, num_classes: int, spec: InputSpec, threads: int,
-                     tta: tuple[str, ...] = ()) -> Any:
+def feature_predictor(model: nn.Module, model_name: str, num_classes: int, spec: InputSpec, precision: str,
+                      threads: int, tta: tuple[str, ...] = ()) -> Predictor | None:
+    """The Predictor over the model's exported scoring graph (None, logged, where there is none)."""
     try:
-        graph = scoring_module(model, model_name, num_classes, tta)
-        return ort_session(export_onnx(graph, spec), threads)
-    except (ExportError, ImportError, ValueError) as exc:
-        log.warning("feature cache: ONNX Runtime unavailable, eager torch instead (%s)", exc)
+        blob = export_onnx(scoring_module(model, model_name, num_classes, tta), spec)
+        draft = Manifest(model=model_name, classes=[str(i) for i in range(max(2, num_classes))], input=spec,
+                         onnx={"tta": list(tta)}, files={ONNX_FILE: "in-memory"})
+        # bf16 is training's own precision here (native bf16 only), checked on the first batch below
+        engine = "openvino" if precision == "bf16" else "auto"
+        p = Predictor.from_model(model, draft, onnx_bytes=blob, engine=engine, precision=precision, threads=threads)
+    except (ExportError, ImportError, ValueError, RuntimeError) as exc:
+        log.warning("feature cache: no ONNX engine, eager torch instead (%s)", exc)
         return None
+    if p.engine == "torch":
+        return None
+    log.info("feature cache: %s %s", p.engine, p.precision)
+    return p
 
 
-def _torch_features(model: nn.Module, x: torch.Tensor, precision: str, device: torch.device,
+def torch_features(model: nn.Module, x: torch.Tensor, precision: str, device: torch.device,
                     tta: tuple[str, ...] = ()) -> torch.Tensor:
     """Eager pooled features; with hflip TTA the mean of the image's and its mirror's (as the graph does)."""
     with torch.inference_mode(), autocast(device, precision):
@@ -79,13 +123,27 @@ def _torch_features(model: nn.Module, x: torch.Tensor, precision: str, device: t
     return f
 
 
-def _features_agree(model: nn.Module, x: torch.Tensor, got: torch.Tensor, precision: str,
-                    device: torch.device, tta: tuple[str, ...] = ()) -> bool:
-    ref = _torch_features(model, x, precision, device, tta)
-    ok = bool(torch.allclose(got, ref, rtol=1e-3, atol=1e-4))
-    if not ok:
-        log.warning("feature cache: ONNX Runtime features differ from torch by %.2e; eager torch instead",
-                    float((got - ref).abs().max()))
+def relative_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """The worst image's |f - f_ref| / |f_ref|."""
+    return float(((got - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-12)).max())
+
+
+def _features_agree(model: nn.Module, spec: InputSpec, images: Any, got: torch.Tensor, precision: str,
+                    tta: tuple[str, ...] = ()) -> bool:
+    """The engine's features against eager torch fp32 on one batch; at bf16, no further from them
+    than eager torch bf16 (times `BF16_MARGIN`)."""
+    cpu = torch.device("cpu")
+    x = to_tensor(images, spec)
+    ref = torch_features(model, x, "fp32", cpu, tta)
+    if precision == "bf16":
+        err, torch_err = relative_error(got, ref), relative_error(torch_features(model, x, "bf16", cpu, tta), ref)
+        ok = err <= BF16_MARGIN * torch_err + 1e-3
+        how = f"relative {err:.2e} (eager torch bf16: {torch_err:.2e})"
+    else:
+        ok = bool(torch.allclose(got, ref, rtol=FP32_TOL[0], atol=FP32_TOL[1]))
+        how = f"{float((got - ref).abs().max()):.2e}"
+    (log.info if ok else log.warning)("feature cache: %s features vs torch fp32: %s%s", precision, how,
+                                      "" if ok else "; eager torch instead")
     return ok
 
 
@@ -165,8 +223,9 @@ class FeatureLoop:
     """`cache_features`: the frozen backbone's features once (first epoch; with `aug_views`, of
     augmented copies of the training images too), then the head on them."""
 
-    def __init__(self, ts: TrainState):
+    def __init__(self, ts: TrainState, sizes: dict[str, int] | None = None):
         self.ts, self.cache = ts, {}
+        self.sizes = sizes or {}  # images per split (the whole split; a worker gets its share)
 
     def run_epoch(self, train: Any, val: Any, number: int) -> tuple[dict[str, float], dict[str, Any]]:
         ts, cfg = self.ts, self.ts.cfg
@@ -177,13 +236,20 @@ class FeatureLoop:
             tta = () if cfg.tta == "none" else (cfg.tta,)
             augment = cfg.augment()
             equalize = ts.spec.equalize if augment.raw_spec(ts.spec) != ts.spec else "none"
+            engine = FeatureEngine(ts.model, cfg.model, ts.num_classes, ts.spec, ts.device, ts.precision,
+                                   cfg.threads or cfg.cpus_per_worker, tta)
             for name, shard in (("train", train), ("val", val)):
                 batches = shard.iter_torch_batches(batch_size=64)
+                total = self.sizes[name] // ts.world if self.sizes.get(name) else None
                 if name == "train" and cfg.aug_views:
                     batches = augmented_views(batches, augment, cfg.aug_views, ts.generator, equalize)
-                self.cache[name] = backbone_features(ts.model, batches, ts.spec, ts.device, ts.precision,
-                                                     cfg.channels_last, cfg.model, cfg.threads or cfg.cpus_per_worker,
-                                                     ts.num_classes, tta)
+                    total = total * (1 + cfg.aug_views) if total else None
+                self.cache[name] = backbone_features(
+                    ts.model, batches, ts.spec, ts.device,
+                    ts.precision, cfg.channels_last, cfg.model, cfg.threads or cfg.cpus_per_worker,
+                    ts.num_classes, tta, total=total,
+                    label=(f"{name} features" + (" (worker 0)" if ts.world > 1 else "")) if ts.rank == 0 else None,
+                    engine=engine)
             if ts.rank == 0:
                 logs.worker_line(f"[pneumo train] cached backbone features of {len(self.cache['train'][0])} train "
                                  f"and {len(self.cache['val'][0])} val images per worker in "

@@ -46,9 +46,9 @@ from pneumo.train.parts import (
 FAULT_ENV = "PNEUMO_TEST_FAIL_AT_EPOCH"
 
 
-def make_loop(ts: TrainState) -> Loop:
-    """The frozen-feature loop with `cache_features`, else the image loop."""
-    return FeatureLoop(ts) if ts.cfg.cache_features else ImageLoop(ts)
+def make_loop(ts: TrainState, sizes: dict[str, int] | None = None) -> Loop:
+    """The frozen-feature loop with `cache_features` (`sizes`: images per split, for its progress), else the image loop."""
+    return FeatureLoop(ts, sizes) if ts.cfg.cache_features else ImageLoop(ts)
 
 
 def setup_training(cfg: TrainConfig, classes: list[str], spec: InputSpec, class_weights: list[float] | None = None,
@@ -110,7 +110,7 @@ def train_func(config: dict[str, Any]) -> None:
                             ray.train.torch.prepare_model, resume)
     if checkpoint is not None and rank == 0:
         logs.worker_line(f"[pneumo train] resuming after epoch {ts.state['epoch']} from {checkpoint.path}")
-    loop = make_loop(ts)
+    loop = make_loop(ts, config.get("sizes"))
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(ts.state["epoch"], cfg.epochs):
         if ts.state.get("stopped"):
