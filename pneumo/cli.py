@@ -7,7 +7,7 @@
     pneumo evaluate BUNDLE DATA       evaluate a bundle on a labelled split
     pneumo export BUNDLE              add model.onnx to an older bundle
     pneumo quantize BUNDLE            add a gated model.int8.onnx
-    pneumo score DATA --bundle B --out DIR   batch-score an archive into Parquet
+    pneumo score DATA --bundle B --out DIR   batch-score an archive into a Delta Lake table
     pneumo serve BUNDLE               serve a bundle with Ray Serve
     pneumo submit ...                 submit / follow / stop a job on a Ray cluster
     pneumo demo --out DIR             the whole path on synthetic data
@@ -29,7 +29,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("pneumo.score.evaluate", "evaluate a model bundle on a labelled split"),
     "export": ("pneumo.bundle.upgrade:export_main", "add a parity-checked ONNX graph to an existing bundle"),
     "quantize": ("pneumo.bundle.upgrade:quantize_main", "add a gated int8 ONNX graph to a bundle"),
-    "score": ("pneumo.score.driver", "batch-score an archive into Parquet with Ray Data"),
+    "score": ("pneumo.score.driver", "batch-score an archive into a Delta Lake table with Ray Data"),
     "serve": ("pneumo.serve.cli", "serve a model bundle with Ray Serve"),
     "submit": ("pneumo.submit", "submit, follow, inspect or stop a job on a Ray cluster"),
     "demo": ("pneumo.demo", "run the whole path on synthetic data on an embedded local Ray"),

@@ -2,7 +2,7 @@
 and write its bytes.
 
     loc = Location.resolve("s3://xrays/archive", s3_endpoint="http://127.0.0.1:8333")  # once per verb
-    loc.join("runs", run_id, "_SUCCESS.json").write_bytes(b"{...}")                     # atomic
+    loc.join("_pneumo", "runs", run_id, "drift.json").write_bytes(b"{...}")          # atomic
     loc.read_bytes(), loc.exists(), loc.is_dir(), str(loc)   # "s3://xrays/archive"
     loc.at("s3://xrays/archive/a/b.jpeg")                    # another path on the same store
     loc.storage_options()                                    # the same store for deltalake / polars
