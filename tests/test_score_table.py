@@ -195,7 +195,7 @@ def test_explain_on_the_gpu_gives_positives_their_overlay(ray_local, threshold_b
 
 
 def test_verify_content_rescores_a_file_whose_bytes_changed_under_an_unchanged_listing(tmp_path) -> None:
-    from pneumo.score.incremental import _changed
+    from pneumo.score.incremental import changed_files
 
     (tmp_path / "a.jpeg").write_bytes(b"now")
     import hashlib
@@ -203,5 +203,5 @@ def test_verify_content_rescores_a_file_whose_bytes_changed_under_an_unchanged_l
     batch = pa.table({"path": [str(tmp_path / "a.jpeg")] * 2, "size_bytes": [3, 3], "mtime_ns": [1, 1],
                       "ctime_ns": [1, 1], "inode": [1, 1], "etag": pa.array([None, None], pa.string()),
                       "committed_sha256": [hashlib.sha256(b"now").hexdigest(), hashlib.sha256(b"then").hexdigest()]})
-    changed = _changed(batch, Location.of(tmp_path))
+    changed = changed_files(batch, Location.of(tmp_path))
     assert changed.num_rows == 1 and changed.column_names == ["path", "size_bytes", "mtime_ns", "ctime_ns", "inode", "etag"]

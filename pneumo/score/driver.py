@@ -94,9 +94,7 @@ def _score_files(cfg: ScoreConfig, manifest: Manifest, store: Location, to_score
 
     bundle, engine, adabn = cfg.bundle_location, cfg.engine, None
     if "adabn" in cfg.adaptations and n:
-        sample = to_score.take(cfg.adapt_sample) if n <= cfg.adapt_sample else \
-            to_score.random_sample(min(1.0, 2 * cfg.adapt_sample / n), seed=0).take(cfg.adapt_sample)
-        bundle, adabn = adapt_bundle(cfg, bundle, manifest, store, sample, side)
+        bundle, adabn = adapt_bundle(cfg, bundle, manifest, store, _uniform(to_score, n, cfg.adapt_sample), side)
         engine = "torch"
     if not n:
         return [], adabn
@@ -105,6 +103,19 @@ def _score_files(cfg: ScoreConfig, manifest: Manifest, store: Location, to_score
                   side.join(EXPLAIN_DIR) if cfg.explain else None).write_datasink(
         sink, ray_remote_args={"num_cpus": cfg.read_cpus})  # writing is I/O: the model actors keep the CPUs
     return sink.parts, adabn
+
+
+def _uniform(ds: Any, n: int, k: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`k` rows of `ds` (of `n`) drawn uniformly: a Bernoulli sample of about 3k rows, then `k` of
+    those by a seeded draw in the driver (O(k) rows come back)."""
+    import numpy as np
+
+    rows = ds.random_sample(min(1.0, 3 * k / n), seed=seed).take_all() if n > k else ds.take_all()
+    rows = sorted(rows, key=lambda r: r["path"])
+    if len(rows) <= k:
+        return rows
+    pick = np.sort(np.random.default_rng(seed).choice(len(rows), k, replace=False))
+    return [rows[i] for i in pick]
 
 
 def _late_steps(cfg: ScoreConfig, manifest: Manifest, run_id: str, parts: list[dict[str, Any]], side: Location,

@@ -85,7 +85,7 @@ def _mark(t: pa.Table) -> pa.Table:
     return listing.append_column("skip", skip).append_column("committed_sha256", pc.cast(committed, pa.string()))
 
 
-def _changed(batch: pa.Table, store: Location) -> pa.Table:
+def changed_files(batch: pa.Table, store: Location) -> pa.Table:
     """Ray Data task (`--verify-content`): the listing rows whose bytes no longer hash to `committed_sha256`."""
     keep = np.zeros(batch.num_rows, dtype=bool)
     for i, (path, sha) in enumerate(zip(batch.column("path").to_pylist(), batch.column("committed_sha256").to_pylist())):
@@ -123,7 +123,7 @@ def plan_run(listing: Any, out: Location, bundle_sha256: str, cfg: Pipeline, sto
     n_verified = 0
     if verify_content:
         n_verified = skipped.count()
-        changed = skipped.map_batches(_changed, fn_kwargs={"store": store}, batch_size=cfg.read_batch_size,
+        changed = skipped.map_batches(changed_files, fn_kwargs={"store": store}, batch_size=cfg.read_batch_size,
                                       batch_format="pyarrow", num_cpus=cfg.read_cpus)
         to_score = to_score.union(changed)
     to_score, n = read_blocks(to_score, cfg.read_batch_size)
