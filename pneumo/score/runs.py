@@ -19,8 +19,9 @@ from typing import Any
 import pyarrow as pa
 
 from pneumo.io.storage import Location
+from pneumo.score import legacy
 from pneumo.score import table as T
-from pneumo.score.legacy import BadRun, legacy_rows, legacy_runs, upgrade
+from pneumo.score.legacy import BadRun, legacy_rows, legacy_runs
 
 __all__ = ["BadRun", "committed_runs", "read_committed", "read_results", "run_version", "upgrade"]
 
@@ -33,6 +34,13 @@ def committed_runs(out: Location | str, *, bad: list[BadRun] | None = None) -> l
     if T.exists(out):
         return [r for r in T.run_records(out) if r.get("kind") != "upgrade"]
     return legacy_runs(out, bad=bad)
+
+
+def upgrade(out: Location | str, store: Location | None = None, *,
+            bad: list[BadRun] | None = None) -> dict[str, Any] | None:
+    """Bring the old Parquet run folders of `out` into a new table as its creating commit (once;
+    `pneumo score` does it before its first run into such an `out`); see `pneumo.score.legacy`."""
+    return legacy.upgrade(Location.of(out), store, bad=bad)
 
 
 def run_version(out: Location | str, run_id: str) -> int:
