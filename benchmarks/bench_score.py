@@ -12,7 +12,7 @@ ONE run, same model, same machine (Ray is started with `num_cpus` = the machine'
   normalise), model in fp32, NCHW, default torch threads;
 - (b) forward only: ONNX Runtime (pneumo's engine on CPU) on preloaded tensors, with the same
   threads as pneumo's actor, plus eager torch fp32 (NCHW, channels_last) and bf16 for reference;
-- pneumo: `pneumo.scoring.run_score` end to end (listing, read, decode, model, Parquet, commit)
+- pneumo: `pneumo.score.driver.run_score` end to end (listing, read, decode, model, files, Delta commit)
   with its default pool sizing (`--actors auto`) and fixed pools.
 
 Prints images/s of each, ratios pneumo/(a) and pneumo/(b), and writes `--json`.
