@@ -48,11 +48,13 @@ ifdef FULL
 	$(BENCH_PY)/bench_feature_cache.py --n 1024
 	$(BENCH_PY)/bench_serve.py
 	$(BENCH_PY)/bench_train_throughput.py --images 4096 --epochs 3
+	nice -n 10 $(BENCH_PY)/bench_incremental.py --sizes 100000,1000000 --json bench_incremental.json
 else
 	$(BENCH_PY)/bench_score.py --sizes 100,200 --fit-n 100 --val-n 100 --plain-n 64 --forward-n 32
 	$(BENCH_PY)/bench_feature_cache.py --n 256 --repeats 1
 	$(BENCH_PY)/bench_serve.py --requests 60 --skip-autoscale
 	$(BENCH_PY)/bench_train_throughput.py --images 256 --epochs 2
+	$(BENCH_PY)/bench_incremental.py --sizes 2000,10000
 endif
 
 clean:

@@ -17,7 +17,7 @@ with `num_cpus` = the machine's cores:
 - (b) ONNX Runtime fp32 alone, on preloaded normalised tensors, batch 64, all cores;
 - (c) the fastest engine and precision whose gate passed, alone, the same way (every gated
   candidate is measured and listed);
-- pneumo: `pneumo score` end to end (listing, read, decode, model, output, commit) with its
+- pneumo: `pneumo score` end to end (listing, read, decode, model, files, Delta commit) with its
   defaults (`--engine auto`), one run per size; from two sizes the fixed cost per run and the
   steady-state rate are separated (t = fixed + n / rate).
 

@@ -7,7 +7,7 @@
     pneumo evaluate BUNDLE DATA       evaluate a bundle on a labelled split
     pneumo export BUNDLE              add model.onnx to an older bundle
     pneumo quantize BUNDLE            add a gated model.int8.onnx
-    pneumo score DATA --bundle B --out DIR   batch-score an archive into Parquet
+    pneumo score DATA --bundle B --out DIR   batch-score an archive into a Delta Lake table
     pneumo sample SCORES --out S.csv  pick the images of a scored run to label at a new site
     pneumo calibrate BUNDLE LOCAL --out NEW   validate and recalibrate a bundle on a site's labelled sample
     pneumo serve BUNDLE               serve a bundle with Ray Serve
@@ -35,7 +35,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "evaluate": ("pneumo.score.evaluate", "evaluate a model bundle on a labelled split"),
     "export": ("pneumo.bundle.upgrade:export_main", "add a parity-checked ONNX graph to an existing bundle"),
     "quantize": ("pneumo.bundle.upgrade:quantize_main", "add a gated int8 ONNX graph to a bundle"),
-    "score": ("pneumo.score.driver", "batch-score an archive into Parquet with Ray Data"),
+    "score": ("pneumo.score.driver", "batch-score an archive into a Delta Lake table with Ray Data"),
     "sample": ("pneumo.score.sample", "pick the images of a scored run a radiologist should label"),
     "calibrate": ("pneumo.score.calibrate", "validate a bundle on a site's labelled sample and recalibrate it"),
     "serve": ("pneumo.serve.cli", "serve a model bundle with Ray Serve"),

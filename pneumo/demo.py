@@ -5,7 +5,7 @@
 1. synth    deterministic synthetic chest-like X-rays (1,000-2,000 px JPEGs)
 2. eda      counts, sizes, duplicates, sample grid and class balance PNGs
 3. train    Ray Train (2 CPU workers) -> model bundle + evaluation report and plots
-4. score    Ray Data batch scoring of the archive -> Parquet, one row per file
+4. score    Ray Data batch scoring of the archive -> a Delta Lake table, one row per file
 5. serve    Ray Serve on 127.0.0.1, one real HTTP request, then shut down
 
 Every step calls the same code as its own verb (`pneumo synth`, `pneumo eda`, ...).
@@ -101,7 +101,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     bundle = str(train_out / "bundle")
     print(f"({time.perf_counter() - t:.1f}s)")
 
-    t = _step("4/5 score: Ray Data batch scoring into Parquet")
+    t = _step("4/5 score: Ray Data batch scoring into a Delta Lake table")
     rc = score_driver.main([str(data), "--bundle", bundle, "--out", str(scores)])
     if rc:
         raise SystemExit(f"demo: scoring failed (exit {rc})")
@@ -115,7 +115,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"\ndemo finished in {time.perf_counter() - started:.0f}s; everything is under {out}/:")
     for label, path in [
         ("data", data), ("eda charts", out / "eda"), ("model bundle", train_out / "bundle"),
-        ("evaluation report", train_out / "report"), ("batch scores (Parquet)", scores),
+        ("evaluation report", train_out / "report"), ("batch scores (Delta Lake table)", scores),
     ]:
         print(f"  {label:<24} {path}")
     print(f"\nnext: pneumo serve {bundle}   # then open http://127.0.0.1:8000/")

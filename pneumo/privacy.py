@@ -6,7 +6,7 @@ name files by a salted hash instead, unless the operator opts in with `PNEUMO_LO
 The salt is random per process (one run: the same file always gets the same name within its logs
 and manifest, and names cannot be matched across runs or guessed from a list of patient ids). Set
 `PNEUMO_REDACT_SALT` (e.g. from a Kubernetes Secret) for names that are stable across runs; whoever
-knows that salt can check a suspected path with `redact(path)`. Scoring's Parquet `path` column and
+knows that salt can check a suspected path with `redact(path)`. Scoring's table `path` column and
 evaluate's predictions.csv are the user's own data and keep full paths.
 """
 

@@ -1,4 +1,4 @@
-"""Batch-score an archive of chest X-rays into Parquet with Ray Data (submittable entry point).
+"""Batch-score an archive of chest X-rays into a Delta Lake table with Ray Data (submittable entry point).
 
 Locally (embedded Ray) or on a cluster, from the repository root:
 

@@ -4,18 +4,27 @@ Fixtures live in conftest.py; no test module imports another one.
 - images: `jpeg_bytes`, `png_bytes`, `dicom_bytes` (real encoders: PIL, pydicom);
 - bundles: `make_threshold_bundle` (a random seed_cnn whose threshold splits bright from dark
   images), `make_serve_bundle` (with an optional drift reference);
-- runs: `score` (a `pneumo score` run in-process);
+- runs: `score` (a `pneumo score` run in-process), `write_legacy_run` (an old Parquet run folder),
+  `OpenWatch` (inotify: which files any process opened), `read_only` (a folder nobody, root
+  included, can write);
 - Serve: `deploy_config` / `deploy` (what `serve run serve_app/config.yaml` does) and `Served`;
 - waiting: `wait_for(condition, timeout, what)` instead of fixed sleeps; `free_port()`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import io
+import json
+import os
 import socket
+import struct
+import subprocess
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -220,6 +229,88 @@ def score(data: str | Path | None, bundle: Path | str, out: Path | str, *extra: 
     argv = ([str(data)] if data is not None else []) + ["--bundle", str(bundle), "--out", str(out),
                                                          *FAST_SCORE, *extra]
     return run_score(parse_config(ScoreConfig, argv))
+
+
+LEGACY_ONLY_NEW = ("ctime_ns", "inode", "etag", "explain_error")  # columns old runs did not have
+
+
+def write_legacy_run(out: Path, run_id: str, rows: Any, finished_at: str) -> Path:
+    """`out/runs/<run_id>/` in the old format (before the Delta table): `rows` (an Arrow table of
+    scored rows, today's columns; those old runs lacked are dropped) as one part, then `_SUCCESS.json`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    run_dir = out / "runs" / run_id
+    run_dir.mkdir(parents=True)
+    rows = rows.drop_columns([c for c in LEGACY_ONLY_NEW if c in rows.column_names])
+    rows = rows.set_column(rows.schema.get_field_index("run_id"), "run_id",
+                           pa.array([run_id] * len(rows), pa.string()))
+    pq.write_table(rows, run_dir / "part-00000-x.parquet")
+    marker = {"run_id": run_id, "files": ["part-00000-x.parquet"], "n_scored": len(rows), "finished_at": finished_at,
+              "bundle_sha256": rows.column("bundle_sha256")[0].as_py() if len(rows) else None}
+    (run_dir / "_SUCCESS.json").write_text(json.dumps(marker))
+    return run_dir
+
+
+class OpenWatch:
+    """Which files under `root` any process (Ray workers included) opens while the watch is on:
+    Linux inotify `IN_OPEN` on every folder, read with ctypes (no package needed)."""
+
+    IN_OPEN, IN_ISDIR = 0x20, 0x40000000
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self._libc.inotify_init1(os.O_NONBLOCK)
+        assert self.fd >= 0, "inotify_init1 failed"
+        self.folders: dict[int, Path] = {}
+        for folder in [self.root, *[p for p in self.root.rglob("*") if p.is_dir() and not p.is_symlink()]]:
+            wd = self._libc.inotify_add_watch(self.fd, os.fsencode(folder), self.IN_OPEN)
+            assert wd >= 0, f"inotify_add_watch({folder}) failed"
+            self.folders[wd] = folder
+        self.opened: Counter[str] = Counter()
+
+    def poll(self) -> Counter[str]:
+        """Opens seen so far, by path relative to `root` (files only)."""
+        while True:
+            try:
+                buf = os.read(self.fd, 65536)
+            except BlockingIOError:
+                return self.opened
+            i = 0
+            while i < len(buf):
+                wd, mask, _cookie, n = struct.unpack_from("iIII", buf, i)
+                name = buf[i + 16: i + 16 + n].rstrip(b"\0").decode(errors="replace")
+                i += 16 + n
+                if name and not mask & self.IN_ISDIR and wd in self.folders:
+                    self.opened[(self.folders[wd] / name).relative_to(self.root).as_posix()] += 1
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[Path]:
+    """`folder` made unwritable for everyone: immutable (`chattr +i`, which binds root too) where the
+    file system allows, else mode 0555 (which binds only non-root users: checked with a probe)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    immutable = subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+    if not immutable:
+        folder.chmod(0o555)
+    try:
+        probe = folder / ".probe"
+        try:
+            probe.write_bytes(b"x")
+            probe.unlink()
+            raise AssertionError(f"{folder} is still writable (no chattr, and running as root)")
+        except PermissionError:
+            pass
+        yield folder
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(folder)], check=False)
+        else:
+            folder.chmod(0o755)
 
 
 # ---------------------------------------------------------------- Serve

@@ -30,7 +30,7 @@ from pneumo.io.storage import Location
 from pneumo.monitor.drift import FILE_NAME, DriftReference
 from pneumo.score.config import ScoreConfig
 from pneumo.score.driver import format_summary, run_score
-from pneumo.score.runs import SUCCESS_FILE, read_results
+from pneumo.score.runs import committed_runs, read_results
 
 SIZE = (96, 128)
 PX = 96  # model input: small to stay fast on two cores
@@ -125,8 +125,8 @@ def test_score_writes_the_drift_verdict(ray_local, trained, tmp_path: Path, requ
     assert report["shift"] is shift and report["status"] == ("drift" if shift else "ok"), report["line"]
     assert set(report["tests"]) == {"mmd", "ks", "positive_rate"} and report["n"] == result.counts["ok"]
     assert run_dir.join("drift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    marker = json.loads(run_dir.join(SUCCESS_FILE).read_bytes())
-    assert marker["drift"]["shift"] is shift and marker["drift"]["line"] == report["line"]
+    (record,) = committed_runs(Location.resolve(out, extra[1] if extra else None))  # the commit's metadata
+    assert record["drift"]["shift"] is shift and record["drift"]["line"] == report["line"]
     assert result.drift["line"] in format_summary(result).splitlines()[4]
     assert report["line"].startswith("DRIFT: " if shift else "drift: this run looks like")
     df = read_results(Location.resolve(out, extra[1] if extra else None))
@@ -178,9 +178,9 @@ def test_adapt_moves_the_prevalence_estimate_toward_the_truth(ray_local, trained
         adapted = read_manifest(str(Path(result.run_dir) / "adapted_bundle"))
         assert FILE_NAME in adapted.files and not adapted.has_onnx
     assert a["line"] in format_summary(result)
-    marker = json.loads((Path(result.run_dir) / SUCCESS_FILE).read_text())
-    assert marker["adaptation"]["prevalence_estimate"] == a["prevalence_estimate"]
-    assert marker["config"]["adapt"] is True
+    (record,) = committed_runs(out)
+    assert record["adaptation"]["prevalence_estimate"] == pytest.approx(a["prevalence_estimate"], rel=1e-12)
+    assert record["config"]["adapt"] is True
     df = read_results(out)
     assert len(df) == 100 and df.adapted.eq(tag).all()
     assert df.prevalence_estimate.eq(a["prevalence_estimate"]).all()
@@ -189,8 +189,9 @@ def test_adapt_moves_the_prevalence_estimate_toward_the_truth(ray_local, trained
     assert df.probability.mean() == pytest.approx(a["prevalence_estimate"], abs=1e-3)
     assert np.allclose([v[1] for v in df.probabilities], df.probability)
     assert ((df.probability >= trained["manifest"].threshold_value) == (df.label == "PNEUMONIA")).all()
-    for part in Path(result.run_dir).glob("part-*.parquet"):  # the parts themselves were rewritten
-        assert set(pq.read_table(part).column("adapted").to_pylist()) == {tag}
+    for part in result.files:  # the files themselves were rewritten before the commit
+        assert set(pq.read_table(Path(out) / part).column("adapted").to_pylist()) == {tag}
+    assert sorted(p.name for p in Path(out).glob("part-*.parquet")) == sorted(result.files)  # none left behind
     assert json.loads((Path(result.run_dir) / "drift.json").read_text())["n"] == 100
 
 

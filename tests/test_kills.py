@@ -1,5 +1,6 @@
 """Real kills: SIGKILL a `pneumo train` driver (and its embedded Ray) after epoch 2, rerun, resume at 3;
-SIGKILL `pneumo score --incremental` at random moments, again and again, then finish: every file once.
+SIGKILL `pneumo score --incremental` at random moments, again and again, then finish: every file once
+in the committed history of its Delta table, and no row of a killed run visible.
 
 Each run is a real `pneumo train` / `pneumo score` process in its own process group with its own embedded Ray
 (RAY_ADDRESS=local, its own RAY_TMPDIR), so the kill takes the driver, the controller and the
@@ -90,24 +91,30 @@ BAD = {"empty.png": b"", "notes.jpeg": b"not an image\n", "readme.txt": b"listed
        "truncated.jpeg": b"\xff\xd8\xff\xe0" + b"\0" * 64}
 RAY_UP = "Started a local Ray instance"
 # Where each kill is aimed (shuffled by a seeded RNG, the commit last), each with a random jitter:
-# a delay after the start, after Ray is up, after the run's first part file, at its marker.
+# a delay after the start, after Ray is up, after the run's first data file, at its commit.
 AIMS = ["start-up"] * 3 + ["ray up"] * 3 + ["parts"] * 4
 PER_CYCLE_S = 240
 
 
-def _new_runs(out: Path, before: set[str]) -> list[Path]:
-    runs = out / "runs"
-    return [p for p in runs.iterdir() if p.name not in before] if runs.is_dir() else []
+def _state(out: Path) -> tuple[set[str], int]:
+    """(the data files at the table's root, committed or not; the commits in its log)."""
+    files = {p.name for p in out.glob("part-*.parquet")} if out.is_dir() else set()
+    return files, len(list((out / "_delta_log").glob("*.json"))) if out.is_dir() else 0
 
 
-def _phase(out: Path, before: set[str], log: str) -> str:
+def _phase(out: Path, before: tuple[set[str], int], log: str) -> str:
     """Where the killed run was, from what it left on disk and in its log."""
-    new = _new_runs(out, before)
-    if any((p / "_SUCCESS.json").exists() for p in new):
+    files, commits = _state(out)
+    if commits > before[1]:
         return "committed, not yet exited"
-    if any(p.glob("part-*.parquet") for p in new):
-        return "parts written, no marker"
-    return "Ray up, no part yet" if RAY_UP in log else "start-up (imports, listing, Ray start)"
+    if files - before[0]:
+        return "files written, no commit"
+    return "Ray up, no file yet" if RAY_UP in log else "start-up (imports, listing, Ray start)"
+
+
+def final_run_id(summary: str) -> str:
+    """The run id from `pneumo score`'s summary (`run <id>: committed to ...`)."""
+    return next(line.split()[1].rstrip(":") for line in summary.splitlines() if line.startswith("run "))
 
 
 def _wait_for(proc: subprocess.Popen, ready, timeout: float) -> bool:  # noqa: ANN001
@@ -123,9 +130,9 @@ def _wait_for(proc: subprocess.Popen, ready, timeout: float) -> bool:  # noqa: A
 @pytest.mark.slow
 def test_score_sigkilled_at_random_moments_then_incremental_scores_every_file_once(tmp_path) -> None:
     """`pneumo score --incremental` SIGKILLed (whole process group, embedded Ray) at seeded random
-    moments in each phase of its run (start-up, Ray up, writing parts, at the commit), over and
+    moments in each phase of its run (start-up, Ray up, writing files, at the commit), over and
     over while the archive grows; readers never raise after a kill, and one last run leaves every
-    input with exactly one committed row."""
+    input with exactly one committed row, none of them from a killed run."""
     import random
 
     from pneumo.score.runs import committed_runs, read_committed, read_results
@@ -143,7 +150,7 @@ def test_score_sigkilled_at_random_moments_then_incremental_scores_every_file_on
     kills, phases, added, t_start = 0, Counter(), 0, time.monotonic()
     try:
         for cycle, aim in enumerate(aims, 1):
-            before = {p.name for p in _new_runs(out, set())}
+            before = _state(out)
             log_path = tmp_path / f"cycle{cycle}.log"
             with open(log_path, "w") as log:
                 proc = subprocess.Popen(cmd, env=_env(ray_tmp), stdout=log, stderr=subprocess.STDOUT,
@@ -157,11 +164,10 @@ def test_score_sigkilled_at_random_moments_then_incremental_scores_every_file_on
                         _wait_for(proc, lambda p=log_path: RAY_UP in p.read_text(errors="replace"), PER_CYCLE_S)
                         _wait_for(proc, lambda d=rng.uniform(0.0, 4.0), t=time.monotonic(): time.monotonic() - t > d, 10)
                     elif aim == "parts":
-                        _wait_for(proc, lambda b=before: any(p.glob("part-*") for p in _new_runs(out, b)), PER_CYCLE_S)
+                        _wait_for(proc, lambda b=before: _state(out)[0] - b[0], PER_CYCLE_S)
                         _wait_for(proc, lambda d=rng.uniform(0.0, 1.5), t=time.monotonic(): time.monotonic() - t > d, 10)
                     else:
-                        _wait_for(proc, lambda b=before: any((p / "_SUCCESS.json").exists() for p in _new_runs(out, b)),
-                                  PER_CYCLE_S)
+                        _wait_for(proc, lambda b=before: _state(out)[1] > b[1], PER_CYCLE_S)
                     if proc.poll() is None:
                         kills += 1
                         phases[_phase(out, before, log_path.read_text(errors="replace"))] += 1
@@ -186,6 +192,7 @@ def test_score_sigkilled_at_random_moments_then_incremental_scores_every_file_on
 
     inputs = sorted(str(p) for p in data.rglob("*") if p.is_file())
     rows = read_committed(str(out)).to_pandas()
+    committed = {m["run_id"] for m in committed_runs(str(out))}
     counts = Counter(rows.path)
     duplicates = sorted(p for p, c in counts.items() if c > 1)
     missing = sorted(set(inputs) - set(counts))
@@ -195,4 +202,5 @@ def test_score_sigkilled_at_random_moments_then_incremental_scores_every_file_on
     print(summary)
     assert kills >= 10, summary
     assert not duplicates and not missing and len(rows) == len(inputs), summary
+    assert set(rows.run_id) <= committed and final_run_id(final.stdout) in committed, summary  # no killed run's rows
     assert set(rows[rows.status == "error"].path) == {str(data / name) for name in BAD}

@@ -1,25 +1,37 @@
-"""Batch scoring (pneumo.scoring) on the real local Ray, real files and the real weed S3 server.
+"""Batch scoring (pneumo.score) on the real local Ray, real files and the real weed S3 server.
 
 One scoring run of a mixed folder (module fixture) serves the row/status, explain and schema
-tests; incremental, killed-run and S3 tests make their own small runs. Tiny bundle: seed_cnn at
-64 px, 1 channel, random weights.
+tests; incremental, killed-run, old-format and S3 tests make their own small runs. Tiny bundle:
+seed_cnn at 64 px, 1 channel, random weights. The table's own properties (readers, time travel,
+concurrent runs, size cap, run ids) are in test_score_table.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow.compute as pc
 import pytest
-from helpers import dicom_bytes, jpeg_bytes, png_bytes, score
+from deltalake import DeltaTable
+from helpers import (
+    OpenWatch,
+    dicom_bytes,
+    jpeg_bytes,
+    png_bytes,
+    read_only,
+    score,
+    write_legacy_run,
+)
 from PIL import Image
 
 from pneumo.io.storage import Location
-from pneumo.score.runs import SUCCESS_FILE, committed_runs, read_committed, read_results
+from pneumo.score.runs import committed_runs, read_committed, read_results
 from pneumo.score.tasks import OUTPUT_SCHEMA
 
 REPO = Path(__file__).resolve().parents[1]
@@ -104,9 +116,10 @@ def test_mixed_inputs_give_one_row_each_with_status(mixed_run) -> None:  # noqa:
     row = df[df.path.str.endswith("good1.jpeg")].iloc[0]
     assert row.etag_or_sha256 == hashlib.sha256(good).hexdigest() and row.size_bytes == len(good)
     assert (df.run_id == result.run_id).all() and df.bundle_sha256.str.len().eq(64).all()
-    marker = json.loads((Path(result.run_dir) / SUCCESS_FILE).read_text())
-    assert marker["counts"] == {"ok": 7, "error": 6} and marker["n_scored"] == 13
-    assert sorted(marker["files"]) == sorted(p.name for p in Path(result.run_dir).glob("part-*.parquet"))
+    assert (df.inode > 0).all() and (df.ctime_ns > 0).all() and df.etag.isna().all()  # the local fingerprint
+    (record,) = committed_runs(str(mixed_run["out"]))  # the run's record is its commit's metadata
+    assert record["counts"] == {"ok": 7, "error": 6} and record["n_scored"] == 13 and record["version"] == 0
+    assert sorted(record["files"]) == sorted(Path(u).name for u in DeltaTable(str(mixed_run["out"])).file_uris())
 
 
 def test_explain_writes_overlays_for_positives_only(mixed_run) -> None:  # noqa: ANN001
@@ -132,9 +145,9 @@ def _readme_schema() -> dict[str, str]:
 
 def test_output_schema_matches_readme(mixed_run) -> None:  # noqa: ANN001
     documented = _readme_schema()
-    part = next(Path(mixed_run["result"].run_dir).glob("part-*.parquet"))
-    written = {f.name: str(f.type) for f in pq.read_schema(part)}
-    assert list(documented) == list(written), "README columns (and their order) differ from the Parquet file"
+    table = DeltaTable(str(mixed_run["out"])).to_pyarrow_table()  # what a Delta reader gets
+    written = {f.name: str(f.type) for f in table.schema}
+    assert list(documented) == list(written), "README columns (and their order) differ from the table"
     assert documented == written
     assert list(written) == OUTPUT_SCHEMA.names
 
@@ -177,15 +190,14 @@ def test_killed_run_is_ignored_and_rerun_completes_without_duplicates(ray_local,
     for i in range(4):
         (data / f"new{i}.jpeg").write_bytes(_jpeg(40 + i))
 
-    # A run killed after writing its parts but before its commit marker (the worst moment) ...
-    killed = score(data, bundle, out, "--incremental")
-    (Path(killed.run_dir) / SUCCESS_FILE).unlink()
-    # ... and one killed while writing a part (a torn file, no marker).
-    torn = out / "runs" / "20000101T000000Z-dead00"
-    torn.mkdir(parents=True)
-    (torn / "part-00000-x.parquet").write_bytes(b"PAR1 torn")
+    # What a run killed after writing its files but before its commit leaves (the worst moment) ...
+    (committed_file,) = [Path(u).name for u in DeltaTable(str(out)).file_uris()]
+    shutil.copy(out / committed_file, out / "part-20000101T000000Z-dead00-00000-aaaa.parquet")
+    # ... and one killed while writing a file (torn, at a name a write task could use).
+    (out / "part-20000101T000000Z-dead01-00000-bbbb.parquet").write_bytes(b"PAR1 torn")
+    (out / "_pneumo" / "runs" / "20000101T000000Z-dead01").mkdir(parents=True)
     assert [m["run_id"] for m in committed_runs(str(out))] == [first.run_id]
-    assert len(read_results(str(out))) == 3  # readers trust committed runs only
+    assert len(read_results(str(out))) == 3  # readers see committed runs only
 
     rerun = score(data, bundle, out, "--incremental")
     assert rerun.n_scored == 4 and rerun.n_skipped == 3  # the killed run's files are scored again
@@ -194,36 +206,49 @@ def test_killed_run_is_ignored_and_rerun_completes_without_duplicates(ray_local,
     assert set(rows.run_id) == {first.run_id, rerun.run_id}
 
 
-def test_damaged_markers_are_skipped_with_a_warning_and_rescored(ray_local, bundle, tmp_path, caplog) -> None:  # noqa: ANN001
+def test_old_parquet_runs_are_upgraded_into_the_table_and_damaged_ones_rescored(
+        ray_local, bundle, tmp_path, caplog) -> None:  # noqa: ANN001
+    """Run folders of the format before the table (`runs/<id>/part-*.parquet` + `_SUCCESS.json`) read
+    as they are, then become the table's first commit; damaged ones are skipped with a warning and
+    their files scored again; the good one's unchanged files are skipped from the listing alone."""
     data, out = _folder(tmp_path, {})
+    scratch = tmp_path / "scratch"
     runs = []
-    for k, group in enumerate(("torn", "gone", "garbage")):  # three committed runs, two files each
+    for k, group in enumerate(("good", "torn", "gone", "garbage")):  # four old runs, two files each
         for i in range(2):
             (data / f"{group}{i}.jpeg").write_bytes(_jpeg(60 + 2 * k + i))
-        runs.append(score(data, bundle, out, "--incremental"))
-    assert [r.n_scored for r in runs] == [2, 2, 2]
-    torn, gone, garbage = (Path(r.run_dir) for r in runs)
-    marker = (torn / SUCCESS_FILE).read_text()
-    (torn / SUCCESS_FILE).write_text(marker[: len(marker) // 2])  # truncated JSON
+        scored = score(data, bundle, scratch / group)
+        rows = read_committed(str(scratch / group))
+        rows = rows.filter(pc.starts_with(rows.column("path"), str(data / group)))
+        runs.append(write_legacy_run(out, scored.run_id, rows, f"2020-01-0{k + 1}T00:00:00.000+00:00"))
+    good, torn, gone, garbage = runs
+    marker = (torn / "_SUCCESS.json").read_text()
+    (torn / "_SUCCESS.json").write_text(marker[: len(marker) // 2])  # truncated JSON
     next(gone.glob("part-*.parquet")).unlink()  # the marker names a deleted part
     next(garbage.glob("part-*.parquet")).write_bytes(b"PAR1 not a parquet file")  # ... an unreadable one
 
     bad: list = []
     with caplog.at_level("WARNING", logger="pneumo.score.runs"):
-        assert read_results(str(out)).empty  # no exception, nothing trusted
-        assert committed_runs(str(out), bad=bad) == []
-    assert sorted(b.run_id for b in bad) == sorted(r.run_id for r in runs)
+        before = read_results(str(out))  # no table yet: the old runs read as they are
+        assert [m["run_id"] for m in committed_runs(str(out), bad=bad)] == [good.name]
+    assert sorted(before.path) == [str(data / f"good{i}.jpeg") for i in range(2)]
+    assert sorted(b.run_id for b in bad) == sorted(r.name for r in runs[1:])
     lines = [r.getMessage() for r in caplog.records if r.name == "pneumo.score.runs"]
-    assert len(lines) == 6 and all(line.startswith("ignoring run ") for line in lines)  # one per run per read
-    assert {line.split()[2].rstrip(":") for line in lines} == {r.run_id for r in runs}
+    assert lines and all(line.startswith("ignoring run ") for line in lines)
     assert not any(f"{g}{i}.jpeg" in line for line in lines for g in ("torn", "gone", "garbage") for i in (0, 1))
 
-    rerun = score(data, bundle, out, "--incremental")  # every file of a damaged run is scored again
-    assert (rerun.n_scored, rerun.n_skipped) == (6, 0)
-    assert sorted(b["run_id"] for b in rerun.ignored_runs) == sorted(r.run_id for r in runs)
-    assert [m["run_id"] for m in committed_runs(str(out))] == [rerun.run_id]
+    watch = OpenWatch(data)
+    rerun = score(data, bundle, out, "--incremental")  # upgrades, then scores the damaged runs' files
+    opened = watch.poll()
+    watch.close()
+    assert (rerun.n_scored, rerun.n_skipped) == (6, 2)
+    assert sorted(b["run_id"] for b in rerun.ignored_runs) == sorted(r.name for r in runs[1:])
+    assert [m["run_id"] for m in committed_runs(str(out))] == [good.name, rerun.run_id]
+    assert committed_runs(str(out))[0]["upgraded_from"] == f"runs/{good.name}"
     rows = read_committed(str(out)).to_pandas()
-    assert sorted(rows.path) == sorted(str(p) for p in data.glob("*.jpeg"))
+    assert sorted(rows.path) == sorted(str(p) for p in data.glob("*.jpeg"))  # every file once
+    # the upgrade read the good run's files once, to prove them unchanged; the run itself did not
+    assert all(opened[f"good{i}.jpeg"] == 1 for i in range(2)) and opened["torn0.jpeg"] >= 1, opened
 
 
 def _folder(tmp_path: Path, files: dict[str, bytes]) -> tuple[Path, Path]:
@@ -235,55 +260,61 @@ def _folder(tmp_path: Path, files: dict[str, bytes]) -> tuple[Path, Path]:
     return data, tmp_path / "out"
 
 
-def test_incremental_compares_content_not_size_and_mtime(ray_local, bundle, tmp_path) -> None:  # noqa: ANN001
-    data, out = _folder(tmp_path, {f"x{i}.jpeg": _jpeg(70 + i) for i in range(3)})
+def test_a_same_size_cp_p_replacement_is_rescored_without_reading_unchanged_files(
+        ray_local, bundle, tmp_path) -> None:  # noqa: ANN001
+    data, out = _folder(tmp_path, {f"x{i}.jpeg": _jpeg(70 + i) for i in range(4)})
     first = score(data, bundle, out, "--incremental")
-    assert first.n_scored == 3
+    assert first.n_scored == 4
 
     target = data / "x1.jpeg"
     st = target.stat()
     old = target.read_bytes()
-    new = _jpeg(77)[: len(old)].ljust(len(old), b"\0")  # same size, other bytes (like cp -p of a re-export)
+    new = _jpeg(77)[: len(old)].ljust(len(old), b"\0")  # same size, other bytes (like a re-export)
     assert new != old and len(new) == len(old)
-    target.write_bytes(new)
-    import os
-
-    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # the old mtime kept
+    source = tmp_path / "export" / "x1.jpeg"
+    source.parent.mkdir()
+    source.write_bytes(new)
+    os.utime(source, ns=(st.st_atime_ns, st.st_mtime_ns))
+    subprocess.run(["cp", "-p", str(source), str(target)], check=True)  # the old mtime kept, same size
     assert (target.stat().st_size, target.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
 
+    watch = OpenWatch(data)
     second = score(data, bundle, out, "--incremental")
-    assert (second.n_scored, second.n_skipped) == (1, 2)  # the untouched files are skipped
+    opened = watch.poll()
+    assert (second.n_scored, second.n_skipped) == (1, 3)  # ctime (and the inode) tell the replacement
+    assert set(opened) == {"x1.jpeg"}, opened  # not one unchanged file was read
     latest = read_results(str(out)).set_index("path")
     assert latest.loc[str(target), "run_id"] == second.run_id
     assert latest.loc[str(target), "etag_or_sha256"] == hashlib.sha256(new).hexdigest()
-    assert len(read_committed(str(out))) == 4  # no duplicate rows for the skipped files
+    assert len(read_committed(str(out))) == 5  # no duplicate rows for the skipped files
 
     third = score(data, bundle, out, "--incremental")
-    assert (third.n_scored, third.n_skipped) == (0, 3)
+    assert (third.n_scored, third.n_skipped) == (0, 4) and set(watch.poll()) == {"x1.jpeg"}
+    verified = score(data, bundle, out, "--incremental", "--verify-content")  # the old check, on request
+    assert (verified.n_scored, verified.n_skipped, verified.n_verified) == (0, 4, 4)
+    assert set(watch.poll()) == {f"x{i}.jpeg" for i in range(4)}  # ... reads every skipped file
+    watch.close()
 
 
-def test_failed_overlays_are_explain_error_rows_and_long_names_fit(ray_local, bundle, tmp_path) -> None:  # noqa: ANN001
+def test_overlays_that_cannot_be_written_keep_every_label_and_long_names_fit(ray_local, bundle, tmp_path) -> None:  # noqa: ANN001
     long = "p" * 245  # + ".jpeg": a 250-character file name
     data, out = _folder(tmp_path, {f"{long}.jpeg": _jpeg(80, level=190), f"{long[:-1]}d.jpeg": _jpeg(81, level=0),
                                    "bright.jpeg": _jpeg(82, level=190), "dark.jpeg": _jpeg(83, level=0)})
-    run_dir = out / "runs" / "20000101T000000Z-noexpl"
-    run_dir.mkdir(parents=True)
-    (run_dir / "explain").write_text("a file where the explain folder should be")
-
-    first = score(data, bundle, out, "--incremental", "--explain", "--run-id", run_dir.name)
+    run_id = "20000101T000000Z-noexpl"
+    with read_only(out / "_pneumo" / "runs" / run_id / "explain"):
+        first = score(data, bundle, out, "--incremental", "--explain", "--run-id", run_id)
     rows = read_results(str(out))
-    assert len(rows) == 4 and first.counts["ok"] + first.counts["error"] == 4
-    failed = rows[rows.status == "error"]
-    assert len(failed) >= 1 and (failed.error_kind == "explain").all() and first.errors == {"explain": len(failed)}
-    assert failed.label.isna().all() and failed.probability.isna().all()
-    assert failed.error.str.startswith("Grad-CAM overlay not written").all()
-    assert not failed.error.str.contains("ppp").any()  # no file names in messages
-    assert (rows[rows.status == "ok"].label == "NORMAL").all()
+    assert len(rows) == 4 and first.counts == {"ok": 4, "error": 0}  # the overlays failed, no row did
+    failed = rows[rows.explain_error.notna()]
+    assert len(failed) == 2 and (failed.label == "PNEUMONIA").all() and failed.probability.notna().all()
+    assert failed.explain_path.isna().all() and failed.explain_error.str.startswith("Grad-CAM overlay not written").all()
+    assert not failed.explain_error.str.contains("ppp").any()  # no file names in messages
+    assert rows[rows.label == "NORMAL"].explain_error.isna().all()
 
-    second = score(data, bundle, out, "--incremental", "--explain")  # `explain` rows are retried
-    assert (second.n_scored, second.n_skipped) == (len(failed), 4 - len(failed))
+    second = score(data, bundle, out, "--incremental", "--explain")  # a failed overlay is tried again
+    assert (second.n_scored, second.n_skipped) == (2, 2)
     redone = read_results(str(out)).set_index("path").loc[list(failed.path)]
-    assert (redone.status == "ok").all() and (redone.label == "PNEUMONIA").all()
+    assert (redone.status == "ok").all() and (redone.label == "PNEUMONIA").all() and redone.explain_error.isna().all()
     assert any(len(Path(p).name) == 250 for p in redone.index)  # a 250-character name got its overlay
     for path in redone.explain_path:
         assert Path(path).is_file() and len(Path(path).name) < 120
@@ -335,7 +366,7 @@ def test_s3_in_and_out_and_manifest(ray_local, bundle, s3_server, tmp_path) -> N
     ep = ["--s3-endpoint", s3_server.endpoint]
 
     result = score("s3://scoring-in/archive", bundle, "s3://scoring-out/scores", *ep)
-    assert result.run_dir.startswith("s3://scoring-out/scores/runs/")
+    assert result.run_dir.startswith("s3://scoring-out/scores/_pneumo/runs/") and result.table == "s3://scoring-out/scores"
     df = read_results(Location.resolve("s3://scoring-out/scores", s3_server.endpoint))
     assert dict(zip(df.path, df.status)) == {
         "s3://scoring-in/archive/2024/01/a.jpeg": "ok",
@@ -343,7 +374,9 @@ def test_s3_in_and_out_and_manifest(ray_local, bundle, s3_server, tmp_path) -> N
         "s3://scoring-in/archive/c.jpeg": "error",
     }
     keys = [o["Key"] for o in s3_server.client().list_objects_v2(Bucket="scoring-out")["Contents"]]
-    assert f"scores/runs/{result.run_id}/{SUCCESS_FILE}" in keys
+    assert "scores/_delta_log/00000000000000000000.json" in keys  # a Delta table on S3
+    ok = df[df.status == "ok"]
+    assert ok.etag.str.len().eq(32).all() and (df.inode == -1).all()  # the S3 fingerprint: size and ETag
 
     manifest = tmp_path / "list.txt"
     manifest.write_text("# nightly list\ns3://scoring-in/archive/2024/b.png\n\ns3://scoring-in/archive/gone.jpeg\n")

@@ -12,7 +12,7 @@ and evaluation all call `read_image`, so they read, hash, decode and name errors
 | `empty`       | 0 bytes                                                       | no  |
 | `corrupt`     | a JPEG/PNG/DICOM that cannot be decoded (truncated, broken)   | no  |
 | `unsupported` | not a JPEG, PNG or DICOM (GIF, TIFF, text...), a folder, a DICOM with no pixels | no |
-| `too_large`   | over the pixel budget (`max_pixels`, counting frames and samples) | no  |
+| `too_large`   | over the pixel budget (`max_pixels`, counting frames and samples), or over `max_bytes` | no  |
 
 The last four are `pneumo.io.preprocess.DecodeError` kinds (serving maps them to 400/400/415/413).
 Messages never contain the path (file names carry patient ids); callers that want the path
@@ -55,17 +55,23 @@ class ReadResult:
 
 
 class ReadError(OSError):
-    """An I/O failure of `read_file`, with its kind (`missing`, `unreadable` or `unsupported`)."""
+    """An I/O failure of `read_file`, with its kind (`missing`, `unreadable`, `unsupported` or `too_large`)."""
 
     def __init__(self, kind: str, message: str):
         self.kind, self.message = kind, message
         super().__init__(message)
 
 
-def read_file(location: Location | str) -> bytes:
-    """The bytes of one input file; every failure is a `ReadError` with its kind."""
+def too_large_message(size: int, max_bytes: int) -> str:
+    """The `too_large` error text for a file over the byte cap (no path: file names carry patient ids)."""
+    return f"file of {size:,} bytes is over the {max_bytes:,}-byte limit (max_file_bytes); not read"
+
+
+def read_file(location: Location | str, max_bytes: int | None = None) -> bytes:
+    """The bytes of one input file (refused as `too_large` past `max_bytes`, having read at most
+    `max_bytes + 1` of them); every failure is a `ReadError` with its kind."""
     try:
-        return Location.of(location).read_bytes()
+        data = Location.of(location).read_bytes(limit=max_bytes)
     except NotAFileError as exc:
         raise ReadError("unsupported", str(exc)) from exc
     except FileNotFoundError as exc:
@@ -78,13 +84,17 @@ def read_file(location: Location | str) -> bytes:
         raise ReadError("unreadable", f"cannot read ({type(exc).__name__}: {reason})") from exc
     except Exception as exc:  # noqa: BLE001 - any I/O trouble is this file's error
         raise ReadError("unreadable", f"cannot read ({type(exc).__name__}: {exc})") from exc
+    if max_bytes is not None and len(data) > max_bytes:
+        raise ReadError("too_large", f"file over the {max_bytes:,}-byte limit (max_file_bytes); not read whole")
+    return data
 
 
-def read_image(location: Location | str, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS) -> ReadResult:
-    """Read, hash and preprocess one file. Never raises for a bad file: see `ReadResult`."""
+def read_image(location: Location | str, spec: InputSpec, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_bytes: int | None = None) -> ReadResult:
+    """Read (at most `max_bytes`), hash and preprocess one file. Never raises for a bad file: see `ReadResult`."""
     location = Location.of(location)
     try:
-        data = read_file(location)
+        data = read_file(location, max_bytes)
     except ReadError as exc:
         return ReadResult(error=ImageError(exc.kind, exc.message))
     sha = hashlib.sha256(data).hexdigest()

@@ -2,9 +2,11 @@
 and write its bytes.
 
     loc = Location.resolve("s3://xrays/archive", s3_endpoint="http://127.0.0.1:8333")  # once per verb
-    loc.join("runs", run_id, "_SUCCESS.json").write_bytes(b"{...}")                     # atomic
+    loc.join("_pneumo", "runs", run_id, "drift.json").write_bytes(b"{...}")          # atomic
     loc.read_bytes(), loc.exists(), loc.is_dir(), str(loc)   # "s3://xrays/archive"
     loc.at("s3://xrays/archive/a/b.jpeg")                    # another path on the same store
+    loc.storage_options()                                    # the same store for deltalake / polars
+    s3_client(loc.endpoint)                                  # boto3, for what pyarrow lacks (ETags)
 
 A Location is two strings, the URI and the S3 endpoint (None: `AWS_ENDPOINT_URL_S3`,
 `AWS_ENDPOINT_URL` or AWS itself), so it pickles into Ray tasks and actors as it is. Its pyarrow
@@ -65,12 +67,35 @@ def _s3(endpoint: str | None, region: str, key: str | None, secret: str | None,
 _LOCAL = pafs.LocalFileSystem()
 
 
+@lru_cache(maxsize=16)
+def _boto3(endpoint: str | None, region: str, key: str | None, secret: str | None, token: str | None) -> Any:
+    import boto3  # start-up time: only listings and manifests on S3 need it
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name=region, aws_access_key_id=key,
+                        aws_secret_access_key=secret, aws_session_token=token)
+
+
+def _region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def s3_client(endpoint: str | None = None) -> Any:
+    """The process's cached boto3 S3 client for `endpoint` (else the AWS environment's): pyarrow's
+    listing has no ETags, boto3's `list_objects_v2` and `head_object` have them."""
+    env = os.environ.get
+    endpoint = endpoint or _env_endpoint()
+    if endpoint and "://" not in endpoint:
+        endpoint = f"http://{endpoint}"
+    return _boto3(endpoint, _region(), env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"),
+                  env("AWS_SESSION_TOKEN"))
+
+
 def filesystem(uri: str, endpoint: str | None = None) -> pafs.FileSystem:
     """The process's cached filesystem for `uri`: local, or S3 at `endpoint` (else the AWS environment's)."""
     if not is_s3(uri):
         return _LOCAL
     env = os.environ.get
-    return _s3(endpoint or _env_endpoint(), env("AWS_REGION") or env("AWS_DEFAULT_REGION") or "us-east-1",
+    return _s3(endpoint or _env_endpoint(), _region(),
                env("AWS_ACCESS_KEY_ID"), env("AWS_SECRET_ACCESS_KEY"), env("AWS_SESSION_TOKEN"))
 
 
@@ -131,6 +156,30 @@ class Location:
     @property
     def parent(self) -> Location:
         return Location(self.uri.rstrip("/").rsplit("/", 1)[0], self.endpoint)
+
+    @property
+    def bucket_key(self) -> tuple[str, str]:
+        """(bucket, key) of an `s3://` location (key "" for a bucket)."""
+        bucket, _, key = self.path.partition("/")
+        return bucket, key
+
+    def storage_options(self) -> dict[str, str] | None:
+        """This store as deltalake / polars / object_store `storage_options` (None locally): the
+        endpoint, plain HTTP allowed for an `http://` one, the region and the AWS environment's keys."""
+        if not self.is_s3:
+            return None
+        env = os.environ.get
+        opts = {"AWS_REGION": _region()}
+        endpoint = self.endpoint or _env_endpoint()
+        if endpoint:
+            endpoint = endpoint if "://" in endpoint else f"http://{endpoint}"
+            opts["AWS_ENDPOINT_URL"] = endpoint
+            if endpoint.startswith("http://"):
+                opts["AWS_ALLOW_HTTP"] = "true"
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+            if env(name):
+                opts[name] = env(name)
+        return opts
 
     def uri_of(self, fs_path: str) -> str:
         """A path inside `fs` (as pyarrow lists it) back to a URI of this store."""

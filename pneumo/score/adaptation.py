@@ -1,11 +1,16 @@
 """`--adapt`: the driver's passes over a scored run before it commits.
 
-- `adapt_bundle` (AdaBN): BatchNorm statistics re-estimated on a sample of the archive with the
-  torch model, saved as a torch-only bundle in `<run_dir>/adapted_bundle/` for the actors (ONNX
-  graphs have BatchNorm folded into the convolutions, so ONNX Runtime cannot adapt).
-- `adjust_prevalence` (EM, Saerens et al. 2002): the archive's class priors estimated from the
-  run's probabilities against the training prior, probabilities re-weighted, labels re-decided
-  at the bundle's threshold, parts rewritten; every row says `adapted` and `prevalence_estimate`.
+- `adapt_bundle` (AdaBN and/or align, on a uniform sample of the archive): BatchNorm statistics
+  re-estimated with the torch model (a torch-only bundle: ONNX graphs have BatchNorm folded into
+  the convolutions), and/or the archive's embedding statistics standardised to the training ones
+  in the head (exported to ONNX); saved in `<run_dir>/adapted_bundle/` for the actors, unless the
+  adapted model collapses the sample to one class, when the run scores unadapted.
+- `estimate` + `adjust_prevalence` (EM, Saerens et al. 2002): the archive's class priors estimated
+  from the run's probabilities (a uniform sample of ok rows) against the training prior, refused
+  at the boundary; then Ray Data tasks re-weight every row's probabilities, re-decide its label at
+  the bundle's threshold and rewrite the run's (uncommitted) files; every row says `adapted` and
+  `prevalence_estimate`.
+- `training_prior` is also the precondition `pneumo score --adapt` checks before it scores anything.
 """
 
 from __future__ import annotations
@@ -14,11 +19,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pneumo.bundle.manifest import INT8_FILE, ONNX_FILE, Manifest, drift_reference, read_file
 from pneumo.config import ConfigError
-from pneumo.data.listing import ImageRecord
 from pneumo.io.preprocess import to_tensor
 from pneumo.io.storage import Location
 from pneumo.labels import decide, positive_score
@@ -33,15 +36,12 @@ SAFE_SHARE = (0.01, 0.99)  # a predicted share (or prevalence) at or past these:
 MODEL_METHODS = ("adabn", "align")  # the methods that change the model before scoring (EM works on its output)
 
 
-def _sample_images(cfg: ScoreConfig, manifest: Manifest, store: Location, records: list[ImageRecord]) -> np.ndarray:
-    """Up to `adapt_sample` of the archive's images (seeded), read and preprocessed like scoring does."""
-    rng = np.random.default_rng(0)
-    pick = np.sort(rng.choice(len(records), min(cfg.adapt_sample, len(records)), replace=False))
-    sample = [records[i] for i in pick]
-    pre = read_and_preprocess({"path": np.array([r.path for r in sample], dtype=object),
-                               "size_bytes": np.array([r.size for r in sample], dtype=np.int64),
-                               "mtime_ns": np.array([r.mtime_ns for r in sample], dtype=np.int64)},
-                              manifest.input, store)
+def _sample_images(cfg: ScoreConfig, manifest: Manifest, store: Location, sample: list[dict[str, Any]]) -> np.ndarray:
+    """The sampled listing rows' images, read and preprocessed like scoring does (unreadable ones left out)."""
+    sample = sorted(sample, key=lambda r: r["path"])
+    pre = read_and_preprocess({"path": np.array([r["path"] for r in sample], dtype=object),
+                               "size_bytes": np.array([r["size_bytes"] for r in sample], dtype=np.int64)},
+                              manifest.input, store, cfg.max_file_bytes)
     return pre["image"][pre["status"] == "ok"]
 
 
@@ -50,8 +50,8 @@ def collapsed(share: float) -> bool:
 
 
 def adapt_bundle(cfg: ScoreConfig, bundle: Location, manifest: Manifest, store: Location,
-                 records: list[ImageRecord], run_dir: Location) -> tuple[Location, dict[str, Any]]:
-    """AdaBN and/or align in the driver, on up to `adapt_sample` archive images: the adapted model is
+                 sample: list[dict[str, Any]], run_dir: Location) -> tuple[Location, dict[str, Any]]:
+    """AdaBN and/or align in the driver, on `sample` (up to `adapt_sample` listing rows of the archive): the adapted model is
     saved as a bundle `<run_dir>/adapted_bundle` (drift reference copied) for the actors, unless its
     own diagnostics say it is unsafe (the sample's predicted positive share collapses to one class),
     in which case the run scores with the original bundle and the reason is recorded."""
@@ -62,7 +62,7 @@ def adapt_bundle(cfg: ScoreConfig, bundle: Location, manifest: Manifest, store: 
     from pneumo.bundle.store import load_model
 
     asked = [m for m in cfg.adaptations if m in MODEL_METHODS]
-    images = _sample_images(cfg, manifest, store, records)
+    images = _sample_images(cfg, manifest, store, sample)
     if len(images) < 2:
         return bundle, {"applied": [], "refused": f"{len(images)} readable image(s) in the adaptation sample"}
     device = "cuda" if cfg.gpus_per_actor > 0 and torch.cuda.is_available() else "cpu"
@@ -137,65 +137,94 @@ def training_prior(manifest: Manifest) -> tuple[np.ndarray, str]:
                       "cannot estimate the archive's prevalence against an unknown training prior")
 
 
+def _reweight(t: pa.Table, prior: np.ndarray | None, train: np.ndarray, classes: list[str], threshold: float,
+              methods: str, prevalence: float | None) -> pa.Table:
+    """Ray Data task: a run's rows re-weighted to the estimated `prior` (Bayes' rule), labels re-decided."""
+    cols = {c: t.column(c).to_pylist() for c in ("probability", "probabilities", "label")}
+    rows = np.flatnonzero(np.array(t.column("status").to_pylist(), dtype=object) == "ok")
+    if prior is not None and len(rows):
+        w = np.array([cols["probabilities"][i] for i in rows], dtype=np.float64) * (prior / train)
+        p = w / w.sum(axis=1, keepdims=True)
+        score, label = positive_score(p, classes), decide(p, classes, threshold)
+        for j, i in enumerate(rows):
+            cols["probabilities"][i], cols["probability"][i], cols["label"][i] = p[j].tolist(), float(score[j]), label[j]
+    cols["adapted"] = [methods or "none"] * len(t)
+    cols["prevalence_estimate"] = [prevalence] * len(t)
+    for c, values in cols.items():
+        field = OUTPUT_SCHEMA.field(c)
+        t = t.set_column(t.schema.get_field_index(c), field, pa.array(values, type=field.type))
+    return t
+
+
 def estimate_prior(manifest: Manifest, probs: np.ndarray) -> tuple[np.ndarray | None, dict[str, Any]]:
-    """EM's estimate of the archive's class priors from its probabilities (Saerens et al. 2002), or
-    None with the reason when its own diagnostic says it is unsafe: a prevalence at the boundary
-    (<= 0.01 or >= 0.99), where EM has most likely read a change of appearance as one of prevalence."""
+    """EM's estimate of the archive's class priors from its probabilities (Saerens et al. 2002):
+    (the weights prior / training prior, or None when its own diagnostic says it is unsafe, the
+    figures). Unsafe: a prevalence at the boundary (<= 0.01 or >= 0.99), where EM has most likely
+    read a change of appearance as one of prevalence."""
     train, source = training_prior(manifest)
-    neg = manifest.negative_index
     prior = estimate_prevalence_em(probs, train)[0] if len(probs) else train
-    info = {"training_prior": train.tolist(), "prior_source": source, "class_priors": np.asarray(prior).tolist(),
-            "prevalence_estimate": float(1 - prior[neg]), "training_prevalence": float(1 - train[neg])}
+    neg = manifest.negative_index
+    info = {"prevalence_estimate": float(1 - prior[neg]), "training_prevalence": float(1 - train[neg]),
+            "training_prior": train.tolist(), "prior_source": source, "class_priors": np.asarray(prior).tolist()}
     if collapsed(info["prevalence_estimate"]):
         return None, {**info, "em_refused": f"estimated prevalence {info['prevalence_estimate']:.3f} is at the "
                                             "boundary: not re-weighted (EM reads a change of appearance as one "
                                             "of prevalence)"}
-    return prior / train, info
+    return np.asarray(prior) / train, info
 
 
-def adjust_prevalence(cfg: ScoreConfig, manifest: Manifest, run_dir: Location, files: list[str], table: pa.Table,
-                      model_adaptation: dict[str, Any] | None) -> tuple[pa.Table, dict[str, Any]]:
-    """The post-pass before the commit: with `em`, estimate the archive's class priors from the run's
-    probabilities and re-weight every ok row to them (labels re-decided, parts rewritten), unless EM
-    refuses itself; every row records what was applied (`adapted`) and the prevalence estimate."""
-    ok = ok_rows(table)
-    probs = np.array(ok.column("probabilities").to_pylist(), dtype=np.float64).reshape(len(ok), len(manifest.classes))
-    applied = list((model_adaptation or {}).get("applied", []))
-    weights, em = (estimate_prior(manifest, probs) if "em" in cfg.adaptations else (None, {}))
-    if weights is not None:
-        applied.append("em")
-    methods = "+".join(applied) or "none"
-    tables = []
-    for name in files:
-        part = pq.read_table(run_dir.join(name).path, filesystem=run_dir.fs, schema=OUTPUT_SCHEMA)
-        cols = {c: part.column(c).to_pylist() for c in ("probability", "probabilities", "label")}
-        rows = np.flatnonzero(np.array(part.column("status").to_pylist()) == "ok")
-        if weights is not None and len(rows):
-            w = np.array([cols["probabilities"][i] for i in rows], dtype=np.float64) * weights
-            p = w / w.sum(axis=1, keepdims=True)  # Bayes' rule under the estimated prior
-            score, label = positive_score(p, manifest.classes), decide(p, manifest.classes, manifest.threshold_value)
-            for j, i in enumerate(rows):
-                cols["probabilities"][i], cols["probability"][i], cols["label"][i] = p[j].tolist(), float(score[j]), label[j]
-        cols["adapted"] = [methods] * len(part)
-        cols["prevalence_estimate"] = [em.get("prevalence_estimate") if weights is not None else None] * len(part)
-        for c, values in cols.items():
-            i = OUTPUT_SCHEMA.get_field_index(c)
-            part = part.set_column(i, OUTPUT_SCHEMA.field(c), pa.array(values, type=OUTPUT_SCHEMA.field(c).type))
-        sink = pa.BufferOutputStream()
-        pq.write_table(part, sink)
-        run_dir.join(name).write_bytes(sink.getvalue().to_pybytes())
-        tables.append(part)
-    info = {"methods": methods, **em, "model": model_adaptation, "line": adaptation_line(methods, em, model_adaptation)}
-    return (pa.concat_tables(tables) if tables else table), info
+def estimate(cfg: ScoreConfig, manifest: Manifest, sample: pa.Table, model: dict[str, Any] | None) -> dict[str, Any]:
+    """The `adaptation` record: what the model adaptation applied or refused (`model`, from
+    `adapt_bundle`) and, with `em`, EM's estimate from a sample of the run's ok rows (`estimate_prior`)."""
+    applied = list((model or {}).get("applied", []))
+    info: dict[str, Any] = {"prevalence_estimate": None, "training_prevalence": None, "training_prior": None,
+                            "class_priors": None, "prior_source": "not asked", "model": model}
+    ok = ok_rows(sample)
+    info["rows_estimated_on"] = len(ok)
+    if "em" in cfg.adaptations and len(ok):
+        probs = np.array(ok.column("probabilities").to_pylist(), dtype=np.float64).reshape(len(ok), len(manifest.classes))
+        weights, em = estimate_prior(manifest, probs)
+        if weights is None:
+            info["em_refused"], info["prevalence_estimate_refused"] = em["em_refused"], em["prevalence_estimate"]
+        else:
+            info.update(em)
+            applied.append("em")
+    info["methods"] = "+".join(applied) or "none"
+    info["line"] = adaptation_line(info)
+    return info
 
 
-def adaptation_line(methods: str, em: dict[str, Any], model: dict[str, Any] | None) -> str:
+def adaptation_line(info: dict[str, Any]) -> str:
     """The summary's `adapt:` line: what was applied, the prevalence estimate, and every refusal."""
-    parts = [f"adapt: applied {methods}"]
-    if em.get("prevalence_estimate") is not None and "em_refused" not in em:
-        parts.append(f"estimated prevalence {em['prevalence_estimate']:.2f} (training "
-                     f"{em['training_prevalence']:.2f}, {em['prior_source']})")
-    for why in (em.get("em_refused"), (model or {}).get("refused"), (model or {}).get("align_refused")):
+    parts = [f"adapt: applied {info['methods']}"]
+    if info.get("prevalence_estimate") is not None:
+        parts.append(f"estimated prevalence {info['prevalence_estimate']:.2f} (training "
+                     f"{info['training_prevalence']:.2f}, {info['prior_source']})")
+    model = info.get("model") or {}
+    for why in (info.get("em_refused"), model.get("refused"), model.get("align_refused")):
         if why:
             parts.append(f"refused: {why}")
     return "; ".join(parts)
+
+
+def adjust_prevalence(cfg: ScoreConfig, manifest: Manifest, out: Location, run_id: str, parts: list[dict[str, Any]],
+                      info: dict[str, Any]) -> list[dict[str, Any]]:
+    """EM post-pass before the commit: Ray Data tasks rewrite the run's files with every ok row
+    re-weighted to `info`'s estimate (`estimate`); the new files (the old ones are deleted)."""
+    import ray
+
+    from pneumo.score.parts import PartSink
+
+    if not parts:
+        return parts
+    em = info["prevalence_estimate"] is not None  # None: not asked, or refused
+    kwargs = {"prior": np.asarray(info["class_priors"]) if em else None,
+              "train": np.asarray(info["training_prior"]) if em else np.ones(len(manifest.classes)),
+              "classes": manifest.classes, "threshold": manifest.threshold_value, "methods": info["methods"],
+              "prevalence": info["prevalence_estimate"]}
+    ds = ray.data.read_parquet([out.join(p["path"]).path for p in parts], filesystem=out.fs)
+    sink = PartSink(out, run_id, OUTPUT_SCHEMA, tag="em-")
+    ds.map_batches(_reweight, fn_kwargs=kwargs, batch_format="pyarrow").write_datasink(sink)
+    for p in parts:
+        out.join(p["path"]).delete()
+    return sink.parts

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -14,6 +15,8 @@ from pneumo.io.storage import Location
 from pneumo.precision import ENGINES, PRECISIONS
 
 ADAPT_METHODS = ("adabn", "align", "em")  # --adapt-methods, in the order they run
+RUN_ID = re.compile(r"[A-Za-z0-9._-]+")  # --run-id: one safe path segment (it names the run's side folder)
+MAX_FILE_BYTES = 512 * 2**20  # well under a read task's memory: one huge file is a row, not an OOM
 
 
 @dataclass(frozen=True)
@@ -32,20 +35,27 @@ class Pipeline:
     cpus_per_actor: float = 0.0
     gpus_per_actor: float = 0.0
     threads: int = 0
+    max_file_bytes: int = MAX_FILE_BYTES
 
 
 @dataclass
 class ScoreConfig:
-    """Batch-score an archive of chest X-rays into Parquet with Ray Data."""
+    """Batch-score an archive of chest X-rays into a Delta Lake table with Ray Data."""
 
     data: str | None = field(default=None, metadata={
         "positional": True, "help": "folder or s3:// prefix to score (any nesting); or use --manifest"})
     bundle: str = field(default="", metadata={"help": "model bundle folder or s3:// prefix (required)"})
-    out: str = field(default="", metadata={"help": "output folder or s3:// prefix (required)"})
+    out: str = field(default="", metadata={"help": "the results table: a folder or s3:// prefix (required)"})
     manifest: str | None = field(default=None, metadata={"help": "text file listing paths to score, one per line"})
     s3_endpoint: str | None = field(default=None, metadata={"help": "S3-compatible endpoint URL"})
     incremental: bool = field(default=False, metadata={
-        "help": "skip files already scored by the same bundle in earlier committed runs"})
+        "help": "skip files already scored by the same bundle in earlier committed runs, unchanged since "
+                "(from the listing: size, mtime, ctime, inode locally; size and ETag on S3)"})
+    verify_content: bool = field(default=False, metadata={
+        "help": "with --incremental, also read and sha256 each unchanged-looking file and rescore it if "
+                "its bytes differ (for stores whose listing identifies content poorly)"})
+    max_file_bytes: int = field(default=MAX_FILE_BYTES, metadata={
+        "help": "files listed larger than this are `too_large` error rows, never read"})
     explain: bool = field(default=False, metadata={"help": "write Grad-CAM overlay PNGs for positive predictions"})
     engine: str = field(default="auto", metadata={
         "choices": list(ENGINES),
@@ -66,7 +76,8 @@ class ScoreConfig:
     gpus_per_actor: float = field(default=0.0, metadata={"help": "GPUs per model actor (0 = CPU)"})
     threads: int = field(default=0, metadata={
         "help": "engine threads per actor (0: the CPUs of the node the pool is sized for)"})
-    run_id: str | None = field(default=None, metadata={"help": "run id (default: UTC time + random suffix)"})
+    run_id: str | None = field(default=None, metadata={
+        "help": "run id, [A-Za-z0-9._-]+ and not a committed run's (default: UTC time + random suffix)"})
     adapt: bool = field(default=False, metadata={
         "help": "adapt to this archive without labels (see --adapt-methods); each method refuses itself, and the "
                 "run scores unadapted, when its own diagnostics say it is unsafe"})
@@ -125,14 +136,22 @@ class ScoreConfig:
                               "(ONNX graphs have BatchNorm folded): use --engine auto or torch, not int8")
         if self.adapt_sample < 2:
             raise ConfigError(f"adapt_sample must be >= 2, got {self.adapt_sample}")
+        if self.max_file_bytes < 1:
+            raise ConfigError(f"max_file_bytes must be >= 1, got {self.max_file_bytes}")
+        if self.verify_content and not self.incremental:
+            raise ConfigError("--verify-content checks what --incremental would skip: give --incremental too")
+        if self.run_id is not None and (not RUN_ID.fullmatch(self.run_id) or self.run_id in (".", "..")):
+            raise ConfigError(f"run_id {self.run_id!r}: use letters, digits, '.', '_' and '-' only "
+                              "(it names the run's folder under the table)")
 
 
 @dataclass
 class ScoreResult:
-    """What one run did (also written, with its config, to the run's `_SUCCESS.json`)."""
+    """What one run did (also its commit's record, with its config: `pneumo.score.runs.committed_runs`)."""
 
     run_id: str
-    run_dir: str
+    table: str  # the Delta table the run committed to (`--out`)
+    run_dir: str  # the run's side folder: drift.json, drift.png, explain/, adapted_bundle/
     n_listed: int
     n_skipped: int
     n_scored: int
@@ -141,8 +160,11 @@ class ScoreResult:
     errors: dict[str, int]
     wall_s: float
     images_per_s: float
-    files: list[str] = field(default_factory=list)
+    n_verified: int = 0  # --verify-content: unchanged-looking files read and hashed
+    version: int | None = None  # the table version of the run's commit
+    files: list[str] = field(default_factory=list)  # the data files the commit added
     drift: dict[str, Any] = field(default_factory=dict)  # drift.json's verdict (+ its path)
     adaptation: dict[str, Any] | None = None  # --adapt: AdaBN and the EM prevalence estimate
-    ignored_runs: list[dict[str, str]] = field(default_factory=list)  # damaged runs --incremental left out
+    warnings: list[str] = field(default_factory=list)  # late steps that failed without costing the run
+    ignored_runs: list[dict[str, str]] = field(default_factory=list)  # damaged old runs the upgrade left out
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage: where the wall time went

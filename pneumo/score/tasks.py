@@ -1,13 +1,15 @@
 """Batch scoring's Ray Data pieces: the read tasks, the model actor, the pool sizing, the output schema.
 
-    ds = score_dataset(items, spec, bundle, cfg, run_id)   # lazy: read tasks -> BundlePredictor actors
+    ds = score_dataset(listing, store, spec, bundle, cfg, run_id)   # lazy: read tasks -> BundlePredictor actors
 
 `read_and_preprocess` (Ray Data tasks) reads, hashes and decodes each file through
 `pneumo.io.reading.read_image`: a file that cannot be read or decoded becomes an error row, never
-an exception and never a missing row. `BundlePredictor` (an actor pool) loads the bundle once and
-scores ok rows; its `__call__` never raises: a batch the model fails on is retried image by
-image, and each image that still fails is a `model` error row; an overlay that cannot be written
-makes its row an `explain` error row. `pneumo score` and `pneumo evaluate` both run this pipeline.
+an exception and never a missing row; a file listed over `max_file_bytes` is a `too_large` row
+without being read. `BundlePredictor` (an actor pool) loads the bundle once and scores ok rows;
+its `__call__` never raises: a batch the model fails on is retried image by image, and each image
+that still fails is a `model` error row; an overlay that cannot be made or written keeps the
+row's prediction and says why in `explain_error`. `pneumo score` and `pneumo evaluate` both run
+this pipeline.
 """
 
 from __future__ import annotations
@@ -23,16 +25,17 @@ import numpy as np
 import pyarrow as pa
 
 from pneumo.io.preprocess import InputSpec, to_tensor
-from pneumo.io.reading import IO_KINDS, read_image
+from pneumo.io.reading import IO_KINDS, read_image, too_large_message
 from pneumo.io.storage import Location
 from pneumo.ray_env import cluster_cpus_per_node
 from pneumo.score.config import Pipeline
 
 EXPLAIN_DIR = "explain"
 # Error kinds: `pneumo.io.reading.KINDS` for reading, plus `model` (the model failed on the image)
-# and `explain` (its Grad-CAM overlay could not be written) from the actors. I/O kinds, `model`
-# and `explain` are retried by --incremental (`read` is the name runs before the one read path
-# gave to `unreadable`; their rows are retried too).
+# from the actors. I/O kinds and `model` are retried by --incremental (`read` is the name runs
+# before the one read path gave to `unreadable`, `explain` the kind older runs gave a row whose
+# overlay failed; their rows are retried too). Since then an overlay failure keeps the prediction
+# and is said in `explain_error`.
 SCORING_KINDS = ("model", "explain")
 # Ray Data's write tasks ask for 1 CPU by default; with the model actor holding a node's CPUs less a
 # read task's, no such task fits until the actors are gone ("Cluster resources are not enough to
@@ -47,6 +50,9 @@ OUTPUT_SCHEMA = pa.schema(
         ("size_bytes", pa.int64()),
         ("etag_or_sha256", pa.string()),
         ("mtime_ns", pa.int64()),
+        ("ctime_ns", pa.int64()),
+        ("inode", pa.int64()),
+        ("etag", pa.string()),
         ("status", pa.string()),
         ("error", pa.string()),
         ("error_kind", pa.string()),
@@ -60,6 +66,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("scored_at", pa.timestamp("us", tz="UTC")),
         ("run_id", pa.string()),
         ("explain_path", pa.string()),
+        ("explain_error", pa.string()),
         ("engine", pa.string()),
         ("precision", pa.string()),
         ("embedding", pa.list_(pa.float32())),
@@ -69,32 +76,40 @@ OUTPUT_SCHEMA = pa.schema(
 )
 
 
-def read_and_preprocess(batch: dict[str, np.ndarray], spec: InputSpec, store: Location) -> dict[str, np.ndarray]:
-    """Ray Data task: read bytes, hash, decode+resize (`pneumo.io.reading.read_image`) of the
-    batch's paths on `store` (the archive's location). Every input row gives one output row."""
+def _listed(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch's `LISTING_SCHEMA` columns, typed (an all-null ETag column arrives as floats)."""
     n = len(batch["path"])
+    out = {"path": np.asarray(batch["path"], dtype=object), "etag": np.asarray(_strings(
+        batch["etag"] if "etag" in batch else [None] * n), dtype=object)}
+    for name in ("size_bytes", "mtime_ns", "ctime_ns", "inode"):
+        out[name] = np.asarray(batch[name] if name in batch else np.full(n, -1), dtype=np.int64)
+    return out
+
+
+def read_and_preprocess(batch: dict[str, np.ndarray], spec: InputSpec, store: Location,
+                        max_bytes: int | None = None) -> dict[str, np.ndarray]:
+    """Ray Data task: read bytes, hash, decode+resize (`pneumo.io.reading.read_image`) of the
+    batch's paths on `store` (the archive's location). Every input row gives one output row; a
+    file listed over `max_bytes` is a `too_large` row, never read (one that grew since the
+    listing is refused after `max_bytes + 1` bytes)."""
+    listed = _listed(batch)
+    n = len(listed["path"])
     images = np.zeros((n, spec.size, spec.size), dtype=np.uint8)
     sha = np.full(n, None, dtype=object)
     status = np.full(n, "ok", dtype=object)
     error = np.full(n, None, dtype=object)
     kind = np.full(n, None, dtype=object)
-    for i, path in enumerate(batch["path"]):
-        res = read_image(store.at(str(path)), spec)
+    for i, path in enumerate(listed["path"]):
+        if max_bytes is not None and listed["size_bytes"][i] > max_bytes:
+            status[i], kind[i], error[i] = "error", "too_large", too_large_message(int(listed["size_bytes"][i]), max_bytes)
+            continue
+        res = read_image(store.at(str(path)), spec, max_bytes=max_bytes)
         sha[i] = res.sha256
         if res.error is None:
             images[i] = res.image
         else:
             status[i], kind[i], error[i] = "error", res.error.kind, res.error.message
-    return {
-        "path": np.asarray(batch["path"], dtype=object),
-        "size_bytes": np.asarray(batch["size_bytes"], dtype=np.int64),
-        "mtime_ns": np.asarray(batch["mtime_ns"], dtype=np.int64),
-        "etag_or_sha256": sha,
-        "status": status,
-        "error": error,
-        "error_kind": kind,
-        "image": images,
-    }
+    return {**listed, "etag_or_sha256": sha, "status": status, "error": error, "error_kind": kind, "image": images}
 
 
 def explain_name(path: str) -> str:
@@ -143,8 +158,8 @@ class BundlePredictor:
             overlay_png,
         )
 
-        p = self.predictor
-        heat = gradcam(p.explain_model, to_tensor(image[None], p.spec), p.manifest.negative_index)
+        p = self.predictor  # the input on the explain model's own device (CUDA when the actor has a GPU)
+        heat = gradcam(p.explain_model, to_tensor(image[None], p.spec, device=p.device), p.manifest.negative_index)
         loc = self.explain_dir.join(explain_name(path))
         loc.write_bytes(overlay_png(image, heat))
         return loc.uri
@@ -178,7 +193,8 @@ class BundlePredictor:
         cols: dict[str, list[Any]] = {
             "status": _strings(batch["status"]), "error": _strings(batch["error"]),
             "error_kind": _strings(batch["error_kind"]), "label": [None] * n, "probability": [None] * n,
-            "probabilities": [None] * n, "explain_path": [None] * n, "embedding": [None] * n,
+            "probabilities": [None] * n, "explain_path": [None] * n, "explain_error": [None] * n,
+            "embedding": [None] * n,
         }
         ok = [i for i in range(n) if cols["status"][i] == "ok"]
         try:
@@ -204,17 +220,15 @@ class BundlePredictor:
                 try:
                     cols["explain_path"][i] = self._explain(str(batch["path"][i]), images[j])
                 except Exception as exc:  # noqa: BLE001 - e.g. the explain folder cannot be written
-                    _fail(cols, i, "explain", f"Grad-CAM overlay not written ({_reason(exc)})")
+                    cols["explain_error"][i] = f"Grad-CAM overlay not written ({_reason(exc)})"  # prediction kept
 
     def _table(self, batch: dict[str, np.ndarray], cols: dict[str, list[Any]]) -> pa.Table:
         n = len(batch["path"])
         now = _dt.datetime.now(_dt.UTC)
         cols = {
             **cols,
-            "path": [str(v) for v in batch["path"]],
-            "size_bytes": np.asarray(batch["size_bytes"], dtype=np.int64),
+            **_listed(batch),
             "etag_or_sha256": _strings(batch["etag_or_sha256"]),
-            "mtime_ns": np.asarray(batch["mtime_ns"], dtype=np.int64),
             "threshold": [self.meta["threshold"]] * n,
             "model": [self.meta["model"]] * n,
             "model_version": [self.meta["model_version"]] * n,
@@ -239,8 +253,8 @@ def _reason(exc: BaseException) -> str:
 
 
 def _fail(cols: dict[str, list[Any]], i: int, kind: str, message: str) -> None:
-    """Row `i` becomes an error row of `kind` (`model` or `explain`): no prediction, no overlay."""
-    for name in ("label", "probability", "probabilities", "explain_path", "embedding"):
+    """Row `i` becomes an error row of `kind` (`model`): no prediction, no overlay."""
+    for name in ("label", "probability", "probabilities", "explain_path", "explain_error", "embedding"):
         cols[name][i] = None
     cols["status"][i], cols["error_kind"][i], cols["error"][i] = "error", kind, message
 
@@ -282,16 +296,19 @@ def size_pool(cfg: Pipeline) -> PoolSize:
     return PoolSize(cfg.min_actors, max_actors, cpus, threads)
 
 
-def score_dataset(items: list[dict[str, Any]], store: Location, spec: InputSpec, bundle: Location, cfg: Pipeline,
+def score_dataset(listing: Any, store: Location, spec: InputSpec, bundle: Location, cfg: Pipeline,
                   run_id: str, engine: str | None = None, explain_dir: Location | None = None) -> Any:
     """The one scoring pipeline, as a lazy Ray Dataset of `OUTPUT_SCHEMA` rows: read tasks over
-    `items` ({path, size_bytes, mtime_ns} on `store`), then the model actor pool sized by
-    `size_pool`. `pneumo score` writes it to Parquet; `pneumo evaluate` collects it."""
+    `listing` (a Ray Dataset of `LISTING_SCHEMA` rows, one read task per block, or a list of such
+    dicts, on `store`), then
+    the model actor pool sized by `size_pool`. `pneumo score` writes it to its table;
+    `pneumo evaluate` collects it."""
     import ray
 
     pool = size_pool(cfg)
-    ds = ray.data.from_items(items, override_num_blocks=num_blocks(len(items), cfg.read_batch_size))
-    ds = ds.map_batches(read_and_preprocess, fn_kwargs={"spec": spec, "store": store},
+    ds = listing if not isinstance(listing, list) else ray.data.from_items(
+        listing, override_num_blocks=num_blocks(len(listing), cfg.read_batch_size))  # one read task per block
+    ds = ds.map_batches(read_and_preprocess, fn_kwargs={"spec": spec, "store": store, "max_bytes": cfg.max_file_bytes},
                         batch_size=cfg.read_batch_size, batch_format="numpy", num_cpus=cfg.read_cpus)
     return ds.map_batches(
         BundlePredictor,
