@@ -290,7 +290,7 @@ def generated_objects() -> list[dict]:
     for folder in sorted({p.parent for p in KUBERAY.rglob("kustomization.yaml")}):
         k = kustomization(folder)
         labels = (k.get("generatorOptions") or {}).get("labels")
-        meta = lambda name: {"name": name, **({"labels": labels} if labels else {})}  # noqa: E731
+        meta = lambda name, labels=labels: {"name": name, **({"labels": labels} if labels else {})}  # noqa: E731
         for gen in k.get("configMapGenerator") or []:
             data = {f: (folder / f).read_text() for f in gen["files"]}
             out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(gen["name"]), "data": data})

@@ -108,7 +108,8 @@ def test_tritonclient_infer_equals_v1(served_v2, name, binary, outputs):
     assert probs.dtype == np.float32 and probs.shape == (len(IMAGES), 2)
     want = np.array([[r["probabilities"][c] for c in ("NORMAL", "PNEUMONIA")] for r in v1])
     np.testing.assert_allclose(probs, want, atol=2e-6)
-    assert [x.decode() for x in result.as_numpy("label")] == [r["label"] for r in v1]
+    labels = [x.decode() if isinstance(x, bytes) else x for x in result.as_numpy("label")]  # str in JSON
+    assert labels == [r["label"] for r in v1]
     response = result.get_response()
     assert response["model_name"] == "pneumo" and response["model_version"] == v1[0]["model"]["version"]
     features = result.as_numpy("features")
@@ -178,20 +179,45 @@ def test_v2_unknown_route_is_a_v2_error(served_v2):
 # ---------------------------------------------------------------- the OpenAPI, fuzzed
 
 
-@pytest.fixture
+def _documented_operations() -> list[tuple[str, str]]:
+    """(method, path) of every documented operation, from the app's own OpenAPI (no Serve needed)."""
+    from pneumo.serve.app import api
+
+    return [(m.upper(), path) for path, ops in api.openapi()["paths"].items() for m in ops]
+
+
+OPERATIONS = _documented_operations()
+CHECKS = [schemathesis.checks.not_a_server_error, oas_checks.status_code_conformance,
+          oas_checks.content_type_conformance, oas_checks.response_schema_conformance]
+MAX_EXAMPLES = 12
+
+
+@pytest.fixture(scope="module")
 def live_schema(served_v2):  # noqa: ANN001, ANN201
-    paths = httpx.get(served_v2.url + "/openapi.json", timeout=60).json()["paths"]
-    assert {"/v1/predict", "/v1/predict/batch", "/v2/models/{name}/infer", "/v2/health/ready"} <= set(paths)
+    """The OpenAPI the running app serves (/openapi.json), as schemathesis loads it."""
     schema = schemathesis.openapi.from_url(served_v2.url + "/openapi.json")
-    schema.config.generation.update(max_examples=6)
+    live = {(m.upper(), p) for p, ops in httpx.get(served_v2.url + "/openapi.json", timeout=60).json()["paths"].items()
+            for m in ops}
+    assert live == set(OPERATIONS) and {("POST", "/v1/predict"), ("POST", "/v2/models/{name}/infer")} <= live
     return schema
 
 
-schema = schemathesis.pytest.from_fixture("live_schema")
-CHECKS = [schemathesis.checks.not_a_server_error, oas_checks.status_code_conformance,
-          oas_checks.content_type_conformance, oas_checks.response_schema_conformance]
+@pytest.mark.parametrize("method,path", OPERATIONS)
+def test_openapi_fuzzed_no_5xx_and_answers_as_documented(live_schema, served_v2, method, path):
+    """Hypothesis-generated requests for one operation (bounded examples): no 5xx, and every answer's
+    status code, content type and body are the documented ones. (schemathesis's lazy pytest loader
+    does not run on pytest 9, so its strategy is driven by hypothesis here.)"""
+    from hypothesis import HealthCheck, Phase, given, settings
 
+    operation = live_schema[path][method]
+    codes: list[int] = []
 
-@schema.parametrize()
-def test_openapi_fuzzed_no_5xx_and_answers_as_documented(case, served_v2):
-    case.call_and_validate(base_url=served_v2.url, checks=CHECKS, timeout=60)
+    @given(case=operation.as_strategy())
+    @settings(max_examples=MAX_EXAMPLES, deadline=None, database=None, derandomize=True,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    def fuzz(case) -> None:  # noqa: ANN001
+        codes.append(case.call_and_validate(base_url=served_v2.url, checks=CHECKS, timeout=60).status_code)
+
+    fuzz()
+    print(f"{method} {path}: {len(codes)} requests, codes {sorted(set(codes))}")
+    assert codes and all(c < 500 for c in codes), codes

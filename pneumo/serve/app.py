@@ -264,7 +264,11 @@ class PneumoService(OpenInference):
             overlay = explainer.try_run(explain_png, loaded, image)
             if overlay is None:
                 raise self._explain_busy()
-            out["explanation"] = {"overlay_png_base64": await overlay, "method": "grad-cam (last convolution)"}
+            try:
+                out["explanation"] = {"overlay_png_base64": await overlay, "method": "grad-cam (last convolution)"}
+            except Exception as exc:  # noqa: BLE001 - the prediction stands; only its overlay failed
+                logger.exception("pneumo: Grad-CAM failed")
+                out["explanation"] = {"error": f"Grad-CAM failed ({type(exc).__name__})"}
         return out
 
     # ---- routes

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from pneumo.bundle.manifest import drift_reference
+from pneumo.bundle.manifest import WEIGHTS_FILE, drift_reference, read_file
 from pneumo.bundle.predict import Predictor
 from pneumo.io.preprocess import decoded_bytes, sniff_format, to_tensor
 from pneumo.io.storage import Location
@@ -61,6 +61,8 @@ def load(args: ServeArgs, location: Location) -> Loaded:
     """Load and probe a bundle; raises when it cannot be read or cannot score."""
     p = Predictor(location, device=args.device, precision=args.precision, engine=args.engine,
                   channels_last=args.channels_last, threads=args.threads)
+    if p.engine != "torch":  # Grad-CAM reads the weights later: a bundle whose weights are broken is refused now
+        read_file(location, p.manifest, WEIGHTS_FILE)
     reference = drift_reference(location, p.manifest) if args.drift_window else None
     window = DriftWindow(reference, size=args.drift_window, every_s=args.drift_every_s) if reference else None
     features = probe(p)  # a bundle that cannot score is refused before it serves

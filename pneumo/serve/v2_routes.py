@@ -8,7 +8,7 @@ import asyncio
 from typing import Any
 
 import numpy as np
-from fastapi import Request
+from fastapi import Path, Request
 from fastapi.responses import Response
 
 from pneumo import __version__
@@ -28,6 +28,7 @@ INFER_OK = {200: {"model": v2.InferenceResponse, "description": "JSON, or with b
                   "application/octet-stream, the JSON answer (Inference-Header-Content-Length bytes) then the tensors",
                   "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 INFER_ERRORS = errors(400, 401, 404, 408, 413, 415, 422, 500, 503, v2=True)
+NAME = Path(description="the model's name: pneumo", examples=["pneumo"], openapi_examples={"pneumo": {"value": "pneumo"}})
 
 
 def install_openapi(app: Any) -> None:
@@ -85,12 +86,12 @@ class OpenInference:
 
     @api.get("/v2/models/{name}", summary="v2 model metadata", response_model=v2.ModelMetadata,
              responses=errors(401, 404, v2=True))
-    async def v2_model(self, request: Request, name: str) -> dict[str, Any]:
+    async def v2_model(self, request: Request, name: str = NAME) -> dict[str, Any]:
         return await self._metadata(request, name, None)
 
     @api.get("/v2/models/{name}/versions/{version}", summary="v2 model metadata (one version)",
              response_model=v2.ModelMetadata, responses=errors(401, 404, v2=True))
-    async def v2_model_version(self, request: Request, name: str, version: str) -> dict[str, Any]:
+    async def v2_model_version(self, request: Request, name: str = NAME, version: str = Path()) -> dict[str, Any]:
         return await self._metadata(request, name, version)
 
     async def _ready(self, request: Request, name: str, version: str | None) -> dict[str, Any]:
@@ -102,22 +103,22 @@ class OpenInference:
 
     @api.get("/v2/models/{name}/ready", summary="v2 model readiness", response_model=v2.ModelReady,
              responses=errors(401, 404, 503, v2=True))
-    async def v2_model_ready(self, request: Request, name: str) -> dict[str, Any]:
+    async def v2_model_ready(self, request: Request, name: str = NAME) -> dict[str, Any]:
         return await self._ready(request, name, None)
 
     @api.get("/v2/models/{name}/versions/{version}/ready", summary="v2 model readiness (one version)",
              response_model=v2.ModelReady, responses=errors(401, 404, 503, v2=True))
-    async def v2_model_version_ready(self, request: Request, name: str, version: str) -> dict[str, Any]:
+    async def v2_model_version_ready(self, request: Request, name: str = NAME, version: str = Path()) -> dict[str, Any]:
         return await self._ready(request, name, version)
 
     @api.post("/v2/models/{name}/infer", summary="v2 inference: encoded images (BYTES) or pixels (UINT8)",
               openapi_extra=INFER_BODY, responses={**INFER_OK, **INFER_ERRORS}, response_class=Response)
-    async def v2_infer(self, request: Request, name: str) -> Response:
+    async def v2_infer(self, request: Request, name: str = NAME) -> Response:
         return await self._infer(request, name, None)
 
     @api.post("/v2/models/{name}/versions/{version}/infer", summary="v2 inference (one version)",
               openapi_extra=INFER_BODY, responses={**INFER_OK, **INFER_ERRORS}, response_class=Response)
-    async def v2_infer_version(self, request: Request, name: str, version: str) -> Response:
+    async def v2_infer_version(self, request: Request, name: str = NAME, version: str = Path()) -> Response:
         return await self._infer(request, name, version)
 
     async def _infer(self, request: Request, name: str, version: str | None) -> Response:
