@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--uploads", type=int, default=1024)
     ap.add_argument("--overload-c", type=int, default=256)
     ap.add_argument("--model", default="efficientnet_lite_ensemble")
+    ap.add_argument("--bundle", help="a bundle to serve (default: --model built into a temp dir)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: overload, isolation, kill")
     ap.add_argument("--json", default="")
     a = ap.parse_args(argv)
@@ -218,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
 
     skip = set(filter(None, a.skip.split(",")))
     tmp = tempfile.TemporaryDirectory(prefix="bench_rel_")
-    bundle = make_bundle(Path(tmp.name) / "bundle", a.model)
+    bundle = a.bundle or make_bundle(Path(tmp.name) / "bundle", a.model)
     key_file = Path(tmp.name) / "api_key"
     key_file.write_text("bench-key\n")
     images, source = load_images(64)

@@ -193,9 +193,9 @@ class PneumoService(OpenInference):
                      self._loaded.predictor.manifest.sha256[:12], error)
         try:
             _metric("Counter", "model_update_failures", "live model updates (reconfigure) that failed to load",
-                    ("deployment",)).inc(1.0, {"deployment": DEPLOYMENT_NAME})
+                    ("error",)).inc(1.0, {"error": type(exc).__name__})
         except Exception:  # noqa: BLE001 - metrics must never fail the replica
-            pass
+            logger.exception("pneumo: the update-failure counter could not be set")
 
     async def check_health(self) -> None:
         """Serve calls this every `health_check_period_s`; raising makes Serve replace the replica."""
