@@ -163,13 +163,35 @@ def isolation(base: str, images: list[bytes], key: str, seconds: float) -> dict:
             _drive(base + "/v1/predict", images, 8, seconds=seconds, params={"explain": "true"}, headers=auth),
             _drive(base + "/v1/predict", images, 16, seconds=seconds, headers=auth))
 
+    health_ms: list[float] = []
+    stop = threading.Event()
+
+    def serve_health_probe() -> None:
+        """The call Serve's controller makes every health_check_period_s, timed (on the replica actor)."""
+        import ray
+
+        actor = ray.get_actor(actors[0], namespace="serve")
+        while not stop.is_set():
+            t0 = time.perf_counter()
+            ray.get(actor.check_health.remote(), timeout=60)
+            health_ms.append((time.perf_counter() - t0) * 1000)
+            time.sleep(0.5)
+
+    prober = threading.Thread(target=serve_health_probe, daemon=True)
     with PeakRSS() as rss:
+        prober.start()
         probes, explain, scoring = asyncio.run(all_at_once())
+        stop.set()
+        prober.join(timeout=120)
     import httpx
 
     info = httpx.get(base + "/v1/model", headers=auth, timeout=30).json()
     restarted = replica_actors() != actors or replica_pids() != pids
-    return {"readyz": summarise(probes), "explain": summarise(explain), "scoring": summarise(scoring),
+    lat = np.array(health_ms)
+    check = {"calls": len(lat), "p50_ms": round(float(np.percentile(lat, 50)), 1),
+             "p99_ms": round(float(np.percentile(lat, 99)), 1), "max_ms": round(float(lat.max()), 1)}
+    return {"check_health": check, "readyz": summarise(probes), "explain": summarise(explain),
+            "scoring": summarise(scoring),
             "replica_restarted": restarted, "probes_run": info["replica"]["probes"],
             "explain_refused": info["replica"]["pools"]["explain"]["refused"], **rss.figures(),
             "loadavg_1m": round(os.getloadavg()[0], 1)}

@@ -50,6 +50,7 @@ from pneumo.serve.config import (
     read_api_key,
 )
 from pneumo.serve.runtime import (
+    Admission,
     ByteBudget,
     Loaded,
     Pool,
@@ -152,6 +153,7 @@ class PneumoService(OpenInference):
         self._loaded = load(a, a.location)
         self._probe = ProbeCache(self._pools["health"])
         self._budget = ByteBudget(a.max_decode_bytes)
+        self._admission = Admission(a.max_queue_wait_s, cap=2 * MAX_BATCH_SIZE)
         self._reconfigure_lock = asyncio.Lock()
         self._batching = UserConfig().model_dump(include={"max_batch_size", "batch_wait_timeout_s"})
         self._batches = self._batched_images = 0
@@ -209,10 +211,20 @@ class PneumoService(OpenInference):
     async def _batch(self, items: list[tuple[np.ndarray, Loaded]]) -> list[Any]:
         self._batches += 1
         self._batched_images += len(items)
+        t0 = time.perf_counter()
         out, drift = await self._pools["score"].run(score_items, items)
+        self._admission.observe(len(items), time.perf_counter() - t0)
         if drift:
             self._pools["drift"].submit(record_drift, drift)
         return out
+
+    def _admit(self, n: int) -> int:
+        """Admit `n` images for scoring (returns n), or refuse at once: 503 + Retry-After."""
+        if n and not self._admission.admit(n):
+            raise H.ApiError(503, "overloaded", f"about {self._admission.waiting} images are waiting for the model "
+                             f"(more than {self.args.max_queue_wait_s} s of work); retry later",
+                             retry_after_s=RETRY_AFTER_S)
+        return n
 
     async def _within(self, work: Callable[[dict[str, bool]], Awaitable[Any]]) -> Any:
         """`work(progress)` within `request_timeout_s` from the first byte of the body: 408 while
@@ -307,8 +319,10 @@ class PneumoService(OpenInference):
         info["limits"] = {"max_upload_bytes": a.max_upload_bytes, "max_batch_files": a.max_batch_files,
                           "max_pixels": a.max_pixels, "request_timeout_s": a.request_timeout_s,
                           "max_decode_bytes": a.max_decode_bytes, "explain_queue": a.explain_queue,
+                          "max_queue_wait_s": a.max_queue_wait_s,
                           "content_types": list(H.RAW_CONTENT_TYPES) + ["multipart/form-data"]}
         info["replica"] = {"pools": {k: p.stats() for k, p in self._pools.items()}, "probes": self._probe.probes,
+                           "admission": self._admission.stats(),
                            "decode_bytes": {"used": self._budget.used, "waiting": self._budget.waiting}}
         return info
 
@@ -324,7 +338,11 @@ class PneumoService(OpenInference):
             progress["reading"] = False
             return await self._predict(data, explain)
 
-        result = await self._within(work)
+        self._admit(1)  # before the body is read
+        try:
+            result = await self._within(work)
+        finally:
+            self._admission.done(1)
         result["latency_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         return result
 
@@ -344,12 +362,18 @@ class PneumoService(OpenInference):
                     raise
                 return exc.body()
 
+        held = [self._admit(1)]  # before the body is read; the other files once it is
+
         async def work(progress: dict[str, bool]) -> list[dict[str, Any]]:
             items = await H.batch_items(request, a.max_upload_bytes, a.max_batch_files)
             progress["reading"] = False
+            held[0] += self._admit(len(items) - 1)
             return list(await asyncio.gather(*(one(i) for i in items)))
 
-        out = [{"index": i, **r} for i, r in enumerate(await self._within(work))]
+        try:
+            out = [{"index": i, **r} for i, r in enumerate(await self._within(work))]
+        finally:
+            self._admission.done(held[0])
         return {"results": out, "count": len(out), "errors": sum(1 for r in out if "error" in r),
                 "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
 

@@ -33,7 +33,9 @@ API_KEY_ENV = "PNEUMO_API_KEY"
 HTTP_REQUEST_TIMEOUT_S = 60.0  # the proxy's backstop (http_options.request_timeout_s) on every entry point
 PROBE_CACHE_S = 5.0  # /readyz and check_health share one probe result for this long
 DEPLOYMENT_DEFAULTS: dict[str, Any] = {  # where the YAML / .options() say nothing
-    "max_ongoing_requests": 2 * MAX_BATCH_SIZE,  # one batch running, the next one filling
+    # in flight per replica: room for health probes beside the scoring work the app admits
+    # (ServeArgs.max_queue_wait_s sheds scoring at once, so probes never wait behind it)
+    "max_ongoing_requests": 4 * MAX_BATCH_SIZE,
     "max_queued_requests": 4 * MAX_BATCH_SIZE,  # per caller (proxy); above: 503 + Retry-After
     "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S},
     "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
@@ -71,6 +73,8 @@ class ServeArgs(BaseModel):
         512 * 1024 * 1024, gt=0, description="decoded bytes in flight per replica; further decodes wait")
     decode_threads: int = Field(2, gt=0, description="decode threads per replica")
     explain_queue: int = Field(4, ge=0, description="Grad-CAM requests waiting behind the one running; more: 503")
+    max_queue_wait_s: float = Field(
+        3.0, gt=0, description="a request whose predicted wait for the model is longer is refused at once (503)")
     drift_window: int = Field(500, ge=0, description="served images in the drift window (0: off)")
     drift_every_s: float = Field(60.0, gt=0, description="drift statistics recomputed at most this often")
 

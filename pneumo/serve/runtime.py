@@ -11,6 +11,9 @@ and the limits that keep one client from taking the replica down.
   `explain=true` requests or a `/readyz` flood cannot starve the others.
 - `ProbeCache`: `/readyz`, `/v2/health/ready` and `check_health` share one probe result for
   `PROBE_CACHE_S` seconds (one forward pass, on the health pool, whatever the request rate).
+- `Admission`: refuses at once (before the body is read) a request whose predicted wait for the
+  model exceeds `max_queue_wait_s`, from the images admitted and not yet answered and the rate the
+  replica scores at; Serve's own queue cannot tell a health probe from a scoring request, this can.
 - `ByteBudget` / `decode_cost(data)`: concurrent decodes are capped by the bytes they decode to
   (estimated from the header, before any pixel is decoded).
 """
@@ -39,7 +42,7 @@ from pneumo.monitor.window import DriftWindow
 from pneumo.serve.config import PROBE_CACHE_S, ServeArgs
 
 __all__ = ["Loaded", "load", "probe", "score_items", "ModelError", "Pool", "ProbeCache", "ByteBudget",
-           "decode_cost", "explain_png"]
+           "Admission", "decode_cost", "explain_png"]
 
 
 class ModelError(RuntimeError):
@@ -243,6 +246,42 @@ class ByteBudget:
             async with self._cond:
                 self.used -= n
                 self._cond.notify_all()
+
+
+class Admission:
+    """Images admitted for scoring and not yet answered (`waiting`), and the replica's scoring rate
+    (images/s, an EWMA over batches). `admit(n)` refuses when `(waiting + n) / rate` exceeds
+    `max_wait_s` (before any rate is known: more than `cap` waiting); work is always admitted into
+    an idle replica. Written here because Serve sheds load by queue length, not by predicted wait."""
+
+    def __init__(self, max_wait_s: float, cap: int):
+        self.max_wait_s, self.cap = max_wait_s, cap
+        self.waiting, self.rate, self.refused = 0, None, 0
+
+    def admit(self, n: int) -> bool:
+        if self.waiting == 0:
+            ok = True
+        elif self.rate is None:
+            ok = self.waiting + n <= self.cap
+        else:
+            ok = (self.waiting + n) / self.rate <= self.max_wait_s
+        if ok:
+            self.waiting += n
+        else:
+            self.refused += 1
+        return ok
+
+    def done(self, n: int) -> None:
+        self.waiting -= n
+
+    def observe(self, images: int, seconds: float) -> None:
+        if images and seconds > 0:
+            rate = images / seconds
+            self.rate = rate if self.rate is None else 0.7 * self.rate + 0.3 * rate
+
+    def stats(self) -> dict[str, Any]:
+        return {"waiting": self.waiting, "rate_img_s": None if self.rate is None else round(self.rate, 2),
+                "max_wait_s": self.max_wait_s, "refused": self.refused}
 
 
 def decode_cost(data: bytes) -> int:

@@ -127,6 +127,8 @@ class OpenInference:
         if request.headers.get("content-encoding", "identity").lower() not in ("identity", ""):
             raise H.ApiError(415, "unsupported", "compressed request bodies are not accepted")
 
+        held = [self._admit(1)]  # before the body is read; the other images once it is
+
         async def work(progress: dict[str, bool]) -> Response:
             limit = args.max_batch_files * (args.max_upload_bytes + 8) + H.MULTIPART_OVERHEAD
             body = await H.read_body(request, limit)
@@ -135,6 +137,7 @@ class OpenInference:
                 v2.parse_infer, body, request.headers.get(v2.HEADER_LENGTH), p.spec.size,
                 args.max_batch_files, args.max_upload_bytes)
             del body
+            held[0] += self._admit(parsed.count - 1)
             if parsed.images is not None:
                 images = await asyncio.gather(*(self._image(data, p, f"element {i}: ")
                                                 for i, data in enumerate(parsed.images)))
@@ -146,4 +149,7 @@ class OpenInference:
             content, headers = v2.encode_response(parsed, p.manifest.version, values)
             return Response(content, headers=headers, media_type=headers["content-type"])
 
-        return await self._within(work)
+        try:
+            return await self._within(work)
+        finally:
+            self._admission.done(held[0])
