@@ -40,14 +40,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_serve import free_port, load_images, make_bundle, wait_http  # noqa: E402
 
 
+def _why(r) -> str:  # noqa: ANN001
+    """Who answered a non-200: the app (its error kind) or Serve's proxy (backpressure, timeout)."""
+    try:
+        err = r.json()["error"]
+        return f"{r.status_code} app:{err['kind'] if isinstance(err, dict) else 'v2'}"
+    except Exception:  # noqa: BLE001 - not our JSON: Serve's own answer (backpressure, timeout)
+        return f"{r.status_code} serve:{r.text[:40]}"
+
+
 async def _drive(url: str, images: list[bytes], concurrency: int, seconds: float | None = None,
                  total: int | None = None, timeout: float = 60, method: str = "POST",
-                 headers: dict | None = None, params: dict | None = None) -> list[tuple[int, float, bool]]:
+                 headers: dict | None = None, params: dict | None = None) -> list[tuple]:
     """(status or -1 for a client failure, latency ms, Retry-After present) per request; until
     `seconds` have passed or `total` requests were sent."""
     import httpx
 
-    out: list[tuple[int, float, bool]] = []
+    out: list[tuple] = []
     end = time.perf_counter() + seconds if seconds else None
     issued = [0]
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -64,27 +73,38 @@ async def _drive(url: str, images: list[bytes], concurrency: int, seconds: float
                     else:
                         r = await client.post(url, content=images[i % len(images)], params=params,
                                               headers={"content-type": "image/jpeg", **(headers or {})})
-                    out.append((r.status_code, (time.perf_counter() - t0) * 1000, "retry-after" in r.headers))
-                except httpx.HTTPError:
-                    out.append((-1, (time.perf_counter() - t0) * 1000, False))
+                    in_replica = r.json().get("latency_ms") if r.status_code == 200 and method == "POST" else None
+                    out.append((r.status_code, (time.perf_counter() - t0) * 1000, "retry-after" in r.headers,
+                                "" if r.status_code == 200 else _why(r), in_replica))
+                except httpx.HTTPError as exc:
+                    out.append((-1, (time.perf_counter() - t0) * 1000, False, f"client:{type(exc).__name__}", None))
 
         await asyncio.gather(*(worker(k) for k in range(concurrency)))
     return out
 
 
-def summarise(rows: list[tuple[int, float, bool]]) -> dict:
+def summarise(rows: list[tuple]) -> dict:
+    why: dict[str, int] = {}
+    for *_, w, _ in rows:
+        if w:
+            why[w] = why.get(w, 0) + 1
     codes: dict[str, int] = {}
-    for code, _, _ in rows:
+    for code, *_ in rows:
         codes[str(code)] = codes.get(str(code), 0) + 1
     res = {"requests": len(rows), "codes": codes}
     for code in (200, 503, -1):
-        lat = np.array([ms for c, ms, _ in rows if c == code])
+        lat = np.array([ms for c, ms, *_ in rows if c == code])
         if len(lat):
             res[f"{code}_p50_ms"] = round(float(np.percentile(lat, 50)), 1)
             res[f"{code}_p99_ms"] = round(float(np.percentile(lat, 99)), 1)
-    res["503_with_retry_after"] = sum(1 for c, _, ra in rows if c == 503 and ra)
+    res["503_with_retry_after"] = sum(1 for c, _, ra, *_ in rows if c == 503 and ra)
+    inside = np.array([r[4] for r in rows if r[4] is not None])
+    if len(inside):  # the replica's own time for the answered (the rest: proxy, client, the loaded CPU)
+        res["200_in_replica_p50_ms"] = round(float(np.percentile(inside, 50)), 1)
+        res["200_in_replica_p99_ms"] = round(float(np.percentile(inside, 99)), 1)
     res["not_200"] = len(rows) - codes.get("200", 0)
     res["not_200_rate"] = round(res["not_200"] / max(1, len(rows)), 4)
+    res["answered_by"] = why
     return res
 
 

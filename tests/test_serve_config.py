@@ -325,3 +325,25 @@ def test_score_items_retries_image_by_image_so_one_failure_is_one_item():
     assert drift == []  # no drift window on this model
     out, _ = score_items([(images[1], loaded)])
     assert isinstance(out[0], ModelError)
+
+
+def test_admission_refuses_by_predicted_wait_and_always_admits_into_an_idle_replica():
+    import time
+
+    from pneumo.serve.runtime import Admission
+
+    a = Admission(max_wait_s=1.0, cap=4)
+    assert a.admit(1) and a.admit(3) and not a.admit(1)  # no rate yet: at most `cap` waiting
+    assert a.refused == 1
+    a.done(4)
+    assert a.waiting == 0 and a.admit(100)  # an idle replica takes whatever comes
+    a = Admission(max_wait_s=1.0, cap=4)
+    deadline = time.monotonic() + 10
+    while a.rate is None and time.monotonic() < deadline:  # ~1 s busy at 20 answers/s
+        a.admit(2)
+        time.sleep(0.1)
+        a.done(2)
+    a.admit(1)
+    rate = a.rate
+    assert rate is not None and 5 < rate < 40, rate
+    assert a.admit(int(rate * 0.5)) and not a.admit(int(rate))  # ~1.5 s of work would wait: refused

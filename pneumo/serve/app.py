@@ -211,9 +211,7 @@ class PneumoService(OpenInference):
     async def _batch(self, items: list[tuple[np.ndarray, Loaded]]) -> list[Any]:
         self._batches += 1
         self._batched_images += len(items)
-        t0 = time.perf_counter()
         out, drift = await self._pools["score"].run(score_items, items)
-        self._admission.observe(len(items), time.perf_counter() - t0)
         if drift:
             self._pools["drift"].submit(record_drift, drift)
         return out

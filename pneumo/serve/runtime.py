@@ -249,22 +249,38 @@ class ByteBudget:
 
 
 class Admission:
-    """Images admitted for scoring and not yet answered (`waiting`), and the replica's scoring rate
-    (images/s, an EWMA over batches). `admit(n)` refuses when `(waiting + n) / rate` exceeds
-    `max_wait_s` (before any rate is known: more than `cap` waiting); work is always admitted into
-    an idle replica. Written here because Serve sheds load by queue length, not by predicted wait."""
+    """Images admitted for scoring and not yet answered (`waiting`), and the rate the replica answers
+    them at while busy (answers per busy second, both decayed over `tau_s`: Little's law, so decode,
+    batching and a starved CPU all count). `admit(n)` refuses when `(waiting + n) / rate` exceeds
+    `max_wait_s` (before a rate is known: more than `cap` waiting); an idle replica always admits.
+    Written here because Serve sheds load by queue length, not by predicted wait."""
 
-    def __init__(self, max_wait_s: float, cap: int):
-        self.max_wait_s, self.cap = max_wait_s, cap
-        self.waiting, self.rate, self.refused = 0, None, 0
+    def __init__(self, max_wait_s: float, cap: int, tau_s: float = 10.0):
+        self.max_wait_s, self.cap, self.tau_s = max_wait_s, cap, tau_s
+        self.waiting, self.refused = 0, 0
+        self._answered = self._busy_s = 0.0
+        self._last = time.monotonic()
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        dt, self._last = now - self._last, now
+        decay = float(np.exp(-dt / self.tau_s))
+        self._answered *= decay
+        self._busy_s = self._busy_s * decay + (dt if self.waiting > 0 else 0.0)
+
+    @property
+    def rate(self) -> float | None:
+        return self._answered / self._busy_s if self._busy_s > 0.5 and self._answered >= 1 else None
 
     def admit(self, n: int) -> bool:
+        self._tick()
+        rate = self.rate
         if self.waiting == 0:
             ok = True
-        elif self.rate is None:
+        elif rate is None:
             ok = self.waiting + n <= self.cap
         else:
-            ok = (self.waiting + n) / self.rate <= self.max_wait_s
+            ok = (self.waiting + n) / rate <= self.max_wait_s
         if ok:
             self.waiting += n
         else:
@@ -272,15 +288,13 @@ class Admission:
         return ok
 
     def done(self, n: int) -> None:
+        self._tick()
         self.waiting -= n
-
-    def observe(self, images: int, seconds: float) -> None:
-        if images and seconds > 0:
-            rate = images / seconds
-            self.rate = rate if self.rate is None else 0.7 * self.rate + 0.3 * rate
+        self._answered += n
 
     def stats(self) -> dict[str, Any]:
-        return {"waiting": self.waiting, "rate_img_s": None if self.rate is None else round(self.rate, 2),
+        rate = self.rate
+        return {"waiting": self.waiting, "rate_img_s": None if rate is None else round(rate, 2),
                 "max_wait_s": self.max_wait_s, "refused": self.refused}
 
 
