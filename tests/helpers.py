@@ -7,7 +7,8 @@ Fixtures live in conftest.py; no test module imports another one.
 - runs: `score` (a `pneumo score` run in-process), `write_legacy_run` (an old Parquet run folder),
   `OpenWatch` (inotify: which files any process opened), `read_only` (a folder nobody, root
   included, can write);
-- Serve: `deploy_config` / `deploy` (what `serve run serve_app/config.yaml` does) and `Served`;
+- Serve: `deploy_config` / `deploy` (what `serve run serve_app/config.yaml` does), `Served`,
+  `Load` (client threads under way while something changes), `replica_pids` / `proc_status_kb`;
 - waiting: `wait_for(condition, timeout, what)` instead of fixed sleeps; `free_port()`.
 """
 
@@ -319,8 +320,9 @@ def read_only(folder: Path) -> Iterator[Path]:
 class Served:
     """A running Serve deployment of the test bundles: its URL, bundle folder, bundle hashes, key file."""
 
-    def __init__(self, url: str, root: Path, sha1: str, sha2: str, key_file: str):
+    def __init__(self, url: str, root: Path, sha1: str, sha2: str, key_file: str, apps: tuple[str, ...] = ()):
         self.url, self.root, self.sha1, self.sha2, self.key_file = url, root, sha1, sha2, key_file
+        self.apps = apps
 
     def client(self, **kw: Any):  # noqa: ANN201 - httpx.Client
         import httpx
@@ -331,13 +333,17 @@ class Served:
 SERVE_API_KEY = "s3cret-token-for-tests"
 SERVE_LIMITS = {"max_upload_bytes": 200_000, "max_pixels": 4_000_000, "max_batch_files": 4, "drift_window": 20}
 TIGHT_QUEUE = 2
+SLOW_TIMEOUT_S = 1.0  # the `slow` app's request deadline; its batches wait 5 s for company
+BIG_LIMITS = {"max_upload_bytes": 16 * 1024 * 1024, "max_pixels": 64_000_000}
 SERVE_APPS = ("", "/secured", "/tight", "/slow")
 
 
-def deploy_config(bundle: str, api_key_file: str, user_config: dict | None = None) -> dict:
-    """serve_app/config.yaml pointed at the test bundle, one replica; plus a `secured` copy (API
-    key), a `tight` copy that admits one request at a time and queues two (overload) and a `slow`
-    copy whose request timeout no request can meet."""
+def deploy_config(bundle: str, api_key_file: str, user_config: dict | None = None,
+                  apps: tuple[str, ...] = SERVE_APPS) -> dict:
+    """serve_app/config.yaml pointed at the test bundle, one replica (Serve binds 127.0.0.1 in the
+    tests, so the open copy needs no key); of `apps`: `""` (open), `/secured` (API key), `/tight`
+    (admits one request at a time, queues two: overload), `/slow` (its batches wait longer than its
+    request deadline) and `/big` (64-megapixel uploads allowed)."""
     import yaml
 
     cfg = yaml.safe_load(SERVE_CONFIG.read_text())
@@ -351,16 +357,21 @@ def deploy_config(bundle: str, api_key_file: str, user_config: dict | None = Non
     dep["ray_actor_options"] = {"num_cpus": 0.25}
     if user_config is not None:
         dep["user_config"] = user_config
-    secured = copy.deepcopy(app)
-    secured.update(name="secured", route_prefix="/secured")
-    secured["args"]["api_key_file"] = api_key_file
-    tight = copy.deepcopy(app)
-    tight.update(name="tight", route_prefix="/tight")
-    tight["deployments"][0].update(max_ongoing_requests=1, max_queued_requests=TIGHT_QUEUE)
-    slow = copy.deepcopy(app)  # no request can be scored within its timeout
-    slow.update(name="slow", route_prefix="/slow")
-    slow["args"]["request_timeout_s"] = 0.001
-    return {"applications": [app, secured, tight, slow]}
+    out = {"": app}
+
+    def copy_of(prefix: str, args: dict | None = None, deployment: dict | None = None) -> None:
+        other = copy.deepcopy(app)
+        other.update(name=prefix.strip("/"), route_prefix=prefix)
+        other["args"].update(args or {})
+        other["deployments"][0].update(deployment or {})
+        out[prefix] = other
+
+    copy_of("/secured", {"api_key_file": api_key_file})
+    copy_of("/tight", deployment={"max_ongoing_requests": 1, "max_queued_requests": TIGHT_QUEUE})
+    copy_of("/slow", {"request_timeout_s": SLOW_TIMEOUT_S}, {"user_config": {
+        **(user_config or {}), "max_batch_size": 16, "batch_wait_timeout_s": 5.0}})
+    copy_of("/big", BIG_LIMITS)
+    return {"applications": [out[a] for a in apps]}
 
 
 def deploy(cfg: dict, timeout: float = 240) -> None:
@@ -431,3 +442,99 @@ def make_feature_bundle(out: Path, train: list[Path], val: list[Path], px: int =
     data = {"val": {"image": folder_images(val, spec), "label": folder_labels(val)}}
     manifest, outputs = export_run(cfg, model, classes, spec, data, {"counts": counts}, Location.of(out))
     return manifest, outputs, counts
+
+
+class Load:
+    """Threads posting `body` to `path` until stopped (a context manager): answers counted by the
+    model sha256 that gave them, anything else kept in `failures`. `wait(cond, timeout, what)`
+    waits on those counts (no fixed sleeps)."""
+
+    def __init__(self, served: Served, path: str, body: bytes, threads: int = 6):
+        import threading
+
+        self.served, self.path, self.body, self.n = served, path, body, threads
+        self.seen: dict[str, int] = {}
+        self.failures: list[str] = []
+        self.changed = threading.Condition()
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def _run(self) -> None:
+        with self.served.client() as c:
+            while not self.stop.is_set():
+                try:
+                    r = c.post(self.path, content=self.body, headers={"content-type": "image/png"})
+                    ok = r.status_code == 200
+                    key = r.json()["model"]["sha256"] if ok else f"{r.status_code} {r.text[:200]}"
+                except Exception as exc:  # noqa: BLE001 - a dropped connection is a failure too
+                    ok, key = False, repr(exc)
+                with self.changed:
+                    if ok:
+                        self.seen[key] = self.seen.get(key, 0) + 1
+                    else:
+                        self.failures.append(key)
+                    self.changed.notify_all()
+
+    def count(self, sha: str) -> int:
+        return self.seen.get(sha, 0)
+
+    def wait(self, condition: Callable[[], Any], timeout: float, what: str) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: condition() or self.failures, timeout), \
+                f"timed out after {timeout} s waiting for {what}: {self.seen}"
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def replica_pids(app: str) -> list[int]:
+    """PIDs of this machine's Serve replica processes of `app` (Ray titles them ServeReplica:APP:...)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and f"ServeReplica:{app}:".encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def proc_status_kb(pid: int, field: str) -> int:
+    """A `VmRSS` / `VmHWM` line of /proc/PID/status, in kB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def png16_bytes(width: int, height: int) -> bytes:
+    """A 16-bit grey PNG (smooth ramps and a little texture, so it stays a few MB), built in strips."""
+    y = np.arange(height, dtype=np.uint32)[:, None]
+    x = np.arange(width, dtype=np.uint32)[None, :]
+    px = ((x * 7 + y * 3) % 4096 * 16 + (x ^ y) % 16).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(px).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def make_fragile_bundle(out: Path) -> str:
+    """A seed_cnn bundle (64 px) whose first convolution overflows on bright images: their
+    probabilities are NaN (the model fails on them), while a black image scores normally."""
+    from pneumo.bundle.store import save_bundle
+    from pneumo.io.preprocess import InputSpec
+    from pneumo.models.factory import get_model
+
+    torch.manual_seed(3)
+    spec = InputSpec(**TINY_SPEC_KW)
+    model = get_model("seed_cnn", 2, input_spec=spec)
+    conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+    with torch.no_grad():
+        conv.weight.fill_(1e38)
+    return save_bundle(model, out, "seed_cnn", ["NORMAL", "PNEUMONIA"], spec).sha256

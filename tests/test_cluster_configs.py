@@ -5,7 +5,13 @@
   recipe) are accepted by that job's own config dataclass;
 - the Serve config (and the RayService's embedded serveConfigV2) pass Ray Serve's schema, and
   rayservice.yaml is up to date with serve_app/config.yaml;
-- cluster/aws.yaml passes the autoscaler schema shipped inside the ray package;
+- every KubeRay object validates strictly (unknown fields are errors) against the real CRDs in
+  ../shared/kuberay-crds/, and every core object (Secret, CronJob, ConfigMap, RBAC), including what
+  the kustomize generators make, against the Kubernetes API schemas (kubernetes-validate);
+- no manifest applies a Secret value or a placeholder; every object that serves reads the API key
+  from a Secret;
+- cluster/aws.yaml passes the autoscaler schema shipped inside the ray package, with token auth on
+  and the dashboard off 0.0.0.0;
 - `pneumo submit` builds the runtime_env it documents and refuses bad input with a clear message.
 """
 
@@ -34,7 +40,8 @@ PLANNED = [  # files the cluster configs are written against (other helpers own 
     "serve_app/app.py", "serve_app/config.yaml",
     "cluster/Dockerfile", "cluster/aws.yaml", "cluster/render_rayservice.py",
     "cluster/kuberay/common.yaml", "cluster/kuberay/raycluster.yaml", "cluster/kuberay/rayjob-train.yaml",
-    "cluster/kuberay/rayservice.template.yaml", "cluster/kuberay/rayservice.yaml",
+    "cluster/rayservice.template.yaml", "cluster/kuberay/rayservice.yaml",
+    "cluster/kuberay/secrets/kustomization.yaml",
     "cluster/kuberay/nightly/kustomization.yaml", "cluster/kuberay/nightly/cronjob.yaml",
     "cluster/kuberay/nightly/rayjob-batch-score.yaml", "cluster/kuberay/nightly/raycronjob.yaml",
 ]
@@ -165,20 +172,153 @@ def test_every_ray_pod_has_token_auth_from_the_secret() -> None:
             assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", f"{where} {group}"
             assert _from_secret(env, "RAY_AUTH_TOKEN") == ("pneumo-ray-auth", "auth_token"), f"{where} {group}"
             assert "value" not in env["RAY_AUTH_TOKEN"], f"{where} {group}: a literal token"
-    example = {d["metadata"]["name"]: d for d in docs(KUBERAY / "secrets.example.yaml")}
-    assert example["pneumo-ray-auth"]["kind"] == "Secret" and "auth_token" in example["pneumo-ray-auth"]["stringData"]
-    assert all(v.startswith("REPLACE-") for d in example.values() for v in d["stringData"].values())
+    generators = {g["name"]: g for g in kustomization(KUBERAY / "secrets")["secretGenerator"]}
+    assert generators["pneumo-ray-auth"]["files"] == ["auth_token"]
 
 
-def test_rayservice_reads_its_api_key_from_a_secret() -> None:
-    (_, service), = kind("RayService")
-    for group, c in pod_containers(service["spec"]["rayClusterConfig"]):
-        assert _from_secret(_env(c), "PNEUMO_API_KEY") == ("pneumo-serve-api-key", "api_key"), group
-    from pneumo.serve.http_api import API_KEY_ENV
+def test_every_object_that_serves_reads_its_api_key_from_a_secret() -> None:
+    """The RayService and the RayCluster (which exposes port 8000) give every container
+    PNEUMO_API_KEY from Secret pneumo-serve-api-key, so the app never starts open on a cluster."""
+    from pneumo.serve.config import API_KEY_ENV
 
-    assert API_KEY_ENV == "PNEUMO_API_KEY"
-    example = {d["metadata"]["name"]: d for d in docs(KUBERAY / "secrets.example.yaml")}
-    assert "api_key" in example["pneumo-serve-api-key"]["stringData"]
+    serving = [(f"{p.relative_to(REPO)}", d["spec"]) for p, d in kind("RayCluster")]
+    serving += [(f"{p.relative_to(REPO)}", d["spec"]["rayClusterConfig"]) for p, d in kind("RayService")]
+    assert len(serving) == 2
+    for where, spec in serving:
+        for group, c in pod_containers(spec):
+            env = _env(c)
+            assert _from_secret(env, API_KEY_ENV) == ("pneumo-serve-api-key", "api_key"), f"{where} {group}"
+            assert "value" not in env[API_KEY_ENV], f"{where} {group}: a literal key"
+    generators = {g["name"]: g for g in kustomization(KUBERAY / "secrets")["secretGenerator"]}
+    assert generators["pneumo-serve-api-key"]["files"] == ["api_key"]
+
+
+def kustomization(folder: Path) -> dict:
+    return yaml.safe_load((folder / "kustomization.yaml").read_text())
+
+
+PLACEHOLDER = re.compile(r"REPLACE|CHANGEME|CHANGE-ME|<your|xxxxx", re.I)
+
+
+def _strings(obj: object) -> list[str]:
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return [obj] if isinstance(obj, str) else []
+
+
+def test_no_manifest_applies_a_secret_value_or_a_placeholder() -> None:
+    """Whatever `kubectl apply -R -f cluster/` or `-k` would apply: no Secret carries data, no
+    secretGenerator has literals, no value is a placeholder; the generators' files are .gitignore'd."""
+    found = [(p, d) for p in sorted(CLUSTER.rglob("*.y*ml")) for d in docs(p)]
+    assert len(found) > 10
+    for path, doc in found:
+        where = path.relative_to(REPO)
+        if doc.get("kind") == "Secret":
+            assert not (doc.get("data") or doc.get("stringData")), f"{where}: a Secret with values"
+        for gen in doc.get("secretGenerator") or []:
+            assert not gen.get("literals") and not gen.get("envs"), f"{where}: {gen['name']} has values"
+        bad = [s for s in _strings(doc) if PLACEHOLDER.search(s)]
+        assert bad == [], f"{where}: placeholders {bad[:3]}"
+    for gen in kustomization(KUBERAY / "secrets")["secretGenerator"]:
+        for f in gen["files"]:
+            rel = (KUBERAY / "secrets" / f).relative_to(REPO)
+            ignored = subprocess.run(["git", "check-ignore", "-q", str(rel)], cwd=REPO).returncode == 0
+            assert ignored, f"{rel} holds a secret value and must be .gitignore'd"
+
+
+# ---------------------------------------------------------------- strict schemas
+
+CRDS = Path(os.environ.get("PNEUMO_KUBERAY_CRDS") or REPO.parent / "shared" / "kuberay-crds")
+
+
+def _strict(schema: object) -> object:
+    """The CRD schema with unknown fields forbidden wherever it lists properties (as the API server's
+    strict field validation does), except under x-kubernetes-preserve-unknown-fields."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if "properties" in out and "additionalProperties" not in out \
+            and not out.get("x-kubernetes-preserve-unknown-fields"):
+        out["additionalProperties"] = False
+    return out
+
+
+def crd_validators() -> dict[str, object]:
+    """kind -> a jsonschema validator of ray.io/v1 objects, from the real CRDs."""
+    import jsonschema
+
+    if not CRDS.is_dir():
+        pytest.skip(f"KubeRay CRDs not found at {CRDS} (set PNEUMO_KUBERAY_CRDS)")
+    out = {}
+    for path in sorted(CRDS.glob("ray.io_*.yaml")):
+        crd = yaml.safe_load(path.read_text())
+        (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+        schema = _strict(version["schema"]["openAPIV3Schema"])
+        schema["properties"]["metadata"] = {"type": "object"}  # ObjectMeta: checked by the API server itself
+        out[crd["spec"]["names"]["kind"]] = jsonschema.Draft7Validator(schema)
+    return out
+
+
+def _errors(validator: object, doc: dict) -> list[str]:
+    return [f"{'.'.join(str(p) for p in e.absolute_path)}: {e.message[:200]}"
+            for e in validator.iter_errors(doc)]  # type: ignore[attr-defined]
+
+
+def test_kuberay_objects_validate_strictly_against_the_crds() -> None:
+    validators = crd_validators()
+    assert {"RayCluster", "RayJob", "RayService", "RayCronJob"} <= set(validators)
+    objects = [(p, d) for p, d in all_docs() if d["apiVersion"] == "ray.io/v1"]
+    assert {d["kind"] for _, d in objects} == {"RayCluster", "RayJob", "RayService", "RayCronJob"}
+    for path, doc in objects:
+        assert _errors(validators[doc["kind"]], doc) == [], f"{path.relative_to(REPO)}"
+    (path, cluster), = kind("RayCluster")  # the check can fail: an unknown field is an error
+    broken = json.loads(json.dumps(cluster))
+    broken["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["envFrm"] = []
+    assert any("envFrm" in e for e in _errors(validators["RayCluster"], broken))
+
+
+def generated_objects() -> list[dict]:
+    """What the kustomize generators make (ConfigMap from files; Secrets from files, here with a
+    stand-in value): kustomize's own output shape, for the schema check."""
+    import base64
+
+    out = []
+    for folder in sorted({p.parent for p in KUBERAY.rglob("kustomization.yaml")}):
+        k = kustomization(folder)
+        labels = (k.get("generatorOptions") or {}).get("labels")
+        meta = lambda name, labels=labels: {"name": name, **({"labels": labels} if labels else {})}  # noqa: E731
+        for gen in k.get("configMapGenerator") or []:
+            data = {f: (folder / f).read_text() for f in gen["files"]}
+            out.append({"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta(gen["name"]), "data": data})
+        for gen in k.get("secretGenerator") or []:
+            data = {f: base64.b64encode(b"stand-in").decode() for f in gen["files"]}
+            out.append({"apiVersion": "v1", "kind": "Secret", "type": gen.get("type", "Opaque"),
+                        "metadata": meta(gen["name"]), "data": data})
+    return out
+
+
+def test_core_objects_pass_the_kubernetes_schemas() -> None:
+    import kubernetes_validate
+    from kubernetes_validate.utils import latest_version
+
+    core = [(str(p.relative_to(REPO)), d) for p, d in all_docs()
+            if d["apiVersion"] != "ray.io/v1" and d["kind"] != "Kustomization"]
+    core += [(f"generated {d['kind']} {d['metadata']['name']}", d) for d in generated_objects()]
+    kinds = {d["kind"] for _, d in core}
+    assert {"Secret", "CronJob", "ConfigMap", "ServiceAccount", "Role", "RoleBinding"} <= kinds, kinds
+    version = latest_version()
+    for where, doc in core:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{where}: {exc.message[:300]}")
+    with pytest.raises(kubernetes_validate.ValidationError):  # the check can fail
+        (_, cron), = kind("CronJob")
+        kubernetes_validate.validate({**cron, "spec": {**cron["spec"], "schedul": "x"}}, version, strict=True)
 
 
 # ---------------------------------------------------------------- RayJob entrypoints
@@ -338,7 +478,7 @@ def test_rayservice_is_rendered_from_serve_config_and_valid() -> None:
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     schema = ServeDeploySchema.model_validate(embedded)
     source = yaml.safe_load(SERVE_CONFIG.read_text())
-    template = yaml.safe_load((KUBERAY / "rayservice.template.yaml").read_text())["spec"]["serveConfigV2"]
+    template = yaml.safe_load((CLUSTER / "rayservice.template.yaml").read_text())["spec"]["serveConfigV2"]
     assert [a["import_path"] for a in embedded["applications"]] == [a["import_path"] for a in source["applications"]]
     for app, src in zip(schema.applications, source["applications"]):
         args = ServeArgs.model_validate(app.args)
@@ -379,9 +519,15 @@ def test_aws_yaml_passes_the_autoscaler_schema_shipped_with_ray() -> None:
     assert gpu and all(t["max_workers"] > t["min_workers"] for t in gpu), "autoscaling GPU workers"
     assert all("IamInstanceProfile" in t["node_config"] for t in types.values()), "S3 via instance profiles"
     assert config["docker"]["image"] == f"rayproject/ray:{ray.__version__}-py311-gpu"
-    (remote, local), = config["file_mounts"].items()
-    assert (REPO / local).resolve() == REPO and remote == "/home/ray/pneumo"
-    assert any("pip install" in c and remote in c for c in config["setup_commands"])
+    mounts = config["file_mounts"]
+    assert (REPO / mounts["/home/ray/pneumo"]).resolve() == REPO
+    assert any("pip install" in c and "/home/ray/pneumo" in c for c in config["setup_commands"])
+    # locked by default: Ray token auth on every node, the dashboard on the head's private address
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert mounts["/home/ray/.ray/auth_token"] == "~/.ray/auth_token"  # where Ray reads the token
+    assert mounts["/home/ray/.pneumo/api_key"] == "~/.pneumo/api_key"
+    (head,) = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert "0.0.0.0" not in head and head.split("--dashboard-host=")[1].startswith("$(hostname -I"), head
 
     broken = dict(config, unknown_field=1)
     with pytest.raises(jsonschema.ValidationError):

@@ -16,6 +16,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -23,7 +24,9 @@ import pytest
 from helpers import (
     SERVE_API_KEY,
     SERVE_LIMITS,
+    SLOW_TIMEOUT_S,
     TINY_SPEC_KW,
+    Load,
     deploy,
     deploy_config,
     dicom_bytes,
@@ -207,7 +210,7 @@ def test_too_large_without_content_length(served):
 
 def test_unknown_route_and_method(served):
     with served.client() as c:
-        _assert_error(c.get("/v2/nothing"), 404)
+        _assert_error(c.get("/v1/nothing"), 404)
         _assert_error(c.get("/v1/predict"), 405)
 
 
@@ -306,52 +309,61 @@ def test_reconfigure_new_bundle_and_batching_under_load(served):
 
     Synchronised on answer counts, not sleeps: the swap starts after `before` answers from the
     old model, and the load stops after `after` answers from the new one."""
-    png = _png(seed=7)
-    stop = threading.Event()
-    seen: dict[str, int] = {}
-    failures: list[str] = []
-    changed = threading.Condition()
     before, after, deadline_s = 20, 20, 120
-
-    def count(sha: str) -> int:
-        return seen.get(sha, 0)
-
-    def worker() -> None:
-        with served.client() as c:
-            while not stop.is_set():
-                try:
-                    r = c.post("/v1/predict", content=png, headers={"content-type": "image/png"})
-                    ok = r.status_code == 200
-                    key = r.json()["model"]["sha256"] if ok else f"{r.status_code} {r.text[:200]}"
-                except Exception as exc:  # a dropped connection is a failure too
-                    ok, key = False, repr(exc)
-                with changed:
-                    if ok:
-                        seen[key] = seen.get(key, 0) + 1
-                    else:
-                        failures.append(key)
-                    changed.notify_all()
-
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(6)]
-    for t in threads:
-        t.start()
-    try:
-        with changed:
-            assert changed.wait_for(lambda: count(served.sha1) >= before or failures, deadline_s), seen
+    with Load(served, "/v1/predict", _png(seed=7)) as load:
+        load.wait(lambda: load.count(served.sha1) >= before, deadline_s, "answers from the old model")
         new_user_config = {"max_batch_size": 4, "batch_wait_timeout_s": 0.02, "bundle": str(served.root / "b2")}
-        deploy(deploy_config(str(served.root / "b1"), served.key_file, user_config=new_user_config))
-        with changed:
-            assert changed.wait_for(lambda: count(served.sha2) >= after or failures, deadline_s), seen
-    finally:
-        stop.set()
-        for t in threads:
-            t.join(timeout=60)
-    assert failures == [], failures[:5]
-    assert count(served.sha1) >= before and count(served.sha2) >= after, seen
+        deploy(deploy_config(str(served.root / "b1"), served.key_file, user_config=new_user_config, apps=served.apps))
+        load.wait(lambda: load.count(served.sha2) >= after, deadline_s, "answers from the new model")
+    assert load.failures == [], load.failures[:5]
+    assert load.count(served.sha1) >= before and load.count(served.sha2) >= after, load.seen
     with served.client() as c:
         info = c.get("/v1/model").json()
     assert info["bundle_sha256"] == served.sha2 and info["drift"] is None  # b2 has no drift reference
     assert info["batching"] == {"max_batch_size": 4, "batch_wait_timeout_s": 0.02}
+    assert info["update"]["status"] == "ok"
+
+
+def _metrics_text(ray_local) -> str | None:  # noqa: ANN001
+    node = ray_local._private.worker.global_worker.node
+    port = getattr(node, "metrics_export_port", None)
+    if not port:
+        return None
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return ""
+
+
+def test_reconfigure_to_a_corrupt_bundle_keeps_the_old_model(served, ray_local, tmp_path):
+    """A live update to a bundle that fails its hash check, under load: 0 failed requests, the old
+    model answers throughout, the failure is in /v1/model and in a Prometheus counter, /readyz stays 200."""
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(served.root / "b2", corrupt)
+    weights = corrupt / "model.safetensors"
+    weights.write_bytes(b"\0" * weights.stat().st_size)  # same size, wrong sha256
+    with served.client() as c:
+        serving = c.get("/v1/model").json()["bundle_sha256"]
+    with Load(served, "/v1/predict", _png(seed=8)) as load:
+        load.wait(lambda: load.count(serving) >= 10, 120, "answers before the update")
+        deploy(deploy_config(str(served.root / "b1"), served.key_file, apps=served.apps,
+                             user_config={"max_batch_size": 16, "batch_wait_timeout_s": 0.01, "bundle": str(corrupt)}))
+        with served.client() as c:
+            info = wait_for(lambda: (d := c.get("/v1/model").json())["update"] and d["update"]["status"] == "failed"
+                            and d, 120, "the failed update in /v1/model")
+        at_failure = load.count(serving)
+        load.wait(lambda: load.count(serving) >= at_failure + 20, 120, "answers after the failed update")
+    assert load.failures == [] and set(load.seen) == {serving}, (load.failures[:5], load.seen)
+    assert info["bundle_sha256"] == serving and info["update"]["bundle"].endswith("corrupt")
+    assert "sha256" in info["update"]["error"] or "hash" in info["update"]["error"].lower(), info["update"]
+    with served.client() as c:
+        assert c.get("/readyz").json() == {"status": "ready"}
+    if _metrics_text(ray_local) is None:
+        pytest.skip("this Ray node exports no metrics port")
+    text = wait_for(lambda: (t := _metrics_text(ray_local)) and "pneumo_model_update_failures" in t and t, 60,
+                    "the update-failure counter on the metrics endpoint", 2)
+    assert any(ln.startswith(("ray_pneumo_model_update_failures", "pneumo_model_update_failures"))
+               and not ln.rstrip().endswith(" 0.0") for ln in text.splitlines()), text[:500]
 
 
 # ---------------------------------------------------------------- overload
@@ -410,6 +422,122 @@ def test_request_timeout_is_503_with_retry_after(served):
         _assert_error(r, 503, "overloaded")
         assert int(r.headers["retry-after"]) >= 1
         assert c.get("/slow/readyz").status_code == 200  # slow is not broken: it still scores
+
+
+def test_the_deadline_covers_the_body_read(served):
+    """A client that sends half its body and stalls gets 408 at the app's deadline (not never)."""
+    import socket
+
+    host, port = served.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(b"POST /slow/v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 100000\r\n\r\n" + _png()[:1000])
+        t0 = time.perf_counter()
+        head = sock.recv(4096)
+        waited = time.perf_counter() - t0
+    assert head.startswith(b"HTTP/1.1 408"), head[:200]
+    assert waited < SLOW_TIMEOUT_S + 20, waited  # the deadline, not the proxy's 60 s or the client's
+
+
+def test_the_timeout_header_cannot_switch_the_deadline_off(served):
+    """`x-request-timeout-seconds: 0` turns off only the proxy's backstop: the app's deadline holds."""
+    with served.client() as c:
+        r = c.post("/slow/v1/predict", content=_png(), headers={"content-type": "image/png",
+                                                                  "x-request-timeout-seconds": "0"})
+    _assert_error(r, 503, "overloaded")
+    assert r.elapsed.total_seconds() < SLOW_TIMEOUT_S + 20
+
+
+def test_readyz_flood_shares_one_probe_and_explain_does_not_starve_health(served):
+    """A /readyz flood (no key) with Grad-CAM and scoring under way: every probe answers 200 from a
+    shared cached result (a handful of forward passes, not one per request), and the replica is
+    never replaced."""
+    from helpers import replica_pids
+
+    pids = replica_pids("pneumo")
+    with served.client() as c:
+        probes0 = c.get("/v1/model").json()["replica"]["probes"]
+    codes: list[int] = []
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+
+    def flood() -> None:
+        with served.client() as c:
+            for _ in range(40):
+                code = c.get("/readyz").status_code
+                with lock:
+                    codes.append(code)
+
+    def explain() -> None:
+        with served.client() as c:
+            for _ in range(3):
+                c.post("/v1/predict", params={"explain": "true"}, content=_png(), headers={"content-type": "image/png"})
+
+    threads = [threading.Thread(target=flood) for _ in range(8)] + [threading.Thread(target=explain) for _ in range(4)]
+    with Load(served, "/v1/predict", _png(seed=9), threads=2) as load:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+    elapsed = time.perf_counter() - t0
+    with served.client() as c:
+        replica = c.get("/v1/model").json()["replica"]
+    assert codes == [200] * 320 and load.failures == [], (sorted(set(codes)), load.failures[:3])
+    assert replica["probes"] - probes0 <= elapsed / 5 + 3, (replica["probes"] - probes0, elapsed)
+    assert replica_pids("pneumo") == pids  # no replica restarted
+
+
+def test_a_64_megapixel_16_bit_png_peaks_under_300_mb_in_the_replica(served):
+    """The decode budget and the strip-wise 16-bit conversion: the replica's peak RSS (VmHWM, reset
+    just before) grows by less than 300 MB for one 8000 x 8000 16-bit PNG."""
+    from helpers import png16_bytes, proc_status_kb, replica_pids
+
+    body = png16_bytes(8000, 8000)
+    (pid,) = replica_pids("big")
+    with served.client() as c:
+        assert c.post("/big/v1/predict", content=_png(), headers={"content-type": "image/png"}).status_code == 200
+        before = proc_status_kb(pid, "VmRSS")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+        r = c.post("/big/v1/predict", content=body, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    peak_mb = (proc_status_kb(pid, "VmHWM") - before) / 1024
+    print(f"64 MP 16-bit PNG ({len(body) / 1e6:.1f} MB): replica peak +{peak_mb:.0f} MB")
+    assert peak_mb < 300, peak_mb
+
+
+def test_one_image_the_model_fails_on_is_an_error_for_that_image_only(served, tmp_path):
+    """A model that returns NaN for bright images: in one @serve.batch batch, the bright image is a
+    500 `model` item and the others are scored; single requests likewise."""
+    from helpers import make_fragile_bundle
+    from ray import serve
+
+    from pneumo.serve.app import ServeArgs, bind
+
+    make_fragile_bundle(tmp_path / "fragile")
+    serve.run(bind(ServeArgs(bundle=str(tmp_path / "fragile")), ray_actor_options={"num_cpus": 0.25},
+                   autoscaling_config={"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}),
+              name="fragile", route_prefix="/fragile", blocking=False)
+    dark, bright = _png_of(np.zeros((64, 64), np.uint8)), _png_of(np.full((64, 64), 240, np.uint8))
+    try:
+        with served.client() as c:
+            wait_for(lambda: c.get("/fragile/readyz").status_code == 200, 120, "the fragile app ready", 0.5)
+            files = [("files", (f"{i}.png", b, "image/png")) for i, b in enumerate([dark, bright, dark])]
+            res = c.post("/fragile/v1/predict/batch", files=files).json()["results"]
+            assert "label" in res[0] and "label" in res[2], res
+            assert res[1]["error"]["status"] == 500 and res[1]["error"]["kind"] == "model", res
+            _assert_error(c.post("/fragile/v1/predict", content=bright, headers={"content-type": "image/png"}),
+                          500, "model")
+            assert c.post("/fragile/v1/predict", content=dark, headers={"content-type": "image/png"}
+                          ).status_code == 200
+            assert c.get("/fragile/readyz").status_code == 200  # the replica itself is fine
+    finally:
+        serve.delete("fragile")
+
+
+def _png_of(px: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(px, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def test_replica_killed_under_load_costs_under_1_percent(served):

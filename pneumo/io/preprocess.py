@@ -104,16 +104,55 @@ def sniff_format(data: bytes, path: str = "") -> str | None:
     return None
 
 
+_BLOCK = 1 << 20  # values windowed at a time: the float32 temporaries stay at a few MB
+
+
+def _windowed(blocks: Any, n: int) -> np.ndarray:
+    """Min-max window the values of `blocks()` (a fresh iterator of arrays per call) to a flat
+    uint8 array of `n` values, one block at a time (a 64-megapixel 16-bit image never has a
+    full-size float copy). Non-finite values count as `np.nan_to_num` makes them."""
+    def extremes(fix: bool) -> tuple[float, float, bool]:
+        lo, hi, finite = np.inf, -np.inf, True
+        for b in blocks():
+            f = np.nan_to_num(b.astype(np.float32)) if fix else b.astype(np.float32)
+            if f.size:
+                b_lo, b_hi = float(f.min()), float(f.max())  # NaN when the block has one
+                finite = finite and np.isfinite(b_lo) and np.isfinite(b_hi)
+                lo, hi = min(lo, b_lo), max(hi, b_hi)
+        return lo, hi, finite
+
+    lo, hi, finite = extremes(False)
+    fix = not finite
+    if fix:
+        lo, hi, _ = extremes(True)
+    if not hi > lo:
+        return np.zeros(n, dtype=np.uint8)
+    out, at, scale = np.empty(n, dtype=np.uint8), 0, 255.0 / (hi - lo)
+    for b in blocks():
+        f = b.astype(np.float32).reshape(-1)
+        if fix:
+            np.nan_to_num(f, copy=False)
+        out[at:at + f.size] = np.clip((f - lo) * scale + 0.5, 0, 255)
+        at += f.size
+    return out
+
+
 def _to_uint8(arr: np.ndarray) -> np.ndarray:
-    """Min-max window any numeric array to uint8."""
-    arr = np.asarray(arr, dtype=np.float32)
-    lo, hi = float(np.min(arr)), float(np.max(arr))
-    if not np.isfinite(lo) or not np.isfinite(hi):
-        arr = np.nan_to_num(arr)
-        lo, hi = float(arr.min()), float(arr.max())
-    if hi <= lo:
-        return np.zeros(arr.shape, dtype=np.uint8)
-    return np.clip((arr - lo) * (255.0 / (hi - lo)) + 0.5, 0, 255).astype(np.uint8)
+    """Min-max window any numeric array to uint8 (in blocks: no full-size float32 copies)."""
+    arr = np.asarray(arr)
+    if arr.size == 0:
+        raise ValueError("no pixels")
+    flat = np.ascontiguousarray(arr).reshape(-1)
+    out = _windowed(lambda: (flat[s:s + _BLOCK] for s in range(0, flat.size, _BLOCK)), flat.size)
+    return out.reshape(arr.shape)
+
+
+def _image_to_uint8(img: Image.Image) -> Image.Image:
+    """A 16/32-bit PIL image windowed to 8-bit gray, read in row strips (no full-size copy)."""
+    w, h = img.size
+    rows = max(1, _BLOCK // max(w, 1))
+    strips = lambda: (np.asarray(img.crop((0, y, w, min(h, y + rows)))) for y in range(0, h, rows))  # noqa: E731
+    return Image.fromarray(_windowed(strips, w * h).reshape(h, w), mode="L")
 
 
 def _dicom_int(ds: Any, name: str, default: int) -> int:
@@ -173,7 +212,7 @@ def _decode_dicom(data: bytes, path: str, max_pixels: int) -> Image.Image:
         raise DecodeError(path, "corrupt", f"DICOM pixel data has shape {arr.shape}, not one 2-D frame")
     gray = _to_uint8(arr)
     if photometric == "MONOCHROME1":
-        gray = 255 - gray
+        np.subtract(255, gray, out=gray)
     return Image.fromarray(gray, mode="L")
 
 
@@ -190,7 +229,7 @@ def _to_gray(img: Image.Image) -> Image.Image:
     if mode == "L":
         return img
     if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(img)), mode="L")
+        return _image_to_uint8(img)
     if mode in ("P", "PA"):
         if mode == "P" and "transparency" not in img.info:
             return img.convert("L")  # through the palette: one 8-bit plane, no RGB copy

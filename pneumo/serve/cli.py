@@ -8,16 +8,28 @@ help), plus the CLI's own keys (host, port, num_cpus, address, serve_config). Wi
 `--serve-config`, the file's app `args` are the base that typed flags override, and its
 `PneumoService` deployment entry gives the deployment options; without it, the deployment takes
 `pneumo.serve.config.DEPLOYMENT_DEFAULTS`.
+
+Locked by default: without an API key (`--api-key-file` or `PNEUMO_API_KEY`) it listens on
+127.0.0.1 only; `--host 0.0.0.0` (or any address that is not loopback) without a key exits 2,
+before Ray starts, saying what to set, unless `--allow-anonymous`. The proxy's backstop
+(`http_options.request_timeout_s`) is the same with or without `--serve-config`.
 """
 
 import signal
+import sys
 from dataclasses import field, make_dataclass
 from typing import Any, Literal
 
 from pneumo.config import load_yaml, parse_config
-from pneumo.serve.config import DEPLOYMENT_NAME, ServeArgs
+from pneumo.serve.config import (
+    DEPLOYMENT_NAME,
+    HTTP_REQUEST_TIMEOUT_S,
+    ServeArgs,
+    access_error,
+    read_api_key,
+)
 
-__all__ = ["ServeConfig", "serve_args", "deployment_options", "main"]
+__all__ = ["ServeConfig", "serve_args", "deployment_options", "http_options", "refusal", "main"]
 
 CLI_ONLY = [
     ("host", str, field(default="127.0.0.1", metadata={"help": "HTTP host (0.0.0.0: all interfaces)"})),
@@ -70,6 +82,21 @@ def deployment_options(app: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
+def http_options(cfg: Any, app: dict[str, Any]) -> dict[str, Any]:
+    """Serve's HTTP options: the CLI's host and port, the config's backstop (else the default one)."""
+    timeout = (app.get("http_options") or {}).get("request_timeout_s") or HTTP_REQUEST_TIMEOUT_S
+    return {"host": cfg.host, "port": cfg.port, "request_timeout_s": timeout}
+
+
+def refusal(cfg: Any, args: ServeArgs) -> str | None:
+    """Why this `pneumo serve` must not start (a missing key file, or no key on a public address)."""
+    try:
+        key = read_api_key(args.api_key_file)
+    except (OSError, ValueError) as exc:
+        return f"api_key_file: {exc}"
+    return access_error(cfg.host, key is not None, args.allow_anonymous)
+
+
 def _interrupt(_signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -79,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(ServeConfig, argv, prog="pneumo serve")
     app_cfg = app_config(cfg.serve_config)
     args = serve_args(cfg, app_cfg)
+    problem = refusal(cfg, args)
+    if problem:
+        print(f"pneumo serve: {problem}", file=sys.stderr)
+        return 2
     # start-up time: Ray, Serve and torch only once the flags are known to be good
     import ray
     from ray import serve
@@ -87,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not ray.is_initialized():
         ray.init(address=cfg.address, num_cpus=cfg.num_cpus, include_dashboard=False)
-    http = {k: v for k, v in app_cfg.get("http_options", {}).items() if k == "request_timeout_s"}
-    serve.start(http_options={**http, "host": cfg.host, "port": cfg.port})
+    serve.start(http_options=http_options(cfg, app_cfg))
     app = bind(args, **deployment_options(app_cfg))
     print(f"pneumo: serving {args.bundle} at http://{cfg.host}:{cfg.port}/ (API docs at /docs); Ctrl-C stops")
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a parent shell ignored it

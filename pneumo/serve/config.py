@@ -11,6 +11,9 @@ Configuration lives in two places, never mixed:
 
 # No `from __future__ import annotations`: pydantic and Serve read these annotations as classes.
 
+import ipaddress
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,15 +22,20 @@ from pneumo.io.preprocess import DEFAULT_MAX_PIXELS
 from pneumo.io.storage import Location
 from pneumo.precision import ENGINES, PRECISIONS
 
-__all__ = ["ServeArgs", "UserConfig", "DEPLOYMENT_DEFAULTS", "DEPLOYMENT_NAME", "API_KEY_ENV"]
+__all__ = ["ServeArgs", "UserConfig", "DEPLOYMENT_DEFAULTS", "DEPLOYMENT_NAME", "API_KEY_ENV", "read_api_key",
+           "access_error", "is_loopback", "HTTP_REQUEST_TIMEOUT_S"]
 
 MAX_BATCH_SIZE = 16  # the one default of @serve.batch's size ...
 BATCH_WAIT_S = 0.01  # ... and wait; user_config changes both live
 RETRY_AFTER_S = 1.0
 DEPLOYMENT_NAME = "PneumoService"
 API_KEY_ENV = "PNEUMO_API_KEY"
+HTTP_REQUEST_TIMEOUT_S = 60.0  # the proxy's backstop (http_options.request_timeout_s) on every entry point
+PROBE_CACHE_S = 5.0  # /readyz and check_health share one probe result for this long
 DEPLOYMENT_DEFAULTS: dict[str, Any] = {  # where the YAML / .options() say nothing
-    "max_ongoing_requests": 2 * MAX_BATCH_SIZE,  # one batch running, the next one filling
+    # in flight per replica: room for health probes beside the scoring work the app admits
+    # (ServeArgs.max_queue_wait_s sheds scoring at once, so probes never wait behind it)
+    "max_ongoing_requests": 4 * MAX_BATCH_SIZE,
     "max_queued_requests": 4 * MAX_BATCH_SIZE,  # per caller (proxy); above: 503 + Retry-After
     "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S},
     "autoscaling_config": {"min_replicas": 1, "initial_replicas": 1, "max_replicas": 2,
@@ -53,11 +61,20 @@ class ServeArgs(BaseModel):
     channels_last: bool = Field(True, description="torch engine: channels_last memory format")
     threads: int = Field(0, ge=0, description="ONNX Runtime / torch threads; 0: the replica's num_cpus")
     api_key_file: str | None = Field(
-        None, description=f"file holding the bearer token; else env {API_KEY_ENV}; neither: no key needed")
+        None, description=f"file holding the bearer token; else env {API_KEY_ENV}; neither: no key (loopback only)")
+    allow_anonymous: bool = Field(
+        False, description="serve without an API key on a non-loopback address (refused otherwise)")
     max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0, description="largest accepted image, bytes")
     max_batch_files: int = Field(16, gt=0, description="most files in one /v1/predict/batch request")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0, description="decoded pixels above this are a bomb: 413")
-    request_timeout_s: float = Field(30.0, gt=0, description="a request not scored by then: 503 + Retry-After")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="whole request (body read, decode, scoring): 408 if the body is late, else 503")
+    max_decode_bytes: int = Field(
+        512 * 1024 * 1024, gt=0, description="decoded bytes in flight per replica; further decodes wait")
+    decode_threads: int = Field(2, gt=0, description="decode threads per replica")
+    explain_queue: int = Field(4, ge=0, description="Grad-CAM requests waiting behind the one running; more: 503")
+    max_queue_wait_s: float = Field(
+        3.0, gt=0, description="a request whose predicted wait for the model is longer is refused at once (503)")
     drift_window: int = Field(500, ge=0, description="served images in the drift window (0: off)")
     drift_every_s: float = Field(60.0, gt=0, description="drift statistics recomputed at most this often")
 
@@ -82,3 +99,39 @@ class UserConfig(BaseModel):
         if not self.bundle:
             return None
         return Location.resolve(self.bundle, self.s3_endpoint if self.s3_endpoint is not None else current.endpoint)
+
+
+# ---------------------------------------------------------------- who may call
+
+
+def read_api_key(api_key_file: str | None) -> str | None:
+    """The API key: the file's content, else env PNEUMO_API_KEY, stripped (a trailing newline from
+    `kubectl create secret --from-file` or `echo` must not lock everyone out); None when neither."""
+    if api_key_file:
+        key = Path(api_key_file).read_text().strip()
+        if not key:
+            raise ValueError(f"api key file {api_key_file} is empty")
+        return key
+    return (os.environ.get(API_KEY_ENV) or "").strip() or None
+
+
+def is_loopback(host: str | None) -> bool:
+    """True for addresses only this machine reaches (127.0.0.0/8, ::1, localhost)."""
+    if not host:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def access_error(host: str | None, has_key: bool, allow_anonymous: bool) -> str | None:
+    """Why serving on `host` must not start (None: it may): nothing listens beyond loopback
+    without an API key unless `allow_anonymous` says so."""
+    if has_key or allow_anonymous or is_loopback(host):
+        return None
+    return (f"refusing to serve on {host or 'an address that is not loopback'} without an API key: "
+            f"set api_key_file (pneumo serve --api-key-file FILE) or {API_KEY_ENV} in the replicas' "
+            f"environment, or set allow_anonymous: true (--allow-anonymous) to serve without a key")

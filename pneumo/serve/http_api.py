@@ -9,16 +9,17 @@ read on their own. Everything here is plain FastAPI / Starlette:
   middleware that counts requests (Ray metrics) and turns any escaped exception into a JSON 500.
 - `read_body(request, limit)` / `form(request, body, max_files)` / `file_bytes(item, limit)`: the
   body, refused (413) above a size by `Content-Length` and by the bytes actually read.
-- `read_api_key(file)` / `authorize(request, key)`: the optional bearer token.
+- `authorize(request, key)`: the bearer token (`pneumo.serve.config.read_api_key` reads it).
+
+Errors under `/v2` (the Open Inference Protocol) are answered as `{"error": "<message>"}`, with the
+same status codes and headers.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,7 +27,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from pneumo.serve.config import API_KEY_ENV
+from pneumo.serve.config import read_api_key
+
+__all__ = ["ApiError", "error_response", "install", "authorize", "read_api_key", "read_body", "form",
+           "file_bytes", "image_bytes", "batch_items", "is_v2", "RAW_CONTENT_TYPES", "KIND_STATUS"]
 
 logger = logging.getLogger("ray.serve")
 
@@ -34,7 +38,6 @@ RAW_CONTENT_TYPES = ("image/jpeg", "image/png", "application/dicom", "applicatio
 KIND_STATUS = {"empty": 400, "corrupt": 400, "unsupported": 415, "too_large": 413}
 LATENCY_BOUNDARIES_MS = [5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000]
 MULTIPART_OVERHEAD = 64 * 1024  # part headers and boundaries on top of the file bytes
-
 
 
 def _openapi_body(field: str, many: bool, raw_types: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -61,9 +64,19 @@ class ApiError(Exception):
         return {"error": {"status": self.status, "kind": self.kind, "message": self.message}}
 
 
-def error_response(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"status": status, "kind": kind, "message": message}}, status_code=status,
-                        headers=headers)
+def is_v2(request: Request) -> bool:
+    """Whether `request` is on the Open Inference Protocol routes (`/v2...` under the app's prefix)."""
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    rel = path[len(root):] if root and path.startswith(root) else path
+    return rel == "/v2" or rel.startswith("/v2/")
+
+
+def error_response(status: int, kind: str, message: str, headers: dict | None = None,
+                   request: Request | None = None) -> JSONResponse:
+    """A JSON error: `{"error": {"status", "kind", "message"}}`, or `{"error": message}` under /v2."""
+    body: dict[str, Any] = ({"error": message} if request is not None and is_v2(request)
+                            else {"error": {"status": status, "kind": kind, "message": message}})
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _headers(exc: ApiError) -> dict[str, str] | None:
@@ -95,18 +108,18 @@ def install(api: FastAPI) -> FastAPI:
     """JSON error handlers and the metrics middleware on `api`."""
 
     @api.exception_handler(ApiError)
-    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=_headers(exc))
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.kind, exc.message, _headers(exc), request)
 
     @api.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, kind, str(exc.detail))
+        return error_response(exc.status_code, kind, str(exc.detail), request=request)
 
     @api.exception_handler(RequestValidationError)
-    async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         fields = ", ".join(".".join(str(p) for p in e.get("loc", ())) for e in exc.errors())
-        return error_response(422, "invalid_request", f"invalid or missing: {fields}")
+        return error_response(422, "invalid_request", f"invalid or missing: {fields}", request=request)
 
     @api.middleware("http")
     async def _count_requests(request: Request, call_next: Any) -> Any:
@@ -118,7 +131,7 @@ def install(api: FastAPI) -> FastAPI:
             return response
         except Exception:
             logger.exception("unhandled error on %s %s", request.method, request.url.path)
-            return error_response(500, "internal", "internal error")
+            return error_response(500, "internal", "internal error", request=request)
         finally:
             route = request.scope.get("route")
             tags = {"endpoint": getattr(route, "path", None) or "unmatched", "status_code": str(status)}
@@ -133,15 +146,6 @@ def install(api: FastAPI) -> FastAPI:
 
 
 # ---------------------------------------------------------------- API key
-
-
-def read_api_key(api_key_file: str | None) -> str | None:
-    if api_key_file:
-        key = Path(api_key_file).read_text().strip()
-        if not key:
-            raise ValueError(f"api key file {api_key_file} is empty")
-        return key
-    return os.environ.get(API_KEY_ENV) or None
 
 
 def authorize(request: Request, api_key: str | None) -> None:
