@@ -9,6 +9,9 @@
     pneumo quantize BUNDLE            add a gated model.int8.onnx
     pneumo score DATA --bundle B --out DIR   batch-score an archive into Parquet
     pneumo serve BUNDLE               serve a bundle with Ray Serve
+    pneumo sweep DATA --config S.yaml --out DIR   a Ray Tune sweep of training runs, ranked on val
+    pneumo register BUNDLE --name N   make a bundle a registered model version (MLflow)
+    pneumo promote NAME VERSION --alias champion   move a registry alias
     pneumo submit ...                 submit / follow / stop a job on a Ray cluster
     pneumo demo --out DIR             the whole path on synthetic data
 
@@ -31,6 +34,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "quantize": ("pneumo.bundle.upgrade:quantize_main", "add a gated int8 ONNX graph to a bundle"),
     "score": ("pneumo.score.driver", "batch-score an archive into Parquet with Ray Data"),
     "serve": ("pneumo.serve.cli", "serve a model bundle with Ray Serve"),
+    "sweep": ("pneumo.train.sweep", "run a Ray Tune sweep of training runs, ranked on val"),
+    "register": ("pneumo.bundle.registry_cli:register_main", "register a bundle as a model version (MLflow)"),
+    "promote": ("pneumo.bundle.registry_cli:promote_main", "point a registered model's alias at a version"),
     "submit": ("pneumo.submit", "submit, follow, inspect or stop a job on a Ray cluster"),
     "demo": ("pneumo.demo", "run the whole path on synthetic data on an embedded local Ray"),
 }

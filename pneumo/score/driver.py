@@ -202,7 +202,7 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
     )
     marker = {
         **asdict(result), "finished_at": _now(), "started_at": started,
-        "bundle": cfg.bundle, "bundle_sha256": manifest.sha256, "model": manifest.model,
+        "bundle": cfg.bundle, "bundle_sha256": manifest.sha256, "model_uri": bundle.source, "model": manifest.model,
         "model_version": manifest.version, "classes": manifest.classes, "threshold": manifest.threshold_value,
         "config": to_dict(cfg),
     }

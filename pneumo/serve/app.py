@@ -108,7 +108,8 @@ def _answer(predictor: Any, probs: np.ndarray) -> dict[str, Any]:
         "probability": round(float(predictor.positive_probability(row)[0]), 6),
         "probabilities": {c: round(float(p), 6) for c, p in zip(predictor.classes, row[0])},
         "threshold": predictor.threshold,
-        "model": {"name": m.model, "version": m.version, "sha256": m.sha256},
+        "model": {"name": m.model, "version": m.version, "sha256": m.sha256,
+                  "uri": predictor.location.source if predictor.location else None},  # models:/NAME/VERSION
         "engine": predictor.engine,
         "precision": predictor.precision,
     }
@@ -172,7 +173,7 @@ class PneumoService:
         self._batching = {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
         async with self._reconfigure_lock:
             current = self._loaded
-            target = cfg.location(current.location)
+            target = await asyncio.to_thread(cfg.location, current.location, self.args.tracking_uri)
             if target is not None and target != current.location:
                 new = await asyncio.to_thread(_load, self.args, target)
                 self._loaded = new  # in-flight requests keep the Predictor they started with

@@ -88,7 +88,7 @@ def export_run(cfg: Any, model: nn.Module, classes: list[str], spec: InputSpec,
     extra_files = drift_reference_files(scored["val"][1], positive_score(probs["val"], classes), threshold["value"],
                                         getattr(cfg, "seed", 0))
     manifest = save_bundle(model, bundle, cfg.model, classes, spec, threshold=threshold, metrics=metrics,
-                           training=training_info, onnx=onnx,
+                           training=training_info, onnx=onnx, model_options=getattr(cfg, "model_options", dict)(),
                            extra_files=extra_files, extra={"calibration": calibration})
     return manifest, RunOutputs(probs, {s: f for s, (_, f) in scored.items()}, threshold, metrics,
                                 predictor.engine)
