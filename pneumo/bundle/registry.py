@@ -10,8 +10,8 @@ A version is an MLflow pyfunc (`pneumo.bundle.pyfunc`, logged as code, nothing p
 artifacts are the bundle's files; the version's tags carry the manifest's sha256, model, version
 and val/test metrics. `resolve_bundle` is the one place a `models:/NAME/VERSION` or
 `models:/NAME@ALIAS` becomes a Location: the version's artifact folder where every node can read it
-(a local path or `s3://`), else a download into `~/.cache/pneumo/registry/NAME/VERSION` (an
-`mlflow-artifacts:` proxy); the manifest's sha256 must equal the version's tag, and the Predictor
+(a local path or `s3://`), else a download into `~/.cache/pneumo/registry/NAME/VERSION`
+(`$PNEUMO_REGISTRY_CACHE`; an `mlflow-artifacts:` proxy); the manifest's sha256 must equal the version's tag, and the Predictor
 checks every file against the manifest as always. The Location's `source` is the pinned registry
 URI (`models:/NAME/VERSION`), which scoring rows and serving answers record next to `bundle_sha256`.
 """
@@ -34,7 +34,7 @@ MODEL_NAME = "model"  # the pyfunc's name in its run
 BUNDLE_ARTIFACT = "bundle"
 SHA_TAG = "bundle_sha256"
 _URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_\-]+))$")
-CACHE = os.path.join(os.path.expanduser("~"), ".cache", "pneumo", "registry")
+CACHE_ENV = "PNEUMO_REGISTRY_CACHE"  # where downloaded versions go (default ~/.cache/pneumo/registry)
 
 __all__ = ["SCHEME", "is_registry_uri", "parse", "resolve_bundle", "register_bundle", "promote"]
 
@@ -85,7 +85,8 @@ def _model_dir(c: Any, mv: Any, uri: str, s3_endpoint: str | None) -> Location:
         return Location.resolve(root, s3_endpoint or os.environ.get("MLFLOW_S3_ENDPOINT_URL"))
     import mlflow.artifacts
 
-    dest = os.path.join(CACHE, mv.name, str(mv.version))
+    cache = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "pneumo", "registry")
+    dest = os.path.join(cache, mv.name, str(mv.version))
     if not os.path.exists(os.path.join(dest, "MLmodel")):
         os.makedirs(os.path.dirname(dest), exist_ok=True)
         with tempfile.TemporaryDirectory(dir=os.path.dirname(dest)) as tmp:

@@ -129,16 +129,21 @@ class Tracker:
             return None
 
     @classmethod
-    def start(cls, uri: str, experiment_id: str, name: str, key: str, tags: Mapping[str, Any]) -> Tracker:
-        """The run tagged `key` (a resumed training run logs on), else a new one named `name`."""
+    def start(cls, uri: str, experiment_id: str, name: str, key: str, tags: Mapping[str, Any],
+              create: bool = True) -> Tracker:
+        """The run tagged `key` (a resumed training run logs on), else a new one named `name`
+        (with `create=False`: a tracker that is off)."""
         tracker = cls(uri, "pending")
 
-        def open_run(c: Any) -> str:
+        def open_run(c: Any) -> str | None:
             found = c.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'",
                                   max_results=1, order_by=["attributes.start_time DESC"])
             if found:
-                c.update_run(found[0].info.run_id, status="RUNNING")
+                if create:
+                    c.update_run(found[0].info.run_id, status="RUNNING")
                 return found[0].info.run_id
+            if not create:
+                return None
             return c.create_run(experiment_id, run_name=name,
                                 tags={RUN_KEY_TAG: key, **{k: _value(v) for k, v in tags.items()}}).info.run_id
 

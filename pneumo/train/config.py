@@ -27,7 +27,7 @@ BALANCE = ("none", "weighted_loss", "oversample")
 
 JOB_PLACEHOLDER = "{job}"
 OPTIMIZERS = ("adam", "adamw", "adamax", "rmsprop", "sgd")
-MODEL_OPTIONS = ("dropout", "batch_norm", "padding", "stride")  # TrainConfig fields passed to the model
+MODEL_OPTIONS = ("filters", "dropout", "batch_norm", "padding", "stride")  # TrainConfig fields passed to the model
 PADDINGS = ("same", "valid")
 SCHEDULERS = ("none", "plateau", "cosine")
 
@@ -95,6 +95,8 @@ class TrainConfig:
     num_to_keep: int = field(default=2, metadata={"help": "checkpoints kept (best by val AUC)"})
     report: bool = field(default=True, metadata={"help": "write the evaluation report and plots"})
     # model options (None: the model's own default; refused for a model that has no such option)
+    filters: list[int] | None = field(default=None, metadata={
+        "help": "model option (cnn_dropout): filters per conv block, e.g. 32,64,128 (one block each)"})
     dropout: float | None = field(default=None, metadata={"help": "model option (cnn_dropout): dropout rate"})
     batch_norm: bool | None = field(default=None, metadata={"help": "model option (cnn_dropout): batch norm"})
     padding: str | None = field(default=None, metadata={"choices": list(PADDINGS),
