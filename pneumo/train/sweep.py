@@ -182,13 +182,14 @@ def _tune_config(cfg: SweepConfig, n: int, cfgs: list[TrainConfig]) -> Any:
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as exc:  # pragma: no cover - the extra is missing
             raise ConfigError(f"searcher optuna needs the extra: pip install 'pneumo[optuna]' ({exc})") from None
-        search = OptunaSearch(seed=cfg.seed)
+        search, limit = OptunaSearch(seed=cfg.seed), n  # Tune wraps a Searcher in a ConcurrencyLimiter
     else:
         from ray.tune.search import BasicVariantGenerator
 
-        search = BasicVariantGenerator(random_state=cfg.seed)
+        # a SearchGenerator limits itself: Tune ignores max_concurrent_trials for one
+        search, limit = BasicVariantGenerator(random_state=cfg.seed, max_concurrent=n), None
     return tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, scheduler=scheduler, search_alg=search,
-                           num_samples=cfg.num_samples, max_concurrent_trials=n,
+                           num_samples=cfg.num_samples, max_concurrent_trials=limit,
                            trial_dirname_creator=trial_dirname)
 
 

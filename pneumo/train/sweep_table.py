@@ -4,7 +4,7 @@
     write_table(rows, out, options, metric)     # trials.md, trials.csv, trials.png
 
 A row: the trial's options; `status` (ok: finished and exported; stopped: stopped early by ASHA,
-no bundle; error: the trial failed, `error` says why); `epochs`; `rank_value` (the sweep metric's best
+no bundle; error: the trial failed, `error` says why; unfinished: the sweep was interrupted); `epochs`; `rank_value` (the sweep metric's best
 epoch on val: the highest val AUC or lowest val loss, what the trial is ranked by); for finished
 trials the val report's AUC / sensitivity / specificity at the bundle's threshold with their
 bootstrap 95% CIs and the worst acquisition group (lowest per-group AUC,
@@ -74,7 +74,17 @@ def _val_report(row: dict[str, Any], out: Path) -> None:
         row["worst_group"], row["worst_group_auc"] = worst["group"], worst["value"]
 
 
-def trial_row(cfg: Any, result: Any, out_root: Path) -> dict[str, Any]:
+def tune_statuses(experiment_path: str) -> dict[str, str]:
+    """Tune's status of every trial (TERMINATED, ERROR, RUNNING, PENDING, ...) from the experiment state."""
+    try:
+        from ray.tune import ExperimentAnalysis
+
+        return {t.trial_id: t.status for t in ExperimentAnalysis(experiment_path).trials}
+    except Exception:  # noqa: BLE001 - no state to read: statuses from the results alone
+        return {}
+
+
+def trial_row(cfg: Any, result: Any, out_root: Path, tune_status: str = "TERMINATED") -> dict[str, Any]:
     """One trial of Tune's ResultGrid as a table row (see the module docstring)."""
     trial_id = Path(result.path).name
     params = _json(Path(result.path) / "params.json") or result.metrics.get("config") or {}
@@ -93,8 +103,8 @@ def trial_row(cfg: Any, result: Any, out_root: Path) -> dict[str, Any]:
     elif result.error is not None:
         row.update(status="error", error=f"{type(result.error).__name__}: {str(result.error).splitlines()[-1][:300]}"
                    if str(result.error) else type(result.error).__name__)
-    else:
-        row["status"] = "stopped"
+    else:  # ended by the scheduler (ASHA), or not finished when the sweep was interrupted
+        row["status"] = "stopped" if tune_status == "TERMINATED" else "unfinished"
     return row
 
 
@@ -128,7 +138,8 @@ def write_table(rows: list[dict[str, Any]], out: Path, options: list[str], metri
     shown = [c for c in columns if c not in ("bundle", "mlflow_run", "error")]
     lines = [f"Ranked on the best epoch's {metric} on val (`rank_value`); val AUC / sensitivity / specificity "
              "at the bundle's threshold with bootstrap 95% CIs; worst group = lowest per-group val AUC. "
-             "stopped = stopped early by ASHA (no bundle). The test split is not read.", "",
+             "stopped = stopped early by ASHA (no bundle); unfinished = the sweep was interrupted (run it again to resume). "
+             "The test split is not read.", "",
              "| " + " | ".join(shown) + " |", "| " + " | ".join("---" for _ in shown) + " |"]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in shown) + " |" for r in rows]
     failed = [r for r in rows if r["status"] == "error"]
@@ -157,7 +168,8 @@ def finish_sweep(cfg: Any, plan: dict[str, Any], results: Any, parent: Tracker) 
     """The ranked table, its files, the best bundle in `<out>/bundle`, the sweep run closed (and the
     best bundle registered with `--register`)."""
     out = Path(plan["out"])
-    rows = ranked([trial_row(cfg, r, out) for r in results], cfg.mode)
+    statuses = tune_statuses(results.experiment_path)
+    rows = ranked([trial_row(cfg, r, out, statuses.get(Path(r.path).name, "TERMINATED")) for r in results], cfg.mode)
     for r in rows:
         r["trial_out"] = str(out / TRIALS_DIR / r["trial_id"])
     files = write_table(rows, out, list(cfg.search), cfg.metric)
@@ -166,7 +178,7 @@ def finish_sweep(cfg: Any, plan: dict[str, Any], results: Any, parent: Tracker) 
         shutil.copytree(best["bundle"], out / "bundle", dirs_exist_ok=True)
         files["bundle"] = str(out / "bundle")
     _close_trials(rows, plan["tracking_uri"], plan["name"])
-    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "stopped", "error")}
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("ok", "stopped", "error", "unfinished")}
     summary = {"name": plan["name"], "metric": cfg.metric, "mode": cfg.mode, "counts": counts, "best": best,
                "files": files, "trials": rows}
     (out / "sweep.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -183,7 +195,7 @@ def finish_sweep(cfg: Any, plan: dict[str, Any], results: Any, parent: Tracker) 
         summary["registered"] = register_bundle(Location.resolve(best["bundle"]), cfg.register, plan["tracking_uri"],
                                                 run_id=best.get("mlflow_run") or None, experiment=plan["name"])
     print(f"[pneumo sweep] {plan['name']}: {counts['ok']} finished, {counts['stopped']} stopped early, "
-          f"{counts['error']} failed; best {best['trial_id'] if best else 'none'} "
+          f"{counts['error']} failed, {counts['unfinished']} unfinished (run again to resume); best {best['trial_id'] if best else 'none'} "
           f"({cfg.metric} {_fmt(best['rank_value']) if best else 'n/a'} on val)\n"
           f"  table  {files['md']} (+ trials.csv, trials.png)" + (f"\n  bundle {files['bundle']}" if best else ""),
           flush=True)
