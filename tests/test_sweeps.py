@@ -108,7 +108,7 @@ def test_asha_stops_the_trial_that_is_behind(ray_local, sweep_data, tmp_path):  
     assert result["best"]["lr"] == 0.003 and not rows[0.0].get("bundle")
 
 
-KILL_SWEEP = SEED_SWEEP.replace("epochs: 4", "epochs: 2").replace("[0.003, 0.0]", "[0.001, 0.002, 0.003]")
+KILL_SWEEP = SEED_SWEEP.replace("epochs: 4", "epochs: 2").replace("num_workers: 1", "num_workers: 2").replace("[0.003, 0.0]", "[0.001, 0.002, 0.003]")
 
 
 def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, sweep_data, tmp_path):  # noqa: ANN001

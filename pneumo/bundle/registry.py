@@ -75,14 +75,14 @@ def _local_root(root: str) -> str | None:
     return root if root.startswith("/") else None
 
 
-def _model_dir(c: Any, mv: Any, uri: str, s3_endpoint: str | None) -> Location:
+def _model_dir(c: Any, mv: Any, uri: str) -> str:
     """The version's model folder, where every reader can reach it: the artifact store's own
-    path (local or S3), else a download into the local cache."""
+    path (local or s3://), else a download into the local cache."""
     root = c.get_model_version_download_uri(mv.name, mv.version)
     if _local_root(root):
-        return Location.resolve(_local_root(root))
+        return _local_root(root) or root
     if is_s3(root):
-        return Location.resolve(root, s3_endpoint or os.environ.get("MLFLOW_S3_ENDPOINT_URL"))
+        return root
     import mlflow.artifacts
 
     cache = os.environ.get(CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache", "pneumo", "registry")
@@ -93,7 +93,7 @@ def _model_dir(c: Any, mv: Any, uri: str, s3_endpoint: str | None) -> Location:
             got = mlflow.artifacts.download_artifacts(artifact_uri=root, dst_path=tmp, tracking_uri=uri)
             if not os.path.exists(dest):  # another process may have finished the same download first
                 os.replace(got, dest)
-    return Location.resolve(dest)
+    return dest
 
 
 def resolve_bundle(text: str, s3_endpoint: str | None = None, tracking_uri: str = "") -> Location:
@@ -104,7 +104,7 @@ def resolve_bundle(text: str, s3_endpoint: str | None = None, tracking_uri: str 
     uri = T.tracking_uri(tracking_uri)
     c = T.client(uri)
     mv = _version(c, text)
-    model_dir = _model_dir(c, mv, uri, s3_endpoint)
+    model_dir = Location.resolve(_model_dir(c, mv, uri), s3_endpoint or os.environ.get("MLFLOW_S3_ENDPOINT_URL"))
     bundle = model_dir.join(_bundle_path(model_dir))
     manifest = read_manifest(bundle)
     expected = (mv.tags or {}).get(SHA_TAG)

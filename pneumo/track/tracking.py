@@ -66,9 +66,9 @@ def _quiet() -> None:
 
 def client(uri: str) -> Any:
     """An `MlflowClient` for `uri` (tracking and registry on the same store)."""
-    _quiet()
     from mlflow import MlflowClient
 
+    _quiet()  # after importing mlflow, which sets its own logger up
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -111,6 +111,7 @@ class Tracker:
     def __init__(self, uri: str | None, run_id: str | None):
         self.uri, self.run_id = uri, run_id
         self._client: Any = None
+        self._pending: list[Any] = []  # asynchronous logs not confirmed yet (see `flush`)
 
     @property
     def on(self) -> bool:
@@ -163,8 +164,10 @@ class Tracker:
 
         self._call("logging params", log)
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int = 0) -> None:
-        """The numeric entries of `metrics` (NaN kept: MLflow stores it) at `step`."""
+    def log_metrics(self, metrics: Mapping[str, Any], step: int = 0, wait: bool = True) -> None:
+        """The numeric entries of `metrics` (NaN kept: MLflow stores it) at `step`. With `wait=False`
+        MLflow's asynchronous logging sends them in the background (a training loop does not wait
+        on the store); `flush` waits for them."""
 
         def log(c: Any) -> None:
             from mlflow.entities import Metric
@@ -172,9 +175,17 @@ class Tracker:
             now = int(time.time() * 1000)
             rows = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()
                     if isinstance(v, int | float) and not isinstance(v, bool)]
-            c.log_batch(self.run_id, metrics=rows)
+            op = c.log_batch(self.run_id, metrics=rows, synchronous=wait)
+            if op is not None and not wait:
+                self._pending.append(op)
 
         self._call("logging metrics", log)
+
+    def flush(self) -> None:
+        """Wait for the asynchronous logs (a failure among them is a warning)."""
+        pending, self._pending = self._pending, []
+        for op in pending:
+            self._call("logging metrics", lambda c, op=op: op.wait())
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         def log(c: Any) -> None:

@@ -9,8 +9,8 @@ the trainable (`trial_main`, one per trial) runs the whole `pneumo train` job
 (`pneumo.train.driver.run`: ingest, a `TorchTrainer` over `pneumo.train.worker.train_func`,
 export, reports) with `ray.tune.integration.ray_train.TuneReportCallback`, which hands every
 epoch's `ray.train.report` to Tune, so ASHA (`--scheduler asha`) and Optuna (`--searcher optuna`)
-see val loss / AUC per epoch. The trainable itself holds next to no CPU (`with_resources`):
-its TorchTrainer's workers do (Ray wants a little: 0.01), and `max_concurrent_trials` (0: as many trials as the cluster's CPUs
+see val loss / AUC per epoch. The trainable itself holds no CPU (`with_resources`):
+its TorchTrainer's workers do, and `max_concurrent_trials` (0: as many trials as the cluster's CPUs
 and GPUs hold at once) keeps the trials from queueing behind each other's placement groups.
 
 Each trial writes a full run folder `<out>/trials/<trial_id>/` (bundle, report, summary.json) and
@@ -39,7 +39,9 @@ from pneumo.train.sweep_table import TRIALS_DIR, finish_sweep
 
 __all__ = ["SweepConfig", "run_sweep", "trial_main", "main"]
 
-TRIAL_CPU = 0.01  # the trainable itself (Ray refuses 0): its TorchTrainer's workers hold the CPUs
+# The trainable itself holds no CPU (its TorchTrainer's workers hold them: any fraction here would leave
+# a worker group of whole CPUs one short); Ray refuses an empty request, so it asks for memory instead.
+TRIAL_RESOURCES = {"cpu": 0, "memory": 512 * 2**20}
 
 
 def trial_dirname(trial: Any) -> str:
@@ -197,7 +199,7 @@ def _tuner(cfg: SweepConfig, plan: dict[str, Any], progress: Any) -> tuple[Any, 
     """A new Tuner, or the interrupted sweep's, restored (and whether it was restored)."""
     from ray import tune
 
-    trainable = tune.with_resources(tune.with_parameters(trial_main, plan=plan), {"cpu": TRIAL_CPU})
+    trainable = tune.with_resources(tune.with_parameters(trial_main, plan=plan), TRIAL_RESOURCES)
     storage = os.path.join(plan["out"], "tune")
     path = os.path.join(storage, plan["name"])
     if tune.Tuner.can_restore(path):

@@ -82,7 +82,8 @@ def epoch_tracker(config: Mapping[str, Any] | None) -> Tracker:
 
 
 def log_epoch(run: Tracker, metrics: Mapping[str, Any]) -> None:
-    run.log_metrics({k: metrics[k] for k in EPOCH_METRICS if k in metrics}, step=int(metrics["epoch"]))
+    """One epoch's metrics, sent in the background (the loop goes on; `run.flush()` at the end)."""
+    run.log_metrics({k: metrics[k] for k in EPOCH_METRICS if k in metrics}, step=int(metrics["epoch"]), wait=False)
 
 
 def _final_metrics(summary: Mapping[str, Any], out: Location) -> dict[str, float]:

@@ -116,3 +116,4 @@ def train_func(config: dict[str, Any]) -> None:
             if rank == 0:
                 logs.worker_line(f"[pneumo train] early stopping: val loss has not improved for {cfg.patience} epochs")
             break
+    tracker.flush()
