@@ -34,8 +34,7 @@ from pneumo.data.listing import DataError
 from pneumo.io.storage import is_s3
 from pneumo.labels import LABEL_SETS
 from pneumo.train.config import TrainConfig
-from pneumo.train.sweep_config import COMBO, SweepConfig, combinations, param_space
-from pneumo.train.sweep_table import TRIALS_DIR, finish_sweep
+from pneumo.train.sweep_config import COMBO, TRIALS_DIR, SweepConfig, combinations, param_space
 
 __all__ = ["SweepConfig", "run_sweep", "trial_main", "main"]
 
@@ -234,7 +233,10 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     """Run (or resume) the sweep; returns {"trials": the ranked table (a list of rows), "best": the best
     row or None, "files": the table/plot/bundle paths, "restored": bool}."""
     from pneumo.ray_env import ensure_ray
-    from pneumo.train.sweep_table import open_sweep_run
+    from pneumo.train.sweep_table import (  # matplotlib: only once the options are good
+        finish_sweep,
+        open_sweep_run,
+    )
 
     cfgs = trial_configs(cfg, limit=512)
     check_models(cfgs)

@@ -42,6 +42,7 @@ METRICS = {"val_auc": "max", "val_loss": "min"}
 SCHEDULERS = ("fifo", "asha")
 SEARCHERS = ("basic", "optuna")
 RECIPE = "recipe"
+TRIALS_DIR = "trials"  # <out>/trials/<trial_id>/: each trial's run folder
 # set by the sweep for every trial, never by a sweep file
 TRIAL_OWNED = ("data", "out", "name", "storage_path", "tracking", "tracking_uri", "experiment", "register",
                "s3_endpoint")

@@ -25,10 +25,9 @@ from typing import Any
 
 from pneumo.config import to_dict
 from pneumo.report.plots import sweep_plot
-from pneumo.track.tracking import Tracker, prepare
-from pneumo.train.sweep_config import COMBO
+from pneumo.track.tracking import Tracker, prepare, warn
+from pneumo.train.sweep_config import COMBO, TRIALS_DIR
 
-TRIALS_DIR = "trials"
 COLUMNS = ["rank", "trial_id", "status", "epochs", "rank_value", "val_auc", "val_auc_ci", "val_sensitivity",
            "val_sensitivity_ci", "val_specificity", "val_specificity_ci", "threshold", "worst_group",
            "worst_group_auc", "error", "bundle", "mlflow_run"]
@@ -164,6 +163,20 @@ def _close_trials(rows: list[dict[str, Any]], uri: str, experiment: str) -> None
         run.finish("KILLED" if r["status"] == "stopped" else "FAILED")
 
 
+def _register(cfg: Any, plan: dict[str, Any], best: dict[str, Any]) -> dict[str, str] | None:
+    """The best bundle as a registered version, in its trial's MLflow run (a failure is a warning)."""
+    from pneumo.bundle.registry import register_bundle
+    from pneumo.io.storage import Location
+
+    try:
+        return register_bundle(Location.resolve(best["bundle"]), cfg.register, plan["tracking_uri"],
+                               run_id=best.get("mlflow_run") or None, experiment=plan["name"])
+    except Exception as exc:  # noqa: BLE001 - the bundle is there; `pneumo register` can redo this
+        warn(f"registering the best bundle as {cfg.register} failed ({type(exc).__name__}: {str(exc)[:200]}); "
+             f"retry with `pneumo register {best['bundle']} --name {cfg.register}`")
+        return None
+
+
 def finish_sweep(cfg: Any, plan: dict[str, Any], results: Any, parent: Tracker) -> dict[str, Any]:
     """The ranked table, its files, the best bundle in `<out>/bundle`, the sweep run closed (and the
     best bundle registered with `--register`)."""
@@ -189,11 +202,7 @@ def finish_sweep(cfg: Any, plan: dict[str, Any], results: Any, parent: Tracker) 
             parent.log_artifact(path)
         parent.finish()
     if cfg.register and best is not None:
-        from pneumo.bundle.registry import register_bundle
-        from pneumo.io.storage import Location
-
-        summary["registered"] = register_bundle(Location.resolve(best["bundle"]), cfg.register, plan["tracking_uri"],
-                                                run_id=best.get("mlflow_run") or None, experiment=plan["name"])
+        summary["registered"] = _register(cfg, plan, best)
     print(f"[pneumo sweep] {plan['name']}: {counts['ok']} finished, {counts['stopped']} stopped early, "
           f"{counts['error']} failed, {counts['unfinished']} unfinished (run again to resume); best {best['trial_id'] if best else 'none'} "
           f"({cfg.metric} {_fmt(best['rank_value']) if best else 'n/a'} on val)\n"
