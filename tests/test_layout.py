@@ -104,12 +104,13 @@ def test_modules_and_functions_stay_small() -> None:
 
 
 LIGHT = ["pneumo.models.zoo", "pneumo.train.config", "pneumo.score.config", "pneumo.serve.config",
-         "pneumo.bundle.manifest", "pneumo.train.cli", "pneumo.serve.cli"]
+         "pneumo.bundle.manifest", "pneumo.train.cli", "pneumo.serve.cli", "pneumo.train.sweep_config",
+         "pneumo.train.sweep", "pneumo.bundle.registry", "pneumo.bundle.registry_cli"]
 
 
 def test_registry_configs_and_manifest_import_without_torch() -> None:
     code = ("import sys\n" + "".join(f"import {m}\n" for m in LIGHT)
-            + "heavy = sorted(m for m in ('torch', 'ray', 'timm', 'onnxruntime') if m in sys.modules)\n"
+            + "heavy = sorted(m for m in ('torch', 'ray', 'timm', 'onnxruntime', 'mlflow') if m in sys.modules)\n"
               "print(','.join(heavy))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=60, check=True)
     assert out.stdout.strip() == "", f"imported: {out.stdout.strip()}"
