@@ -34,7 +34,9 @@ def lrs(n: int) -> list[float]:
 def run(cmd: list[str], log: Path) -> float:
     t0 = time.perf_counter()
     with open(log, "ab") as f:
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)}).returncode
+    if rc:
+        sys.exit(f"{' '.join(cmd[:2])} failed (exit {rc}); its log:\n{log.read_text()[-4000:]}")
     return time.perf_counter() - t0
 
 

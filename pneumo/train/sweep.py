@@ -217,14 +217,17 @@ def _progress() -> Any:
     from ray.tune import Callback
 
     class Lines(Callback):
+        ended = 0
+
         def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            r = trial.last_result or {}
-            done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-            print(f"[pneumo sweep] trial {trial.trial_id} finished after epoch {r.get('epoch', '?')}: "
-                  f"val_auc {r.get('val_auc', float('nan')):.4f} ({done}/{len(trials)} done)", flush=True)
+            r, self.ended = trial.last_result or {}, self.ended + 1
+            print(f"[pneumo sweep] trial {trial.trial_id} ended after epoch {r.get('epoch', '?')}: "
+                  f"val_auc {r.get('val_auc', float('nan')):.4f} ({self.ended} ended so far)", flush=True)
 
         def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-            print(f"[pneumo sweep] trial {trial.trial_id} FAILED (see the table)", flush=True)
+            self.ended += 1
+            print(f"[pneumo sweep] trial {trial.trial_id} FAILED ({self.ended} ended so far; see the table)",
+                  flush=True)
 
     return Lines()
 
