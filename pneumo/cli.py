@@ -11,6 +11,9 @@
     pneumo sample SCORES --out S.csv  pick the images of a scored run to label at a new site
     pneumo calibrate BUNDLE LOCAL --out NEW   validate and recalibrate a bundle on a site's labelled sample
     pneumo serve BUNDLE               serve a bundle with Ray Serve
+    pneumo sweep DATA --config S.yaml --out DIR   a Ray Tune sweep of training runs, ranked on val
+    pneumo register BUNDLE --name N   make a bundle a registered model version (MLflow)
+    pneumo promote NAME VERSION --alias champion   move a registry alias
     pneumo submit ...                 submit / follow / stop a job on a Ray cluster
     pneumo demo --out DIR             the whole path on synthetic data
 
@@ -39,6 +42,9 @@ VERBS: dict[str, tuple[str, str]] = {
     "sample": ("pneumo.score.sample", "pick the images of a scored run a radiologist should label"),
     "calibrate": ("pneumo.score.calibrate", "validate a bundle on a site's labelled sample and recalibrate it"),
     "serve": ("pneumo.serve.cli", "serve a model bundle with Ray Serve"),
+    "sweep": ("pneumo.train.sweep", "run a Ray Tune sweep of training runs, ranked on val"),
+    "register": ("pneumo.bundle.registry_cli:register_main", "register a bundle as a model version (MLflow)"),
+    "promote": ("pneumo.bundle.registry_cli:promote_main", "point a registered model's alias at a version"),
     "submit": ("pneumo.submit", "submit, follow, inspect or stop a job on a Ray cluster"),
     "demo": ("pneumo.demo", "run the whole path on synthetic data on an embedded local Ray"),
 }

@@ -95,6 +95,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         str(data), "--out", str(train_out), "--model", cfg.model, "--weights", "none",
         "--image-size", str(cfg.image_size), "--epochs", str(cfg.epochs), "--num-workers", str(cfg.num_workers),
         "--batch-size", "16", "--lr", "0.001", "--seed", str(cfg.seed), "--threshold-method", "youden",
+        "--tracking-uri", f"sqlite:///{out}/mlflow.db",  # a local MLflow store: no server needed
     ])
     if rc:
         raise SystemExit(f"demo: training failed (exit {rc})")
@@ -116,9 +117,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     for label, path in [
         ("data", data), ("eda charts", out / "eda"), ("model bundle", train_out / "bundle"),
         ("evaluation report", train_out / "report"), ("batch scores (Delta Lake table)", scores),
+        ("MLflow runs (SQLite)", out / "mlflow.db"),
     ]:
         print(f"  {label:<24} {path}")
     print(f"\nnext: pneumo serve {bundle}   # then open http://127.0.0.1:8000/")
+    print(f"      mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db   # the training run, http://127.0.0.1:5000/")
     return {"bundle": bundle, "scores": str(scores), "answer": answer}
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: a real local Ray, a real S3 server (SeaweedFS `weed mini`), synthetic data,
 tiny bundles and a real Serve deployment. Builders they use live in helpers.py.
 
+- `tracking_env` (session, autouse): MLflow into a temporary SQLite store (`MLFLOW_TRACKING_URI`).
 - `ray_local` (session): `ray.init(address="local", num_cpus=4)`, shut down at the end.
 - `s3_server` (session): `weed mini` on 127.0.0.1 with free ports; `.endpoint`, `.make_bucket(name)`.
 - `synth_data` (session): 120 synthetic images (256-384 px) in `<root>/train/{NORMAL,PNEUMONIA}/`.
@@ -67,6 +68,18 @@ def test_aws_env() -> Iterator[dict[str, str]]:
     mp.delenv("AWS_SESSION_TOKEN", raising=False)
     mp.delenv("AWS_PROFILE", raising=False)
     yield dict(TEST_AWS_ENV)
+    mp.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracking_env(tmp_path_factory) -> Iterator[str]:  # noqa: ANN001
+    """Every MLflow run of the session (pneumo train tracks by default) into a temporary SQLite
+    store, and downloaded registry versions into a temporary cache: nothing lands in the checkout."""
+    root = tmp_path_factory.mktemp("mlflow")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setenv("PNEUMO_REGISTRY_CACHE", str(root / "registry-cache"))
+    yield os.environ["MLFLOW_TRACKING_URI"]
     mp.undo()
 
 

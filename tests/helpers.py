@@ -538,3 +538,25 @@ def make_fragile_bundle(out: Path) -> str:
     with torch.no_grad():
         conv.weight.fill_(1e38)
     return save_bundle(model, out, "seed_cnn", ["NORMAL", "PNEUMONIA"], spec).sha256
+
+
+# ---------------------------------------------------------------- sweeps
+
+SWEEPS = REPO / "ray_jobs" / "sweeps"
+# every sweep file at smoke size: one tiny epoch or two, one worker, a few steps
+TINY_TRIAL = ("epochs=2,num_workers=1,batch_size=8,max_steps_per_epoch=1,patience=0,val_frac=0.25,"
+              "test_frac=0.2,num_to_keep=1")
+
+
+def sweep(data: Path | str, config: Path | str, out: Path | str, *flags: str) -> dict:
+    """`pneumo sweep DATA --config CONFIG --out OUT [flags]` in this process; run_sweep's result."""
+    from pneumo.config import parse_config
+    from pneumo.train.sweep import SweepConfig, run_sweep
+
+    return run_sweep(parse_config(SweepConfig, [str(data), "--config", str(config), "--out", str(out), *flags]))
+
+
+def write_sweep(path: Path, text: str) -> Path:
+    """A sweep file with `text` (YAML) at `path`."""
+    path.write_text(text)
+    return path

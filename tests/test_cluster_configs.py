@@ -369,7 +369,9 @@ def test_rayjob_entrypoints_exist_and_their_flags_parse() -> None:
         assert spec["shutdownAfterJobFinishes"] is True, where
         runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
         assert runtime_env["working_dir"] == "/home/ray/pneumo", f"{where}: the image's code folder"
-        assert all(a.startswith("s3://") for a in argv[2:] if "://" in a), where
+        # data and bundles on S3 (or a registry version), the tracking server over HTTP: nothing node-local
+        assert all(a.startswith(("s3://", "http://", "https://")) for a in argv[2:] if "://" in a), where
+        assert all(a.startswith("models:/") for a in argv[2:] if ":/" in a and "://" not in a), where
     assert {"ray_jobs/train.py", "ray_jobs/batch_score.py"} <= scripts
     train = [s for w, s in specs if "train.py" in s["entrypoint"]][0]
     assert "--storage-path s3://" in train["entrypoint"], "checkpoints must go to S3"
@@ -482,7 +484,7 @@ def test_rayservice_is_rendered_from_serve_config_and_valid() -> None:
     assert [a["import_path"] for a in embedded["applications"]] == [a["import_path"] for a in source["applications"]]
     for app, src in zip(schema.applications, source["applications"]):
         args = ServeArgs.model_validate(app.args)
-        assert args.bundle == template["args"]["bundle"] and args.bundle.startswith("s3://")
+        assert args.bundle == template["args"]["bundle"] and args.bundle.startswith(("s3://", "models:/"))
         assert [d.name for d in app.deployments] == [d["name"] for d in src.get("deployments", [])]
     assert schema.http_options.host == "0.0.0.0"
     # the committed text is exactly what --check accepts

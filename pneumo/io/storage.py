@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 from urllib.parse import urlparse
@@ -101,10 +101,13 @@ def filesystem(uri: str, endpoint: str | None = None) -> pafs.FileSystem:
 
 @dataclass(frozen=True)
 class Location:
-    """A local absolute path or an `s3://bucket/key` URI, and the S3 endpoint that reaches it."""
+    """A local absolute path or an `s3://bucket/key` URI, and the S3 endpoint that reaches it.
+    `source`: the name a user gave it when that is not `uri` (a registry URI, `models:/NAME/VERSION`,
+    from `pneumo.bundle.registry.resolve_bundle`); not part of equality."""
 
     uri: str
     endpoint: str | None = None
+    source: str | None = field(default=None, compare=False)
 
     # ---- construction
 
@@ -112,7 +115,7 @@ class Location:
     def resolve(cls, text: str | os.PathLike | Location, s3_endpoint: str | None = None) -> Location:
         """A Location from what a user typed: local paths made absolute, `s3://` checked for a bucket."""
         if isinstance(text, Location):
-            return text if s3_endpoint is None else cls(text.uri, s3_endpoint)
+            return text if s3_endpoint is None else cls(text.uri, s3_endpoint, text.source)
         raw = os.fspath(text)
         if is_s3(raw):
             if not urlparse(raw).netloc:

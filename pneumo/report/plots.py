@@ -296,3 +296,36 @@ def drift_plot(
         ax2.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, out_path)
+
+
+# ---------------------------------------------------------------- sweeps
+
+
+def sweep_plot(rows: Sequence[Mapping[str, object]], options: Sequence[str], metric: str,
+               out_path: str | os.PathLike, title: str = "metric per option") -> Path:
+    """One panel per swept option: each trial's `metric` against its value of that option
+    (categorical values side by side, numbers on their axis; log scale when they span > 2 decades).
+    Finished trials are filled, trials stopped early are hollow, failed ones are left out."""
+    fig = Figure(figsize=(3.6 * max(1, len(options)), 3.4))
+    fig.suptitle(title)
+    for i, option in enumerate(options):
+        ax = fig.add_subplot(1, max(1, len(options)), i + 1)
+        shown = [r for r in rows if isinstance(r.get(metric), int | float) and r.get("status") != "error"]
+        values = [r.get(option) for r in shown]
+        numeric = all(isinstance(v, int | float) and not isinstance(v, bool) for v in values) and len(set(values)) > 4
+        labels = sorted({str(v) for v in values}, key=lambda s: (len(s), s))
+        x = [float(v) if numeric else labels.index(str(v)) for v in values]
+        for status, face in (("ok", "C0"), ("stopped", "none")):
+            pts = [(xi, r[metric]) for xi, r in zip(x, shown) if r.get("status") == status]
+            if pts:
+                ax.scatter(*zip(*pts), facecolors=face, edgecolors="C0", s=36, label=status)
+        if numeric and values and min(values) > 0 and max(values) / min(values) > 100:
+            ax.set_xscale("log")
+        if not numeric:
+            ax.set_xticks(range(len(labels)), labels, rotation=30, fontsize=8)
+        ax.set(xlabel=option, ylabel=metric)
+        ax.grid(alpha=0.3)
+        if i == 0 and shown:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, out_path)

@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from pneumo.bundle.registry import resolve_bundle
 from pneumo.config import ConfigError
 from pneumo.io.storage import Location
 from pneumo.precision import ENGINES, PRECISIONS
@@ -44,7 +46,10 @@ class ScoreConfig:
 
     data: str | None = field(default=None, metadata={
         "positional": True, "help": "folder or s3:// prefix to score (any nesting); or use --manifest"})
-    bundle: str = field(default="", metadata={"help": "model bundle folder or s3:// prefix (required)"})
+    bundle: str = field(default="", metadata={
+        "help": "model bundle: folder, s3:// prefix, models:/NAME/VERSION or models:/NAME@ALIAS (required)"})
+    tracking_uri: str = field(default="", metadata={"help": "MLflow registry for models:/ bundles (default: "
+                                                            "$MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db)"})
     out: str = field(default="", metadata={"help": "the results table: a folder or s3:// prefix (required)"})
     manifest: str | None = field(default=None, metadata={"help": "text file listing paths to score, one per line"})
     s3_endpoint: str | None = field(default=None, metadata={"help": "S3-compatible endpoint URL"})
@@ -99,9 +104,9 @@ class ScoreConfig:
     def manifest_location(self) -> Location | None:
         return Location.resolve(self.manifest, self.s3_endpoint) if self.manifest is not None else None
 
-    @property
+    @functools.cached_property  # a models:/NAME@ALIAS is resolved once per run, to one version
     def bundle_location(self) -> Location:
-        return Location.resolve(self.bundle, self.s3_endpoint)
+        return resolve_bundle(self.bundle, self.s3_endpoint, self.tracking_uri)
 
     @property
     def out_location(self) -> Location:

@@ -177,7 +177,8 @@ def run_score(cfg: ScoreConfig) -> ScoreResult:
         parts, drift, adaptation, warnings = _late_steps(cfg, manifest, run_id, parts, side, model_adapted, stages)
         result = _result(cfg, run_id, out, side, plan, parts, drift, adaptation, warnings, ignored, stages)
         record = {**asdict(result), "started_at": started, "finished_at": _now(), "bundle": cfg.bundle,
-                  "bundle_sha256": manifest.sha256, "model": manifest.model, "model_version": manifest.version,
+                  "bundle_sha256": manifest.sha256, "model_uri": cfg.bundle_location.source,
+                  "model": manifest.model, "model_version": manifest.version,
                   "classes": manifest.classes, "threshold": manifest.threshold_value, "config": to_dict(cfg)}
         result.version = T.commit(out, parts, OUTPUT_SCHEMA, record)
     except BaseException:

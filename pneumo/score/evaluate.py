@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from pneumo.bundle.manifest import BundleError, read_manifest
+from pneumo.bundle.registry import resolve_bundle
 from pneumo.config import ConfigError, parse_config
 from pneumo.data.datasets import (
     SPLITS,
@@ -47,7 +48,8 @@ from pneumo.score.tasks import score_dataset
 class EvaluateConfig:
     """Evaluate a model bundle on a labelled split: metrics with bootstrap 95% CIs, report and plots."""
 
-    bundle: str = field(metadata={"positional": True, "help": "model bundle folder or s3:// prefix"})
+    bundle: str = field(metadata={"positional": True,
+                                  "help": "model bundle: folder, s3:// prefix, models:/NAME/VERSION or models:/NAME@ALIAS"})
     data: str = field(metadata={"positional": True, "help": "labelled dataset root (folder or s3:// prefix)"})
     split: str = field(default="test", metadata={"choices": list(SPLITS), "help": "split to evaluate"})
     out: str = field(default="eval", metadata={"help": "output folder for report.json, report.md and PNGs"})
@@ -63,6 +65,7 @@ class EvaluateConfig:
     precision: str = field(default="auto", metadata={"choices": list(PRECISIONS)})
     engine: str = field(default="auto", metadata={"choices": list(ENGINES), "help": "auto: ONNX Runtime on CPU"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the CIs"})
+    tracking_uri: str = field(default="", metadata={"help": "MLflow registry for models:/ bundles"})
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.n_boot < 1:
@@ -102,7 +105,8 @@ def evaluate_bundle(cfg: EvaluateConfig) -> dict[str, Any]:
     """
     if cfg.split not in SPLITS:
         raise DataError(f"split {cfg.split!r}; valid: {', '.join(SPLITS)}")
-    bundle, data = Location.resolve(cfg.bundle, cfg.s3_endpoint), Location.resolve(cfg.data, cfg.s3_endpoint)
+    bundle = resolve_bundle(cfg.bundle, cfg.s3_endpoint, cfg.tracking_uri)
+    data = Location.resolve(cfg.data, cfg.s3_endpoint)
     manifest = read_manifest(bundle)
     classes = list(manifest.classes)
     params = split_parameters(manifest.training, classes, cfg.label_set, cfg.val_frac, cfg.test_frac, cfg.seed)
@@ -138,7 +142,7 @@ def evaluate_bundle(cfg: EvaluateConfig) -> dict[str, Any]:
     first = scored[chosen[0].path]  # every row carries its actor's engine and precision
     extra = {
         "bundle": {"location": str(cfg.bundle), "model": manifest.model, "version": manifest.version,
-                   "sha256": manifest.sha256},
+                   "sha256": manifest.sha256, "uri": bundle.source},
         "data": str(cfg.data),
         "split_parameters": params,
         "data_fingerprint": fingerprint(records),

@@ -63,6 +63,7 @@ OUTPUT_SCHEMA = pa.schema(
         ("model", pa.string()),
         ("model_version", pa.string()),
         ("bundle_sha256", pa.string()),
+        ("model_uri", pa.string()),
         ("scored_at", pa.timestamp("us", tz="UTC")),
         ("run_id", pa.string()),
         ("explain_path", pa.string()),
@@ -149,7 +150,7 @@ class BundlePredictor:
         self.reference = self.predictor.drift_reference()  # None: no `embedding` column values
         m = self.predictor.manifest
         self.meta = {"threshold": m.threshold_value, "model": m.model, "model_version": m.version,
-                     "bundle_sha256": m.sha256, "engine": self.predictor.engine,
+                     "bundle_sha256": m.sha256, "model_uri": bundle.source, "engine": self.predictor.engine,
                      "precision": self.predictor.precision}
 
     def _explain(self, path: str, image: np.ndarray) -> str:
@@ -233,6 +234,7 @@ class BundlePredictor:
             "model": [self.meta["model"]] * n,
             "model_version": [self.meta["model_version"]] * n,
             "bundle_sha256": [self.meta["bundle_sha256"]] * n,
+            "model_uri": [self.meta["model_uri"]] * n,
             "scored_at": [now] * n,
             "run_id": [self.run_id] * n,
             "engine": [self.meta["engine"]] * n,

@@ -80,7 +80,8 @@ def _answer(predictor: Any, probs: np.ndarray) -> dict[str, Any]:
         "probability": round(float(predictor.positive_probability(row)[0]), 6),
         "probabilities": {c: round(float(p), 6) for c, p in zip(predictor.classes, row[0])},
         "threshold": predictor.threshold,
-        "model": {"name": m.model, "version": m.version, "sha256": m.sha256},
+        "model": {"name": m.model, "version": m.version, "sha256": m.sha256,
+                  "uri": predictor.location.source if predictor.location else None},  # models:/NAME/VERSION
         "engine": predictor.engine,
         "precision": predictor.precision,
     }
@@ -175,14 +176,14 @@ class PneumoService(OpenInference):
         self._batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
         self._batching = {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
         async with self._reconfigure_lock:
-            current = self._loaded
-            target = cfg.location(current.location)
-            if target is None or target == current.location:
-                return
+            current, target = self._loaded, None
             try:
+                target = await asyncio.to_thread(cfg.location, current.location, self.args.tracking_uri)
+                if target is None or target == current.location:
+                    return
                 new = await asyncio.to_thread(load, self.args, target)
             except Exception as exc:  # noqa: BLE001 - the old model keeps serving
-                return self._update_failed(str(target), exc)
+                return self._update_failed(str(target) if target else cfg.bundle, exc)
             self._loaded = new  # in-flight requests keep the Predictor they started with
             self._update = {"status": "ok", "bundle": str(target), "at": time.time(), "error": None}
             logger.info("model swapped to bundle sha256 %s", new.predictor.manifest.sha256[:12])

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from pneumo.bundle.registry import resolve_bundle
 from pneumo.io.preprocess import DEFAULT_MAX_PIXELS
 from pneumo.io.storage import Location
 from pneumo.precision import ENGINES, PRECISIONS
@@ -53,7 +54,10 @@ class ServeArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bundle: str = Field(description="model bundle: a folder or s3://bucket/prefix")
+    bundle: str = Field(description="model bundle: a folder, s3://bucket/prefix, models:/NAME/VERSION or "
+                                    "models:/NAME@ALIAS")
+    tracking_uri: str = Field("", description="MLflow registry of models:/ bundles ('': $MLFLOW_TRACKING_URI, "
+                                              "else sqlite:///<cwd>/mlflow.db)")
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint, e.g. http://host:8333")
     engine: Literal[ENGINES] = Field("auto", description="auto, torch, onnxruntime or openvino")  # type: ignore[valid-type]
     precision: Literal[PRECISIONS] = Field("auto", description="scoring precision")  # type: ignore[valid-type]
@@ -81,7 +85,7 @@ class ServeArgs(BaseModel):
     @property
     def location(self) -> Location:
         """The bundle's location, resolved from `bundle` and `s3_endpoint`."""
-        return Location.resolve(self.bundle, self.s3_endpoint)
+        return resolve_bundle(self.bundle, self.s3_endpoint, self.tracking_uri)
 
 
 class UserConfig(BaseModel):
@@ -94,11 +98,12 @@ class UserConfig(BaseModel):
     bundle: str | None = Field(None, description="a new bundle here is loaded and swapped in without downtime")
     s3_endpoint: str | None = None
 
-    def location(self, current: Location) -> Location | None:
+    def location(self, current: Location, tracking_uri: str = "") -> Location | None:
         """The bundle asked for (None: keep the current one); the endpoint defaults to the current one's."""
         if not self.bundle:
             return None
-        return Location.resolve(self.bundle, self.s3_endpoint if self.s3_endpoint is not None else current.endpoint)
+        return resolve_bundle(self.bundle, self.s3_endpoint if self.s3_endpoint is not None else current.endpoint,
+                              tracking_uri)
 
 
 # ---------------------------------------------------------------- who may call

@@ -27,6 +27,8 @@ BALANCE = ("none", "weighted_loss", "oversample")
 
 JOB_PLACEHOLDER = "{job}"
 OPTIMIZERS = ("adam", "adamw", "adamax", "rmsprop", "sgd")
+MODEL_OPTIONS = ("filters", "dropout", "batch_norm", "padding", "stride")  # TrainConfig fields passed to the model
+PADDINGS = ("same", "valid")
 SCHEDULERS = ("none", "plateau", "cosine")
 
 
@@ -112,6 +114,21 @@ class TrainConfig:
     max_failures: int = field(default=2, metadata={"help": "worker-group restarts allowed"})
     num_to_keep: int = field(default=2, metadata={"help": "checkpoints kept (best by val AUC)"})
     report: bool = field(default=True, metadata={"help": "write the evaluation report and plots"})
+    # model options (None: the model's own default; refused for a model that has no such option)
+    filters: list[int] | None = field(default=None, metadata={
+        "help": "model option (cnn_dropout): filters per conv block, e.g. 32,64,128 (one block each)"})
+    dropout: float | None = field(default=None, metadata={"help": "model option (cnn_dropout): dropout rate"})
+    batch_norm: bool | None = field(default=None, metadata={"help": "model option (cnn_dropout): batch norm"})
+    padding: str | None = field(default=None, metadata={"choices": list(PADDINGS),
+                                                        "help": "model option (cnn_dropout): same or valid"})
+    stride: int | None = field(default=None, metadata={"help": "model option (cnn_dropout): conv stride 1 or 2"})
+    # tracking and the registry (pneumo.track, pneumo.bundle.registry)
+    tracking: bool = field(default=True, metadata={"help": "log this run to MLflow (--no-tracking: off)"})
+    tracking_uri: str = field(default="", metadata={
+        "help": "MLflow tracking URI (sqlite:///..., http://...); default: $MLFLOW_TRACKING_URI, else "
+                "sqlite:///<cwd>/mlflow.db"})
+    experiment: str = field(default="pneumo", metadata={"help": "MLflow experiment of the run"})
+    register: str = field(default="", metadata={"help": "register the bundle as a version of this registered model"})
 
     def validate(self) -> None:
         # start-up time: torch only once the flags parsed (a bad --model is refused without it)
@@ -162,6 +179,10 @@ class TrainConfig:
         if self.cache_features and get_spec(self.model).family not in ("timm", "ensemble"):
             raise ConfigError(f"cache_features works with timm models (forward_features/forward_head); "
                               f"{self.model} is not one")
+        self.augment()
+        self.model_options()
+        if self.register and not self.tracking:
+            raise ConfigError("register needs tracking (the registry is MLflow's): drop --no-tracking")
 
     # derived ------------------------------------------------------------------
     @property
@@ -198,3 +219,15 @@ class TrainConfig:
         return Augment(self.rotation, self.shift, self.zoom, self.hflip, self.aug_gamma, self.aug_window,
                        self.aug_blur, self.aug_sharpen, self.aug_noise, self.aug_crop, self.aug_aspect,
                        self.aug_border)
+
+    def model_options(self) -> dict[str, Any]:
+        """The model options set (`MODEL_OPTIONS` that are not None), checked against the model's own."""
+        options = {k: getattr(self, k) for k in MODEL_OPTIONS if getattr(self, k) is not None}
+        valid = get_spec(self.model).options
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ConfigError(f"{', '.join(unknown)}: not an option of {self.model} "
+                              f"(its options: {', '.join(sorted(valid)) or 'none'})")
+        if options.get("stride", 1) not in (1, 2) or not 0 <= options.get("dropout", 0.0) < 1:
+            raise ConfigError("stride must be 1 or 2 and dropout in [0, 1)")
+        return options

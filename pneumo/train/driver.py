@@ -28,6 +28,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -45,14 +46,16 @@ from pneumo.train.checkpoints import load_weights, read_state
 from pneumo.train.config import TrainConfig
 from pneumo.train.export import export_run, summary_text, write_reports
 from pneumo.train.parts import class_weights_for
+from pneumo.train.tracked import close_run, open_run, run_config
 from pneumo.train.worker import FAULT_ENV, train_func
 
 __all__ = ["TrainConfig", "fit", "run"]
 
 
 def fit(cfg: TrainConfig, datasets: dict[str, Any], classes: list[str], spec: InputSpec,
-        class_weights: list[float]) -> Any:
-    """Run the TorchTrainer; returns the Ray Train `Result`."""
+        class_weights: list[float], tracking: dict[str, Any] | None = None, callbacks: Sequence[Any] = ()) -> Any:
+    """Run the TorchTrainer; returns the Ray Train `Result`. `tracking`: the MLflow run rank 0 logs
+    epochs to (`pneumo.train.tracked`); `callbacks`: Ray Train callbacks (a sweep's TuneReportCallback)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -65,7 +68,8 @@ def fit(cfg: TrainConfig, datasets: dict[str, Any], classes: list[str], spec: In
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": to_dict(cfg), "classes": classes, "spec": spec.to_dict(),
-                           "class_weights": class_weights, "sizes": {k: d.count() for k, d in datasets.items()}},
+                           "class_weights": class_weights, "sizes": {k: d.count() for k, d in datasets.items()},
+                           "tracking": tracking},
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=cfg.run_name, storage_path=storage.path, storage_filesystem=storage.fs if storage.is_s3 else None,
@@ -73,6 +77,7 @@ def fit(cfg: TrainConfig, datasets: dict[str, Any], classes: list[str], spec: In
                                                checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             worker_runtime_env={"env_vars": env} if env else None,
+            callbacks=list(callbacks) or None,
         ),
         datasets={"train": datasets["train"], "val": datasets["val"]},
     )
@@ -109,7 +114,7 @@ def _best_model(cfg: TrainConfig, result: Any, classes: list[str], spec: InputSp
         last_state = read_state(d)
     with best.as_directory() as d:
         best_state = read_state(d)
-        model = get_model(cfg.model, len(classes), weights="none", input_spec=spec)
+        model = get_model(cfg.model, len(classes), weights="none", input_spec=spec, **cfg.model_options())
         model.load_state_dict(load_weights(d))
     return model, last_state, best_state
 
@@ -122,8 +127,9 @@ def calibration_images(train: Any, counts: dict[str, int], seed: int, n: int = 2
     return np.concatenate(images) if images else None
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """The whole job: data -> Ray Train -> bundle (+ val-chosen threshold) -> config, report, summary."""
+def run(cfg: TrainConfig, callbacks: Sequence[Any] = (), tags: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The whole job: data -> Ray Train -> bundle (+ val-chosen threshold) -> config, report, summary,
+    tracked as one MLflow run (`tags` added to it; `callbacks` go to Ray Train, see `fit`)."""
     t0 = time.perf_counter()
     classes = list(LABEL_SETS[cfg.label_set])
     spec = cfg.input_spec()
@@ -135,8 +141,27 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         train_ds = oversample(train_ds, counts["train"], classes)
     datasets = {"train": train_ds.materialize(),
                 "val": ingest.datasets["val"].select_columns(["image", "label"]).materialize()}
-    result = fit(cfg, datasets, classes, spec, class_weights_for(counts["train"], classes))
-    model, last_state, best_state = _best_model(cfg, result, classes, spec)
+    tracker = open_run(cfg, records, tags)
+    try:
+        result = fit(cfg, datasets, classes, spec, class_weights_for(counts["train"], classes),
+                     run_config(tracker), callbacks)
+        model, last_state, best_state = _best_model(cfg, result, classes, spec)
+        summary = _export(cfg, model, last_state, best_state, records, ingest, classes, spec, t0, datasets["train"])
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    close_run(tracker, cfg, summary, cfg.out_location, summary["sha256"])
+    summary["mlflow"] = {"run_id": tracker.run_id, "tracking_uri": tracker.uri} if tracker.on else None
+    cfg.out_location.join("summary.json").write_bytes(json.dumps(summary, indent=2, default=str).encode())
+    print(summary_text(summary), flush=True)
+    return summary
+
+
+def _export(cfg: TrainConfig, model: Any, last_state: dict, best_state: dict, records: list[Any], ingest: Ingest,
+            classes: list[str], spec: InputSpec, t0: float, train: Any) -> dict[str, Any]:
+    """The bundle, config.yaml, the reports and summary.json of a finished fit (`train`: the
+    training split, int8's calibration images come from it); the summary."""
+    counts = ingest.counts
     history = last_state["history"]
 
     out = cfg.out_location
@@ -148,7 +173,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                      "history": history, "skipped_files": skipped, "counts": counts}
     splits = {s: to_numpy(ingest.datasets[s]) for s in ("val", "test") if s in ingest.datasets}
     manifest, scored = export_run(cfg, model, classes, spec, splits, training_info, bundle,
-                                  calibration_images(datasets["train"], counts["train"], cfg.seed))
+                                  calibration_images(train, counts["train"], cfg.seed))
     threshold, metrics, probs = scored.threshold, scored.metrics, scored.probs
     out.join("config.yaml").write_bytes(config_text(cfg).encode())
     reports = write_reports(out, splits, probs, classes, threshold, history, skipped) if cfg.report else {}
@@ -157,7 +182,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                "early_stopped": bool(last_state.get("stopped")), "skipped_files": len(ingest.errors),
                "run": {"name": cfg.run_name, "storage_path": cfg.storage}, "wall_s": time.perf_counter() - t0,
                "engine": scored.engine, "onnx": bool(manifest.has_onnx),
-               "reports": reports}
+               "reports": reports, "sha256": manifest.sha256}
     out.join("summary.json").write_bytes(json.dumps(summary, indent=2, default=str).encode())
-    print(summary_text(summary), flush=True)
     return summary

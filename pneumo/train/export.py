@@ -104,7 +104,7 @@ def export_run(cfg: Any, model: nn.Module, classes: list[str], spec: InputSpec,
         if int8 is not None:
             extra_files[INT8_FILE] = int8
     manifest = save_bundle(model, bundle, cfg.model, classes, spec, threshold=threshold, metrics=metrics,
-                           training=training_info, onnx=onnx,
+                           training=training_info, onnx=onnx, model_options=getattr(cfg, "model_options", dict)(),
                            extra_files=extra_files, extra={"calibration": calibration, "gates": gates})
     return manifest, RunOutputs(probs, {s: f for s, (_, f) in scored.items()}, threshold, metrics,
                                 predictor.engine)

@@ -42,6 +42,7 @@ from pneumo.train.parts import (
     make_scheduler,
     precision_for,
 )
+from pneumo.train.tracked import epoch_tracker, log_epoch
 
 FAULT_ENV = "PNEUMO_TEST_FAIL_AT_EPOCH"
 
@@ -61,7 +62,7 @@ def setup_training(cfg: TrainConfig, classes: list[str], spec: InputSpec, class_
     torch.set_num_threads(max(1, cfg.threads or cfg.cpus_per_worker))
     torch.manual_seed(cfg.seed + rank)
     precision = precision_for(cfg.precision, device)
-    model = get_model(cfg.model, len(classes), weights=cfg.weights, input_spec=spec)
+    model = get_model(cfg.model, len(classes), weights=cfg.weights, input_spec=spec, **cfg.model_options())
     set_finetune(model, cfg.model, cfg.finetune, cfg.n_blocks)  # the optimizer gets the final stage's set
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     scheduler = make_scheduler(cfg, optimizer)
@@ -111,6 +112,7 @@ def train_func(config: dict[str, Any]) -> None:
     if checkpoint is not None and rank == 0:
         logs.worker_line(f"[pneumo train] resuming after epoch {ts.state['epoch']} from {checkpoint.path}")
     loop = make_loop(ts, config.get("sizes"))
+    tracker = epoch_tracker(config.get("tracking") if rank == 0 else None)  # MLflow from rank 0 only
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(ts.state["epoch"], cfg.epochs):
         if ts.state.get("stopped"):
@@ -125,7 +127,9 @@ def train_func(config: dict[str, Any]) -> None:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
         if rank == 0:
             logs.worker_line(progress_line(metrics, cfg.epochs))
+            log_epoch(tracker, metrics)
         if metrics["early_stopped"]:
             if rank == 0:
                 logs.worker_line(f"[pneumo train] early stopping: val loss has not improved for {cfg.patience} epochs")
             break
+    tracker.flush()
