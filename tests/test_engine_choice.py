@@ -164,3 +164,26 @@ def test_the_onnx_path_never_imports_torch(base, tmp_path) -> None:
                               "CUDA_VISIBLE_DEVICES": ""})
     engine, torch_loaded = out.stdout.split()
     assert engine in ("onnxruntime", "openvino") and torch_loaded == "False", out.stderr
+
+
+@pytest.mark.parametrize("n", [16, 64, 72], ids=["one-batch", "multiple-of-4-batches", "4-batches-and-a-half"])
+def test_int8_calibration_uses_every_image(base, n: int) -> None:
+    """Calibration takes any number of images (bright ones first, then dark) and the int8 graph
+    follows fp32 on the bright ones. ONNX Runtime's CalibMaxIntermediateOutputs, which pneumo used,
+    drops its buffered batches (onnxruntime#18893): it raised on 64 images (4 batches of 16)."""
+    from pneumo.models.runtime import ort_session, run_session
+
+    m = read_manifest(str(base))
+    fp32 = read_file(str(base), m, "model.onnx")
+    bright = np.full((16, SPEC.size, SPEC.size), 255, np.uint8)
+    images = np.concatenate([bright, np.zeros((n - 16, SPEC.size, SPEC.size), np.uint8)]) if n > 16 else bright
+    int8 = quantize_onnx(fp32, SPEC, images)
+    got = run_session(ort_session(int8, threads=1), _norm(bright[:4]))[0]
+    want = run_session(ort_session(fp32, threads=1), _norm(bright[:4]))[0]
+    assert np.abs(got - want).max() < 0.05, (got, want)
+
+
+def _norm(images: np.ndarray) -> np.ndarray:
+    from pneumo.io.preprocess import to_array
+
+    return to_array(images, SPEC)

@@ -139,10 +139,11 @@ def quantize_onnx(onnx_bytes: bytes, spec: InputSpec, calibration_images: np.nda
         quantize_static(pre, out, _Calibration(np.asarray(calibration_images), spec),
                         quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
                         activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=_output_nodes(pre),
-                        # fold min/max every 4 batches instead of holding every intermediate tensor of
-                        # every calibration image (GBs for the three-backbone ensemble)
-                        extra_options={"CalibMaxIntermediateOutputs": 4})
+                        nodes_to_exclude=_output_nodes(pre))
+        # No `CalibMaxIntermediateOutputs`: in ONNX Runtime 1.32 it clears the buffered min/max
+        # without folding them in (onnxruntime#18893, fix open in #32577), so it calibrated on the
+        # last few batches only and failed outright on a multiple of its size; the calibrator keeps
+        # only each tensor's min and max per batch, so holding all of them costs little.
         with open(out, "rb") as f:
             return f.read()
 
