@@ -86,7 +86,7 @@ def _adapted(method: str, probs: np.ndarray, feats: np.ndarray, head: tuple, ref
     """Positive scores after a label-free adaptation (numpy, the same maths as `pneumo score --adapt`),
     and the refusal the adaptation would make of itself (None: it would apply)."""
     from pneumo.models.adapt import align_head
-    from pneumo.score.adaptation import collapsed, estimate_prior
+    from pneumo.score.adaptation import align_refusal, collapsed, estimate_prior
 
     p, refused = probs, None
     if "align" in method:
@@ -96,9 +96,12 @@ def _adapted(method: str, probs: np.ndarray, feats: np.ndarray, head: tuple, ref
         aligned = np.stack([1 - q, q], axis=1)
         share = float((q >= manifest.threshold_value).mean())
         before = float((probs[:, 1] >= manifest.threshold_value).mean())
-        if collapsed(share) and not collapsed(before):
+        forced = method.startswith("align!")  # what align does when it does not refuse itself
+        refused = None if forced else (align_refusal(before, ref.n_positive / max(ref.n, 1)) and
+                                       "no excess of positives over val")
+        if not refused and not forced and collapsed(share) and not collapsed(before):
             refused = f"align collapses ({share:.2f} positive)"
-        else:
+        if not refused:
             p = aligned
     if "em" in method:
         weights, info = estimate_prior(manifest, p)
@@ -138,15 +141,16 @@ def evaluate(name: str, bundle: str, adabn: bool) -> dict:
         t0 = time.perf_counter()
         probs, feats = p.predict_with_features(s.images)
         row = {"family": s.family, "none": figures(s.labels, probs[:, 1], t), "seconds": time.perf_counter() - t0}
-        for method in ("align", "em", "align+em"):
+        for method in ("align!", "align", "em", "align+em"):
             score, refused = _adapted(method, probs, feats, head, ref, manifest)
             row[method] = {**figures(s.labels, score, t), "refused": refused}
         # align assumes the archive's class mix is val's: the same proxy at 20% pneumonia (all its
         # NORMAL images, a seeded subsample of the rest), without and with align
         few = _prevalence_subsample(s.labels, 0.2)
         row["at 20% pneumonia"] = {"none": figures(s.labels[few], probs[few, 1], t)}
-        score, refused = _adapted("align", probs[few], feats[few], head, ref, manifest)
-        row["at 20% pneumonia"]["align"] = {**figures(s.labels[few], score, t), "refused": refused}
+        for method in ("align!", "align"):
+            score, refused = _adapted(method, probs[few], feats[few], head, ref, manifest)
+            row["at 20% pneumonia"][method] = {**figures(s.labels[few], score, t), "refused": refused}
         if adabn:
             row["adabn"] = {**figures(s.labels, _adabn_scores(bundle, manifest, s.images), t), "refused": None}
         out["sets"][s.name] = row
@@ -200,12 +204,13 @@ def report() -> str:
             cells = [_cell(r["sets"][s]["none"][key]) if s in r["sets"] else "" for r in results]
             lines.append(f"| {s} | {fam} | " + " | ".join(cells) + " |")
     lines += ["", "### Label-free adaptation against none (change in specificity / sensitivity / AUC; "
-              "`refused` when its own diagnostics would refuse it; the last column: align on the same "
-              "proxy subsampled to 20% pneumonia)", ""]
+              "`refused` when its own diagnostics refuse it, and then it changes nothing; `align!`: align "
+              "applied regardless of its refusal; the last two columns: the same proxy subsampled to 20% "
+              "pneumonia, all its NORMAL images)", ""]
     for r in results:
-        methods = [m for m in ("align", "em", "align+em", "adabn") if any(m in v for v in r["sets"].values())]
-        lines += [f"**{r['name']}**", "", "| proxy | " + " | ".join(methods) + " | align at 20% pneumonia |",
-                  "| --- |" + " ---: |" * (len(methods) + 1)]
+        methods = [m for m in ("align!", "align", "em", "align+em", "adabn") if any(m in v for v in r["sets"].values())]
+        lines += [f"**{r['name']}**", "", "| proxy | " + " | ".join(methods) + " | align! at 20% | align at 20% |",
+                  "| --- |" + " ---: |" * (len(methods) + 2)]
         for s, v in r["sets"].items():
             if "align" not in v:
                 continue
@@ -217,10 +222,13 @@ def report() -> str:
                     continue
                 delta = [d[k][0] - v["none"][k][0] for k in ("specificity", "sensitivity", "auc")]
                 cells.append(("refused; " if d.get("refused") else "") + " / ".join(f"{x:+.3f}" for x in delta))
-            low = v.get("at 20% pneumonia")
-            if low:
-                delta = [low["align"][k][0] - low["none"][k][0] for k in ("specificity", "sensitivity", "auc")]
-                cells.append(("refused; " if low["align"].get("refused") else "") + " / ".join(f"{x:+.3f}" for x in delta))
+            low = v.get("at 20% pneumonia") or {}
+            for m in ("align!", "align"):
+                if m not in low:
+                    cells.append("")
+                    continue
+                delta = [low[m][k][0] - low["none"][k][0] for k in ("specificity", "sensitivity", "auc")]
+                cells.append(("refused; " if low[m].get("refused") else "") + " / ".join(f"{x:+.3f}" for x in delta))
             lines.append(f"| {s} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

@@ -9,7 +9,6 @@ into a labelled sample (what a radiologist labels) and held-out images (what the
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 import subprocess
 import sys
@@ -187,8 +186,10 @@ def test_align_adapts_and_every_method_refuses_itself_when_unsafe(ray_local, sit
     m = refused.adaptation["model"]
     assert m["applied"] == [] and "collapses to one class" in m["refused"], m
     assert "refused" in refused.adaptation["line"]
-    marker = json.loads((Path(refused.run_dir) / "_SUCCESS.json").read_text())
-    assert marker["adaptation"]["model"]["refused"] == m["refused"]
+    from pneumo.score.runs import committed_runs
+
+    record = committed_runs(tmp_path / "b")[-1]  # the run's record in its Delta commit
+    assert record["run_id"] == refused.run_id and record["adaptation"]["model"]["refused"] == m["refused"]
 
 
 def test_em_refuses_a_prevalence_at_the_boundary(sites) -> None:  # noqa: ANN001

@@ -33,6 +33,7 @@ from pneumo.score.drift import ok_rows
 from pneumo.score.tasks import OUTPUT_SCHEMA, read_and_preprocess
 
 SAFE_SHARE = (0.01, 0.99)  # a predicted share (or prevalence) at or past these: the adaptation refuses itself
+ALIGN_MARGIN = 0.02  # align runs only when the archive's predicted share is this far above val's
 MODEL_METHODS = ("adabn", "align")  # the methods that change the model before scoring (EM works on its output)
 
 
@@ -79,9 +80,9 @@ def adapt_bundle(cfg: ScoreConfig, bundle: Location, manifest: Manifest, store: 
         adapt_batchnorm(model, [to_tensor(images[i: i + 32], manifest.input, device=device)
                                 for i in range(0, len(images), 32)])
         info["applied"].append("adabn")
-        feats = share()[1]
     if "align" in asked:
-        reason = _align(model, bundle, manifest, feats)
+        current, feats = share() if info["applied"] else (before, feats)
+        reason = _align(model, bundle, manifest, feats, current)
         info["applied" if reason is None else "align_refused"] = (
             [*info["applied"], "align"] if reason is None else reason)
     info["positive_share_after"], _ = share()
@@ -92,11 +93,28 @@ def adapt_bundle(cfg: ScoreConfig, bundle: Location, manifest: Manifest, store: 
     return _save_adapted(model, bundle, manifest, run_dir, images, info)
 
 
-def _align(model: Any, bundle: Location, manifest: Manifest, feats: np.ndarray) -> str | None:
-    """Fold the archive-to-reference feature standardisation into the head; the reason when it cannot."""
+def align_refusal(share: float, reference_share: float) -> str | None:
+    """Why align must not run (None: it may), from the unadapted model's predicted pneumonia share
+    on the archive against its share on val. align standardises the archive's embeddings to val's,
+    so it assumes the archive's class mix is val's; the shift it repairs (on every proxy where it
+    helped) showed as false positives, a share above val's. At or below val's share there is no
+    such excess, and a lower prevalence is the likelier reason, where align cut specificity (val
+    at 20% pneumonia: 0.985 -> 0.470; benchmarks/ablation_external.md)."""
+    if share < reference_share + ALIGN_MARGIN:
+        return (f"the archive's predicted pneumonia share {share:.1%} is not above val's {reference_share:.1%}: "
+                "no excess of positives for align to correct, and align assumes the archive's class mix is val's")
+    return None
+
+
+def _align(model: Any, bundle: Location, manifest: Manifest, feats: np.ndarray, share: float) -> str | None:
+    """Fold the archive-to-reference feature standardisation into the head; the reason when it cannot
+    or must not (`align_refusal`)."""
     ref = drift_reference(bundle, manifest)
     if ref is None or ref.feature_mean is None:
         return "the bundle's drift reference has no feature statistics (retrain to add them)"
+    reason = align_refusal(share, ref.n_positive / max(ref.n, 1))
+    if reason:
+        return reason
     w, b = head_matrix(model, manifest.model)
     new_w, new_b = align_head(w, b, ref.feature_mean, ref.feature_std, feats.mean(axis=0), feats.std(axis=0))
     set_head(model, manifest.model, new_w, new_b)
