@@ -219,3 +219,17 @@ def test_calibrate_and_sample_work_on_s3(sites, s3_server, tmp_path) -> None:  #
     assert lineage["sample"]["n"] == len(sites["sample"])
     p = Predictor(Location.resolve(f"{bucket}/bundle", s3_server.endpoint))
     assert p.threshold == new.threshold_value and (tmp_path / "r" / "parent" / "report.json").exists()
+
+
+@pytest.mark.parametrize(("share", "val_share", "refused"), [
+    (0.79, 0.707, False),  # blur-2px: false positives in excess of val's share; align helped
+    (0.95, 0.707, False),  # zoom-0.75
+    (0.707, 0.707, True),  # val itself: nothing to correct
+    (0.69, 0.707, True),  # sharpen: align cut specificity there
+    (0.21, 0.707, True),  # val at 20% pneumonia: align's class-mix assumption is broken
+])
+def test_align_refuses_without_an_excess_of_positives(share: float, val_share: float, refused: bool) -> None:
+    from pneumo.score.adaptation import align_refusal
+
+    reason = align_refusal(share, val_share)
+    assert (reason is not None) == refused and (not refused or "class mix" in reason)

@@ -86,7 +86,7 @@ class ScoreConfig:
     adapt: bool = field(default=False, metadata={
         "help": "adapt to this archive without labels (see --adapt-methods); each method refuses itself, and the "
                 "run scores unadapted, when its own diagnostics say it is unsafe"})
-    adapt_methods: str = field(default="adabn,em", metadata={
+    adapt_methods: str = field(default="align", metadata={
         "help": "with --adapt, a comma list of: align (the archive's embedding statistics standardised to the "
                 "training ones before the head), adabn (BatchNorm statistics re-estimated; torch engine), em "
                 "(prevalence re-weighting)"})
