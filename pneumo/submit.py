@@ -231,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
               "Ray token authentication: set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or --token-file to its token.",
               file=sys.stderr)
         return 2
+    except ConnectionError as exc:  # what JobSubmissionClient raises when nothing answers at the address
+        print(f"pneumo submit: cannot reach a Ray cluster at {resolve_address(cfg.address)} ({type(exc).__name__}). "
+              "Start a local one with `pneumo cluster up`, or pass --address (or set RAY_ADDRESS) to a running "
+              "cluster's dashboard address.", file=sys.stderr)
+        return 2
 
 
 def _run(cfg: SubmitConfig) -> int:
@@ -258,7 +263,10 @@ def _run(cfg: SubmitConfig) -> int:
         stopped = client.stop_job(cfg.job_id)
         print(f"job {cfg.job_id}: {'stop requested' if stopped else 'was not running'}")
         return 0
-    for info in sorted(client.list_jobs(), key=lambda i: i.start_time or 0):
+    jobs = sorted(client.list_jobs(), key=lambda i: i.start_time or 0)
+    if not jobs:
+        print(f"no jobs on {resolve_address(cfg.address)}")
+    for info in jobs:
         d = _info_dict(info)
         print(f"{d['submission_id'] or d['job_id']}\t{d['status']}\t{d['entrypoint']}")
     return 0
