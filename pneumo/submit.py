@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shlex
 import sys
@@ -35,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pneumo import logs
 from pneumo.config import ConfigError, parse_config
 
 ACTIONS = ("submit", "status", "logs", "stop", "list")
@@ -219,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
         argv += ["--entrypoint", shlex.join(entry)]
     cfg = parse_config(SubmitConfig, argv, prog="pneumo submit")
     from ray.exceptions import AuthenticationError  # what the Jobs client raises on 401/403
+
+    if not logs.interactive():  # Ray's packaging lines ("Uploading package ...") stay out of the output
+        logging.getLogger("ray").setLevel(logging.WARNING)
 
     try:
         return _run(cfg)

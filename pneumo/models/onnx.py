@@ -108,7 +108,11 @@ def export_checked(model: nn.Module, model_name: str, num_classes: int, spec: In
 class _Calibration:
     """onnxruntime.quantization's CalibrationDataReader over preprocessed uint8 images."""
 
-    def __init__(self, images: np.ndarray, spec: InputSpec, batch: int = 16):
+    def __init__(self, images: np.ndarray, spec: InputSpec, n_batches: int = 3):
+        # At most 3 batches: onnxruntime's MinMax calibrator with CalibMaxIntermediateOutputs=4 *drops*
+        # what it collected every 4 batches without folding it into the ranges (onnxruntime 1.2x), so
+        # more batches calibrated on the last few only, and a multiple of 4 failed ("No data is collected").
+        batch = max(1, -(-len(images) // n_batches))
         self.batches = [to_tensor(images[i:i + batch], spec).numpy() for i in range(0, len(images), batch)]
         self.i = 0
 
@@ -120,6 +124,17 @@ class _Calibration:
 
     def rewind(self) -> None:
         self.i = 0
+
+
+class _PerTensorFallback(logging.Filter):
+    """onnxruntime warns on the root logger for every 1-D weight it quantises per tensor rather than per
+    channel ("Axis 1 is out-of-range for weight ..."): expected here, so it goes to this module's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "is out-of-range for weight" in record.getMessage():
+            log.debug("%s", record.getMessage())
+            return False
+        return True
 
 
 def quantize_onnx(onnx_bytes: bytes, spec: InputSpec, calibration_images: np.ndarray) -> bytes:
@@ -136,13 +151,18 @@ def quantize_onnx(onnx_bytes: bytes, spec: InputSpec, calibration_images: np.nda
         except Exception as exc:  # noqa: BLE001 - pre-processing is an optimisation; quantise the raw graph
             log.info("quant_pre_process skipped: %s", exc)
             pre = src
-        quantize_static(pre, out, _Calibration(np.asarray(calibration_images), spec),
-                        quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-                        activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=_output_nodes(pre),
-                        # fold min/max every 4 batches instead of holding every intermediate tensor of
-                        # every calibration image (GBs for the three-backbone ensemble)
-                        extra_options={"CalibMaxIntermediateOutputs": 4})
+        fallback = _PerTensorFallback()
+        logging.getLogger().addFilter(fallback)
+        try:
+            quantize_static(pre, out, _Calibration(np.asarray(calibration_images), spec),
+                            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=_output_nodes(pre),
+                            # fold min/max every 4 batches instead of holding every intermediate tensor of
+                            # every calibration image (GBs for the three-backbone ensemble)
+                            extra_options={"CalibMaxIntermediateOutputs": 4})
+        finally:
+            logging.getLogger().removeFilter(fallback)
         with open(out, "rb") as f:
             return f.read()
 
