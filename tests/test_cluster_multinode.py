@@ -217,3 +217,21 @@ def test_no_cluster_at_the_address_is_one_line_saying_what_to_do(tmp_path: Path)
     assert status.returncode == 1 and "no cluster up" in status.stdout and "pneumo cluster up" in status.stdout
     down = _cluster_cli("down", tmp_path / "none", timeout=60)
     assert down.returncode == 0 and "no cluster recorded" in down.stdout
+
+
+@pytest.mark.parametrize("args, line", [
+    (["up", "--workers", "-1"], "workers: -1 is negative"),
+    (["sideways"], "action: 'sideways' is not one of up, down, status"),
+    (["up", "--dashboard-port", "{taken}"], "port {taken} on 127.0.0.1 is taken; pass --dashboard-port"),
+])
+def test_cluster_mistakes_are_one_line_and_exit_2(args: list[str], line: str, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = str(held.getsockname()[1])
+        args, line = [a.replace("{taken}", taken) for a in args], line.replace("{taken}", taken)
+        proc = _cluster_cli(args[0], tmp_path / "c", *args[1:], timeout=60)
+    assert proc.returncode == 2 and line in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "c" / "cluster.json").exists()
