@@ -59,10 +59,10 @@ def _step(title: str) -> float:
 def _serve_one_request(bundle: str, image: Path) -> dict:
     from ray import serve
 
+    if not logs.interactive():  # Serve's INFO lines ("Started Serve", "is ready at") stay in Ray's log folder
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # configured when ray.serve is imported
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    if not logs.interactive():  # Serve's INFO lines ("Started Serve", "is ready at") stay in Ray's log folder
-        logging.getLogger("ray.serve").setLevel(logging.WARNING)
     try:
         one = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
         serve.run(bind(ServeArgs(bundle=bundle), autoscaling_config=one), name="pneumo", route_prefix="/")
