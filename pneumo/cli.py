@@ -14,6 +14,7 @@
     pneumo sweep DATA --config S.yaml --out DIR   a Ray Tune sweep of training runs, ranked on val
     pneumo register BUNDLE --name N   make a bundle a registered model version (MLflow)
     pneumo promote NAME VERSION --alias champion   move a registry alias
+    pneumo cluster up|down|status     a local multi-node Ray cluster with token auth
     pneumo submit ...                 submit / follow / stop a job on a Ray cluster
     pneumo demo --out DIR             the whole path on synthetic data
 
@@ -45,6 +46,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "sweep": ("pneumo.train.sweep", "run a Ray Tune sweep of training runs, ranked on val"),
     "register": ("pneumo.bundle.registry_cli:register_main", "register a bundle as a model version (MLflow)"),
     "promote": ("pneumo.bundle.registry_cli:promote_main", "point a registered model's alias at a version"),
+    "cluster": ("pneumo.cluster", "start, inspect or stop a local multi-node Ray cluster with token auth"),
     "submit": ("pneumo.submit", "submit, follow, inspect or stop a job on a Ray cluster"),
     "demo": ("pneumo.demo", "run the whole path on synthetic data on an embedded local Ray"),
 }

@@ -14,6 +14,7 @@ Every step calls the same code as its own verb (`pneumo synth`, `pneumo eda`, ..
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sys
@@ -22,6 +23,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pneumo import logs
 from pneumo.config import parse_config
 from pneumo.data import eda, synth
 from pneumo.ray_env import ensure_ray
@@ -50,14 +52,15 @@ def _free_port() -> int:
 
 
 def _step(title: str) -> float:
-    print(f"\n=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
+    print(f"=== {title} " + "=" * max(0, 70 - len(title)), flush=True)
     return time.perf_counter()
 
 
 def _serve_one_request(bundle: str, image: Path) -> dict:
     from ray import serve
 
-
+    if not logs.interactive():  # Serve's INFO lines ("Started Serve", "is ready at") stay in Ray's log folder
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)  # configured when ray.serve is imported
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -72,7 +75,9 @@ def _serve_one_request(bundle: str, image: Path) -> dict:
         print(f"POST /v1/predict {image.name} -> {json.dumps(answer)}")
         return answer
     finally:
-        serve.shutdown()
+        # the app, not the controller: `serve.shutdown()` kills the controller while its graceful_shutdown
+        # task is pending, and the raylet reports that task as failed; this Ray stops with the demo
+        serve.delete("pneumo")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -113,14 +118,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     answer = _serve_one_request(bundle, image)
     print(f"({time.perf_counter() - t:.1f}s)")
 
-    print(f"\ndemo finished in {time.perf_counter() - started:.0f}s; everything is under {out}/:")
+    print(f"demo finished in {time.perf_counter() - started:.0f}s; everything is under {out}/:")
     for label, path in [
         ("data", data), ("eda charts", out / "eda"), ("model bundle", train_out / "bundle"),
         ("evaluation report", train_out / "report"), ("batch scores (Delta Lake table)", scores),
         ("MLflow runs (SQLite)", out / "mlflow.db"),
     ]:
         print(f"  {label:<24} {path}")
-    print(f"\nnext: pneumo serve {bundle}   # then open http://127.0.0.1:8000/")
+    print(f"next: pneumo serve {bundle}   # then open http://127.0.0.1:8000/")
     print(f"      mlflow ui --backend-store-uri sqlite:///{out}/mlflow.db   # the training run, http://127.0.0.1:5000/")
     return {"bundle": bundle, "scores": str(scores), "answer": answer}
 

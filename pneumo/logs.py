@@ -6,6 +6,12 @@
         bar.update(64)                                    # else a line every `every_s` seconds
 
 `pneumo.ray_env.quiet_ray` turns Ray Data's progress reports off in non-interactive runs.
+
+Non-interactive drivers start Ray with `log_to_driver=False` (Ray's own knob): the workers' output,
+Ray's INFO lines and warnings among it, stays in Ray's log folder (`worker-*.out/err` under
+/tmp/ray/session_latest/logs/). pneumo's own worker lines still reach the console: `start_console`
+makes a Ray queue (`ray.util.queue.Queue`, a named actor) that `worker_line` puts its lines on and
+a driver thread prints from.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 INTERACTIVE_ENV = "PNEUMO_INTERACTIVE"  # set by a driver on a terminal for its Ray workers
+CONSOLE_ACTOR = "pneumo_console"  # the named Ray queue of worker lines a quiet driver prints
+_console: dict[str, Any] = {}  # this process's queue handle (False: looked up, none there)
 
 
 def interactive() -> bool:
@@ -31,8 +39,67 @@ def worker_line(text: str) -> None:
     wrapped stdout, to print as well, so every plain `print` reached the driver twice. Writing to
     the process's real stdout bypasses the patch; Ray forwards it to the driver once.
     """
+    if _console_put(text):
+        return
     sys.__stdout__.write(text + "\n")
     sys.__stdout__.flush()
+
+
+def _console_put(text: str) -> bool:
+    """Put `text` on the driver's console queue, if this Ray job has one."""
+    handle = _console.get("handle")
+    if handle is None:
+        try:
+            import ray
+
+            handle = ray.get_actor(CONSOLE_ACTOR) if ray.is_initialized() else False
+        except (ImportError, ValueError):  # ValueError: no such actor in this job
+            handle = False
+        _console["handle"] = handle
+    if handle is False:
+        return False
+    handle.put_nowait.remote(text)  # one caller's calls run in order
+    return True
+
+
+def start_console() -> None:
+    """In a quiet driver (Ray started with log_to_driver=False): print the workers' `worker_line`s.
+
+    A daemon thread prints what they put on a named `ray.util.queue.Queue`; at exit what is left is printed.
+    """
+    import atexit
+    import threading
+    from queue import Empty
+
+    from ray.util.queue import Queue
+
+    if _console.get("thread") is not None and _console["thread"].is_alive():
+        return
+    _console.pop("handle", None)
+    queue = Queue(actor_options={"name": CONSOLE_ACTOR, "num_cpus": 0})
+    stop = threading.Event()
+
+    def pump() -> None:
+        while not stop.is_set():
+            try:
+                text = queue.get(block=True, timeout=0.5)
+            except Empty:
+                continue
+            except Exception:  # noqa: BLE001 - Ray shut down under us
+                return
+            print(text, flush=True)
+
+    def drain() -> None:
+        stop.set()
+        try:
+            for text in queue.get_nowait_batch(queue.qsize()):
+                print(text, flush=True)
+        except Exception:  # noqa: BLE001 - Ray is gone already: nothing left to print
+            pass
+
+    _console["thread"] = threading.Thread(target=pump, name="pneumo-console", daemon=True)
+    _console["thread"].start()
+    atexit.register(drain)
 
 
 def _duration(seconds: float) -> str:

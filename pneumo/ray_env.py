@@ -9,7 +9,8 @@ In a non-interactive run (CI, `ray job submit`, cron: stdout is not a TTY) Ray D
 its progress as a page of `logging_progress` lines per dataset. `quiet_ray` turns those progress
 reports off and lowers Ray Data's console handler to warnings; the full INFO log still goes to
 `ray-data.log` in Ray's session log folder (`/tmp/ray/session_latest/logs/`). Interactive runs
-keep Ray's progress bars. `PNEUMO_VERBOSE=1` keeps everything.
+keep Ray's progress bars. Non-interactive drivers also start Ray with `log_to_driver=False` (see
+`ensure_ray`). `PNEUMO_VERBOSE=1` keeps everything.
 """
 
 from __future__ import annotations
@@ -18,17 +19,28 @@ import json
 import logging
 import os
 import time
+import warnings
 from typing import Any
 
 from pneumo import logs
 
 
 def ensure_ray(**init_kwargs: Any) -> None:
-    """`ray.init(**init_kwargs)` unless Ray is up in this process already; then `quiet_ray`."""
+    """`ray.init(**init_kwargs)` unless Ray is up in this process already; then `quiet_ray`.
+
+    Non-interactive, Ray starts with `log_to_driver=False` and its driver logger at ERROR: the
+    workers' output (Ray Train's reports, Ray's warnings) stays in Ray's log folder, and pneumo's own
+    worker lines come through `logs.start_console`.
+    """
     import ray
 
     if not ray.is_initialized():
+        if not logs.interactive():
+            init_kwargs.setdefault("log_to_driver", False)
+            init_kwargs.setdefault("logging_level", logging.ERROR)
         ray.init(**init_kwargs)
+        if not init_kwargs.get("log_to_driver", True):
+            logs.start_console()
     quiet_ray()
 
 
@@ -38,6 +50,7 @@ def quiet_ray() -> None:
     import ray.data
     from ray.util.debug import log_once
 
+    warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'")  # Ray Data's advice on filter()
     ray.data.DataContext.get_current().enable_progress_bars = False
     log_once("ray_data_progress_manager_disabled")  # Ray's "progress bars disabled" notice: deliberate here
     for handler in logging.getLogger("ray.data").handlers:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import shlex
 import sys
@@ -35,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from pneumo import logs
 from pneumo.config import ConfigError, parse_config
 
 ACTIONS = ("submit", "status", "logs", "stop", "list")
@@ -220,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_config(SubmitConfig, argv, prog="pneumo submit")
     from ray.exceptions import AuthenticationError  # what the Jobs client raises on 401/403
 
+    if not logs.interactive():  # Ray's packaging lines ("Uploading package ...") stay out of the output
+        logging.getLogger("ray").setLevel(logging.WARNING)
+
     try:
         return _run(cfg)
     except ConfigError as exc:
@@ -230,6 +235,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pneumo submit: {resolve_address(cfg.address)} refused the request ({first}). The cluster uses "
               "Ray token authentication: set RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or --token-file to its token.",
               file=sys.stderr)
+        return 2
+    except ConnectionError as exc:  # what JobSubmissionClient raises when nothing answers at the address
+        print(f"pneumo submit: cannot reach a Ray cluster at {resolve_address(cfg.address)} ({type(exc).__name__}). "
+              "Start a local one with `pneumo cluster up`, or pass --address (or set RAY_ADDRESS) to a running "
+              "cluster's dashboard address.", file=sys.stderr)
         return 2
 
 
@@ -258,7 +268,10 @@ def _run(cfg: SubmitConfig) -> int:
         stopped = client.stop_job(cfg.job_id)
         print(f"job {cfg.job_id}: {'stop requested' if stopped else 'was not running'}")
         return 0
-    for info in sorted(client.list_jobs(), key=lambda i: i.start_time or 0):
+    jobs = sorted(client.list_jobs(), key=lambda i: i.start_time or 0)
+    if not jobs:
+        print(f"no jobs on {resolve_address(cfg.address)}")
+    for info in jobs:
         d = _info_dict(info)
         print(f"{d['submission_id'] or d['job_id']}\t{d['status']}\t{d['entrypoint']}")
     return 0

@@ -1,43 +1,41 @@
 """A real two-node Ray cluster on this machine, used the way a cluster is used: through the Jobs API.
 
-`ray start --head` and `ray start --address ...` both run on 127.0.0.1, each with its own
-`--temp-dir` (so its session, sockets and logs are its own) and a distinct custom resource. The
-batch-scoring entry point is submitted with `pneumo.submit` (JobSubmissionClient, runtime_env
-working_dir = this repository, exactly as `ray job submit --working-dir . -- python
-ray_jobs/batch_score.py ...`), and the test checks that it SUCCEEDED, that its tasks and actors
-ran on both nodes (Ray's state API, through the dashboard) and that the Parquet output has
-exactly one row per input file.
+The cluster is the one a user starts: `pneumo cluster up --workers 1` (pneumo/cluster.py) runs
+`ray start --head` and `ray start --address ...` on 127.0.0.1, each with its own `--temp-dir` (so its
+session, sockets and logs are its own). The batch-scoring entry point is submitted with
+`pneumo.submit` (JobSubmissionClient, runtime_env working_dir = this repository, exactly as `ray job
+submit --working-dir . -- python ray_jobs/batch_score.py ...`), and the test checks that it
+SUCCEEDED, that its tasks and actors ran on both nodes (Ray's state API, through the dashboard) and
+that the output has exactly one row per input file.
 
-Teardown never uses `ray stop` (it kills every Ray process on the machine, including the
-session's shared `ray_local`): each node is a `ray start --block` process in its own process
-group; SIGTERM makes it stop the processes it started, and anything left whose command line
-names this cluster's temp dir is then killed by pid.
+Teardown is `pneumo cluster down`, which never uses `ray stop` (it kills every Ray process on the
+machine, including the session's shared `ray_local`): each node is a `ray start --block` process in
+its own process group; SIGTERM makes it stop the processes it started, and anything left whose
+command line names this cluster's folder is then killed by pid. The test then checks nothing of it
+is left.
 
-The cluster runs with Ray token authentication, as a real one should: the test generates a token,
-both nodes read it from a file (`RAY_AUTH_MODE=token`, `RAY_AUTH_TOKEN_PATH`, as a pod reads it from a
-mounted Secret), the job is submitted with `pneumo submit --token-file`, and requests without the
-token (or with a wrong one) are refused with a clear message that never shows the token.
+The cluster runs with Ray token authentication, as a real one should: `pneumo cluster up` generates
+a token in a 0600 file, both nodes read it (`RAY_AUTH_MODE=token`, `RAY_AUTH_TOKEN_PATH`, as a pod
+reads it from a mounted Secret), the job is submitted with `pneumo submit --token-file`, and requests
+without the token (or with a wrong one) are refused with a clear message that never shows the token.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from helpers import free_ports
+
+from pneumo.cluster import LocalCluster, own_pids
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -46,153 +44,38 @@ JOB_TIMEOUT_S = 180
 N_IMAGES = 16
 
 
-@dataclass
-class LocalCluster:
-    """Two Ray nodes on 127.0.0.1 started with `ray start --block`, each in its own process group."""
-
-    root: Path
-    gcs_port: int
-    dashboard_port: int
-    env: dict[str, str]
-    token_file: Path
-    nodes: dict[str, subprocess.Popen] = field(default_factory=dict)
-
-    @property
-    def auth_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token_file.read_text().strip()}"}
-
-    @property
-    def dashboard(self) -> str:
-        return f"http://127.0.0.1:{self.dashboard_port}"
-
-    def start_node(self, name: str, head: bool, num_cpus: int, attempt: int = 0) -> None:
-        cmd = [str(VENV_BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
-               f"--num-cpus={num_cpus}", "--num-gpus=0", f"--temp-dir={self.root / f'{name}{attempt}'}",
-               f"--resources={json.dumps({name: 1})}", "--disable-usage-stats"]
-        # Ports with fixed defaults (agent HTTP 52365, client server 10001...) would collide with any
-        # other Ray on this machine (e.g. other test sessions): give every node free ones.
-        agent_http, agent_grpc, metrics, runtime_env, client = free_ports(5)
-        cmd += [f"--dashboard-agent-listen-port={agent_http}", f"--dashboard-agent-grpc-port={agent_grpc}",
-                f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}"]
-        if head:
-            cmd += ["--head", f"--port={self.gcs_port}", "--dashboard-host=127.0.0.1",
-                    f"--dashboard-port={self.dashboard_port}", "--include-dashboard=true",
-                    f"--ray-client-server-port={client}"]
-        else:
-            cmd += [f"--address=127.0.0.1:{self.gcs_port}"]
-        log = open(self.root / f"{name}{attempt}.log", "wb")  # noqa: SIM115 - closed with the process
-        self.nodes[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                            cwd=self.root, start_new_session=True)
-        log.close()
-
-    def _get(self, path: str) -> dict:
-        request = urllib.request.Request(self.dashboard + path, headers=self.auth_headers)
-        with urllib.request.urlopen(request, timeout=5) as resp:
-            return json.load(resp)
-
-    def alive_nodes(self) -> list[dict]:
-        summary = self._get("/nodes?view=summary")["data"]["summary"]
-        return [n for n in summary if n["raylet"]["state"] == "ALIVE"]
-
-    def wait_until(self, what: str, check, timeout: float = START_TIMEOUT_S) -> None:  # noqa: ANN001
-        deadline, last = time.monotonic() + timeout, ""
-        while time.monotonic() < deadline:
-            for name, proc in self.nodes.items():
-                if proc.poll() is not None:
-                    raise RuntimeError(f"ray node {name} exited ({proc.returncode}) while waiting for {what}\n"
-                                       + self.logs())
-            try:
-                if check():
-                    return
-            except Exception as exc:  # dashboard not up yet
-                last = repr(exc)
-            time.sleep(0.5)
-        raise TimeoutError(f"{what} not reached after {timeout}s ({last})\n{self.logs()}")
-
-    def logs(self, tail: int = 3000) -> str:
-        out = []
-        for log in sorted(self.root.glob("*.log")):
-            out.append(f"--- {log.name}\n{log.read_text(errors='replace')[-tail:]}")
-        return "\n".join(out)
-
-    def own_pids(self) -> list[int]:
-        """Processes whose command line names this cluster's temp dir (raylets, GCS, workers...)."""
-        marker, pids = str(self.root), []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if marker in cmdline:
-                pids.append(int(entry.name))
-        return pids
-
-    def stop(self) -> None:
-        """Stop only this cluster's processes (never `ray stop`, which is machine-wide)."""
-        live = [p for p in self.nodes.values() if p.poll() is None]
-        for proc in live:
-            proc.send_signal(signal.SIGTERM)  # `ray start --block` then stops what it started
-        for proc in live:
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=10)
-        for _ in range(2):
-            for pid in self.own_pids():
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.5)
-
-
-def start_with_retries(cluster: LocalCluster, name: str, head: bool, attempts: int = 3) -> None:
-    """`ray start` gives its raylet 30 s to register with the GCS; a loaded machine can miss that.
-
-    A node whose `ray start` exits during startup is started again (fresh temp dir, fresh head ports).
-    """
-    for attempt in range(attempts):
-        if head and attempt:
-            cluster.gcs_port, cluster.dashboard_port = free_ports(2)
-        cluster.start_node(name, head=head, num_cpus=2, attempt=attempt)
-        log = cluster.root / f"{name}{attempt}.log"
-        try:
-            cluster.wait_until(f"{name} started", lambda log=log: "Ray runtime started" in log.read_text(errors="replace"))
-            return
-        except RuntimeError:
-            if attempt == attempts - 1:
-                raise
+def _cluster_cli(action: str, root: Path, *extra: str, timeout: float = 3 * START_TIMEOUT_S) -> subprocess.CompletedProcess:
+    return subprocess.run([str(VENV_BIN / "pneumo"), "cluster", action, "--dir", str(root), *extra],
+                          capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
 @pytest.fixture(scope="module")
 def two_node_cluster() -> Iterator[LocalCluster]:
+    """`pneumo cluster up --workers 1` (real `ray start` processes), `pneumo cluster down` at the end."""
     root = Path(tempfile.mkdtemp(prefix="pnc", dir="/tmp"))  # short: Ray's unix sockets live under it
-    gcs_port, dashboard_port = free_ports(2)
-    token_file = root / "auth_token"  # what a pod gets from the Secret (never ~/.ray/auth_token)
-    token_file.write_text(secrets.token_hex(32))
-    token_file.chmod(0o600)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",  # `python` in entrypoints = this venv
-               RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1",
-               # token auth on every node, the token from a file (Ray reads RAY_AUTH_TOKEN first, then
-               # the file at RAY_AUTH_TOKEN_PATH, then ~/.ray/auth_token)
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
-    cluster = LocalCluster(root=root, gcs_port=gcs_port, dashboard_port=dashboard_port, env=env,
-                           token_file=token_file)
+    (dashboard_port,) = free_ports(1)
     try:
-        start_with_retries(cluster, "node_head", head=True)
-        cluster.wait_until("the dashboard", lambda: cluster._get("/api/version"))
-        start_with_retries(cluster, "node_worker", head=False)
-        cluster.wait_until("two alive nodes", lambda: len(cluster.alive_nodes()) == 2)
+        up = _cluster_cli("up", root, "--workers", "1", "--cpus-per-node", "2",
+                          "--dashboard-port", str(dashboard_port), "--timeout-s", str(START_TIMEOUT_S))
+        assert up.returncode == 0, (up.stdout, up.stderr[-3000:])
+        assert f"http://127.0.0.1:{dashboard_port}" in up.stdout and "token auth on" in up.stdout, up.stdout
+        cluster = LocalCluster.load(root)
+        assert cluster is not None and set(cluster.nodes) == {"head", "worker1"}
+        # the token is private: the file 0600 in a 0700 folder
+        assert cluster.token_file.stat().st_mode & 0o777 == 0o600 and root.stat().st_mode & 0o777 == 0o700
+        assert len(cluster.alive_nodes()) == 2
+        # a fresh cluster: `pneumo submit list` says so in one line
+        listed = subprocess.run([str(VENV_BIN / "pneumo"), "submit", "list", "--address", cluster.dashboard,
+                                 "--token-file", str(cluster.token_file)], capture_output=True, text=True, timeout=60)
+        assert (listed.returncode, listed.stdout) == (0, f"no jobs on {cluster.dashboard}\n"), listed.stderr[-2000:]
         yield cluster
     finally:
-        cluster.stop()
-        leftover = cluster.own_pids()
+        down = _cluster_cli("down", root, timeout=120)
+        leftover = own_pids(root)
+        logs = "\n".join(p.read_text(errors="replace")[-2000:] for p in sorted(root.glob("*.log")))
         shutil.rmtree(root, ignore_errors=True)
-        assert not leftover, f"processes of the test cluster survived teardown: {leftover}"
+        assert down.returncode == 0 and "stopped 2 node(s)" in down.stdout, (down.stdout, down.stderr, logs)
+        assert not leftover, f"processes of the test cluster survived `pneumo cluster down`: {leftover}"
 
 
 def _tiny_archive_and_bundle(tmp: Path) -> tuple[Path, Path, list[str]]:
@@ -319,3 +202,36 @@ def test_requests_without_the_token_are_refused(two_node_cluster: LocalCluster, 
     job_id = submit(cfg, client)
     assert wait(client, job_id, timeout_s=JOB_TIMEOUT_S) == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
     assert f"RUN efficientnet_lite0-{job_id}" in client.get_job_logs(job_id)
+
+
+def test_no_cluster_at_the_address_is_one_line_saying_what_to_do(tmp_path: Path) -> None:
+    """Nothing listening: exit 2, one line naming the address and both ways out, no traceback; and
+    `pneumo cluster status` / `down` with nothing recorded say so."""
+    (port,) = free_ports(1)
+    proc = subprocess.run([str(VENV_BIN / "pneumo"), "submit", "list", "--address", f"http://127.0.0.1:{port}"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == "", (proc.stdout, proc.stderr)
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"127.0.0.1:{port}" in proc.stderr and "pneumo cluster up" in proc.stderr and "--address" in proc.stderr
+    status = _cluster_cli("status", tmp_path / "none", timeout=60)
+    assert status.returncode == 1 and "no cluster up" in status.stdout and "pneumo cluster up" in status.stdout
+    down = _cluster_cli("down", tmp_path / "none", timeout=60)
+    assert down.returncode == 0 and "no cluster recorded" in down.stdout
+
+
+@pytest.mark.parametrize("args, line", [
+    (["up", "--workers", "-1"], "workers: -1 is negative"),
+    (["sideways"], "action: 'sideways' is not one of up, down, status"),
+    (["up", "--dashboard-port", "{taken}"], "port {taken} on 127.0.0.1 is taken; pass --dashboard-port"),
+])
+def test_cluster_mistakes_are_one_line_and_exit_2(args: list[str], line: str, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        taken = str(held.getsockname()[1])
+        args, line = [a.replace("{taken}", taken) for a in args], line.replace("{taken}", taken)
+        proc = _cluster_cli(args[0], tmp_path / "c", *args[1:], timeout=60)
+    assert proc.returncode == 2 and line in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "c" / "cluster.json").exists()

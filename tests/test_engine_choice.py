@@ -51,6 +51,32 @@ def base(tmp_path_factory):
     return root
 
 
+@pytest.mark.parametrize("n", [1, 5, 64, 65])
+def test_int8_calibrates_on_any_number_of_images(base, n: int) -> None:
+    """64 images (4 batches of 16) once failed: onnxruntime's calibrator dropped its data every 4 batches."""
+    from onnxruntime.quantization.calibrate import MinMaxCalibrater
+
+    m = read_manifest(str(base))
+    seen = []
+    collect = MinMaxCalibrater.collect_data
+
+    def counting(self, reader):  # noqa: ANN001 - wraps the real calibrator, counting the images it is fed
+        original = reader.get_next
+
+        def get_next():
+            batch = original()
+            if batch:
+                seen.append(len(next(iter(batch.values()))))
+            return batch
+        reader.get_next = get_next
+        return collect(self, reader)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(MinMaxCalibrater, "collect_data", counting)
+        assert quantize_onnx(read_file(str(base), m, "model.onnx"), SPEC, _images(n))
+    assert sum(seen) == n  # every image reaches the calibrator
+
+
 def _bundle(base, tmp_path, gates: dict) -> str:
     import shutil
 

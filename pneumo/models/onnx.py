@@ -122,6 +122,17 @@ class _Calibration:
         self.i = 0
 
 
+class _PerTensorFallback(logging.Filter):
+    """onnxruntime warns on the root logger for every 1-D weight it quantises per tensor rather than per
+    channel ("Axis 1 is out-of-range for weight ..."): expected here, so it goes to this module's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "is out-of-range for weight" in record.getMessage():
+            log.debug("%s", record.getMessage())
+            return False
+        return True
+
+
 def quantize_onnx(onnx_bytes: bytes, spec: InputSpec, calibration_images: np.ndarray) -> bytes:
     """Static post-training quantisation: QDQ, per-channel int8 weights, uint8 activations (MinMax)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -136,14 +147,20 @@ def quantize_onnx(onnx_bytes: bytes, spec: InputSpec, calibration_images: np.nda
         except Exception as exc:  # noqa: BLE001 - pre-processing is an optimisation; quantise the raw graph
             log.info("quant_pre_process skipped: %s", exc)
             pre = src
-        quantize_static(pre, out, _Calibration(np.asarray(calibration_images), spec),
-                        quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
-                        activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax,
-                        nodes_to_exclude=_output_nodes(pre))
+        fallback = _PerTensorFallback()
+        logging.getLogger().addFilter(fallback)
+        try:
+            quantize_static(pre, out, _Calibration(np.asarray(calibration_images), spec),
+                            quant_format=QuantFormat.QDQ, per_channel=True, weight_type=QuantType.QInt8,
+                            activation_type=QuantType.QUInt8, calibrate_method=CalibrationMethod.MinMax,
+                            nodes_to_exclude=_output_nodes(pre))
+        finally:
+            logging.getLogger().removeFilter(fallback)
         # No `CalibMaxIntermediateOutputs`: in ONNX Runtime 1.32 it clears the buffered min/max
         # without folding them in (onnxruntime#18893, fix open in #32577), so it calibrated on the
         # last few batches only and failed outright on a multiple of its size; the calibrator keeps
-        # only each tensor's min and max per batch, so holding all of them costs little.
+        # only each tensor's min and max per batch (the model's own outputs are dropped), so holding
+        # all of them costs little.
         with open(out, "rb") as f:
             return f.read()
 
