@@ -64,7 +64,7 @@ def test_write_report_writes_all_files_and_keys(tmp_path, classes, history):
     c = on_disk["confusion"]
     assert c["tp"] + c["fn"] == int((y != 0).sum())  # NORMAL is index 0: everything else is positive
     md = (tmp_path / "report.md").read_text()
-    assert "| AUC (ROC) |" in md and "95% CI" in md and "0.4000" in md
+    assert "| AUC (ROC) |" in md and "95% CI" in md and "threshold **0.4**" in md
     assert "chosen on validation data only, never on test" in md
     for name in expected_pngs:
         assert f"]({name})" in md

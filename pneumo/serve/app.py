@@ -310,6 +310,7 @@ class PneumoService(OpenInference):
         loaded, a = self._loaded, self.args
         info = loaded.predictor.describe()
         info["metrics"] = loaded.predictor.manifest.metrics
+        info["red_flags"] = loaded.predictor.manifest.training.get("red_flags")  # None: not judged (older bundle)
         info["batching"] = dict(self._batching)
         info["batches_run"] = {"batches": self._batches, "images": self._batched_images,
                                "mean_batch_size": round(self._batched_images / max(self._batches, 1), 2)}
