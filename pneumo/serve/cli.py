@@ -11,7 +11,9 @@ help), plus the CLI's own keys (host, port, num_cpus, address, serve_config). Wi
 
 Locked by default: without an API key (`--api-key-file` or `PNEUMO_API_KEY`) it listens on
 127.0.0.1 only; `--host 0.0.0.0` (or any address that is not loopback) without a key exits 2,
-before Ray starts, saying what to set, unless `--allow-anonymous`. The proxy's backstop
+before Ray starts, saying what to set, unless `--allow-anonymous`. The bundle's manifest is read
+before Ray starts too (`pneumo.bundle.manifest.read_manifest`, no torch): a missing or malformed
+bundle exits 2 with one line. The proxy's backstop
 (`http_options.request_timeout_s`) is the same with or without `--serve-config`.
 """
 
@@ -20,6 +22,7 @@ import sys
 from dataclasses import field, make_dataclass
 from typing import Any, Literal
 
+from pneumo.bundle.manifest import read_manifest
 from pneumo.config import load_yaml, parse_config
 from pneumo.serve.config import (
     DEPLOYMENT_NAME,
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"pneumo serve: {problem}", file=sys.stderr)
         return 2
+    read_manifest(args.location)  # a missing or bad bundle: BundleError, one line, before Ray starts
     # start-up time: Ray, Serve and torch only once the flags are known to be good
     import ray
     from ray import serve
