@@ -135,6 +135,9 @@ def serve_http_host() -> str | None:
 # ---------------------------------------------------------------- the deployment
 
 
+install_openapi(api)  # before @serve.ingress, which freezes a copy of the app: later changes never reach it
+
+
 @serve.deployment(name=DEPLOYMENT_NAME, **DEPLOYMENT_DEFAULTS)
 @serve.ingress(api)
 class PneumoService(OpenInference):
@@ -292,6 +295,10 @@ class PneumoService(OpenInference):
     def script(self) -> FileResponse:
         return FileResponse(STATIC_DIR / "app.js", media_type="text/javascript")
 
+    @api.get("/favicon.ico", include_in_schema=False)
+    def favicon(self) -> FileResponse:
+        return FileResponse(STATIC_DIR / "favicon.ico", media_type="image/x-icon")
+
     @api.get("/healthz", summary="Liveness: the HTTP server answers")
     def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -376,9 +383,6 @@ class PneumoService(OpenInference):
             self._admission.done(held[0])
         return {"results": out, "count": len(out), "errors": sum(1 for r in out if "error" in r),
                 "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
-
-
-install_openapi(api)
 
 
 # ---------------------------------------------------------------- builder and CLI
