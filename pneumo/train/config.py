@@ -92,6 +92,9 @@ class TrainConfig:
     val_frac: float = 0.1
     test_frac: float = 0.1
     seed: int = 0
+    limit: int = field(default=0, metadata={
+        "help": "train on a sample of about this many images, whole patients, class ratio kept, drawn "
+                "before the split (0: all)"})
     num_workers: int = 2
     cpus_per_worker: int = 1
     gpus_per_worker: float = field(default=0.0, metadata={"help": "> 0 trains on GPU with AMP"})
@@ -151,6 +154,8 @@ class TrainConfig:
             raise ConfigError(f"head_epochs={self.head_epochs} must be < epochs={self.epochs}")
         if not 0 < self.target_sensitivity < 1:
             raise ConfigError(f"target_sensitivity={self.target_sensitivity} must be in (0, 1)")
+        if self.limit < 0:
+            raise ConfigError(f"limit={self.limit}: a number of images >= 0 (0: all)")
         if self.lr < 0 or self.weight_decay < 0:
             raise ConfigError("lr and weight_decay must be >= 0")
         if not 0 <= self.label_smoothing < 0.5 or not 0 <= self.ema < 1:

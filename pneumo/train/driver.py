@@ -88,7 +88,7 @@ def _ingest(cfg: TrainConfig, classes: list[str], spec: InputSpec) -> tuple[list
     """The labelled records (checked before Ray starts: data problems are config errors too) and
     their preprocessed splits on Ray Data."""
     data = cfg.data_location
-    records = labelled_splits(data, cfg.label_set, cfg.val_frac, cfg.test_frac, cfg.seed)
+    records = labelled_splits(data, cfg.label_set, cfg.val_frac, cfg.test_frac, cfg.seed, cfg.limit)
     if not any(r.split == "val" for r in records):
         raise ConfigError("no validation images: set val_frac > 0 or provide <data>/val/")
     ensure_ray()
