@@ -211,7 +211,8 @@ def make_serve_bundle(out: Path, seed: int, drift: bool = False) -> str:
     torch.manual_seed(seed)
     spec = InputSpec(**TINY_SPEC_KW)
     model = get_model("seed_cnn", 2, input_spec=spec)
-    sha = save_bundle(model, out, "seed_cnn", ["NORMAL", "PNEUMONIA"], spec).sha256
+    said = {"metrics": {"val": SERVE_VAL_METRICS}, "training": {"red_flags": SERVE_RED_FLAGS}}
+    sha = save_bundle(model, out, "seed_cnn", ["NORMAL", "PNEUMONIA"], spec, **said).sha256
     if not drift:
         return sha
     p = Predictor(out, device="cpu", engine="torch")
@@ -219,7 +220,12 @@ def make_serve_bundle(out: Path, seed: int, drift: bool = False) -> str:
     probs, feats = p.predict_with_features(images)
     ref = D.DriftReference.build(feats, p.positive_probability(probs), p.threshold, n_components=4)
     return save_bundle(model, out, "seed_cnn", ["NORMAL", "PNEUMONIA"], spec,
-                       extra_files={D.FILE_NAME: ref.to_bytes()}).sha256
+                       extra_files={D.FILE_NAME: ref.to_bytes()}, **said).sha256
+
+
+# what the serving test bundles say of their val split (a random model: the page must show its red flag)
+SERVE_VAL_METRICS = {"auc": 0.41, "sensitivity": 0.875, "specificity": 0.125}
+SERVE_RED_FLAGS = ["val AUC 0.410 is below chance (0.5): the model ranks cases backwards"]
 
 
 def score(data: str | Path | None, bundle: Path | str, out: Path | str, *extra: str):  # noqa: ANN201

@@ -272,3 +272,34 @@ def test_split_by_patient_is_the_same_in_every_process() -> None:
         out = subprocess.run([sys.executable, "-c", _TIED_SPLIT], env=env, capture_output=True, text=True, check=True)
         prints.add(out.stdout.strip())
     assert len(prints) == 1, prints
+
+
+# ---------------------------------------------------------------- a sample (`pneumo train --limit N`)
+
+
+@pytest.mark.parametrize("n", [40, 150, 400])
+@pytest.mark.parametrize("seed", [0, 3])
+def test_limit_sample_is_about_n_whole_patients_class_ratio_kept(n: int, seed: int) -> None:
+    records = fake_records(400)  # ~1000 images, 1-4 per patient
+    sample = data.limit_sample(records, n, seed=seed)
+    assert abs(len(sample) - n) <= max(6, 0.08 * n), len(sample)  # whole patients: a few images either way
+    chosen = {r.patient_id for r in sample}
+    assert sorted(r.path for r in sample) == sorted(r.path for r in records if r.patient_id in chosen)
+    share = Counter(r.label for r in records)["NORMAL"] / len(records)
+    assert abs(Counter(r.label for r in sample)["NORMAL"] / len(sample) - share) < 0.05
+    assert sample == data.limit_sample(list(records), n, seed=seed)  # seeded: the same sample again
+
+
+def test_limit_sample_keeps_everything_at_or_above_the_size_and_at_zero() -> None:
+    records = fake_records(50)
+    for n in (0, len(records), len(records) + 5):
+        assert data.limit_sample(records, n) == records
+
+
+def test_labelled_splits_limit_samples_before_the_split(tmp_path: Path) -> None:
+    synthesize(tmp_path, 80, seed=0, size_range=(32, 40))
+    full = data.labelled_splits(str(tmp_path), val_frac=0.2, test_frac=0.2)
+    limited = data.labelled_splits(str(tmp_path), val_frac=0.2, test_frac=0.2, limit=40)
+    assert abs(len(limited) - 40) <= 6 < len(full) - 40
+    assert {r.split for r in limited} == {"train", "val", "test"}
+    assert {r.path for r in limited} <= {r.path for r in full}

@@ -20,7 +20,7 @@ REPORT_KEYS = {"split", "n", "n_errors", "classes", "counts", "threshold", "metr
 HISTORY = [{"epoch": e, "train_loss": 1 / e, "val_loss": 1.1 / e, "val_auc": 0.7 + 0.05 * e, "val_accuracy": 0.8,
             "stage": "full"} for e in range(1, 5)]
 # the carve-out the fake training run used: deliberately not the defaults
-TRAIN_SPLIT = {"label_set": "binary", "val_frac": 0.25, "test_frac": 0.3, "seed": 7}
+TRAIN_SPLIT = {"label_set": "binary", "val_frac": 0.25, "test_frac": 0.3, "seed": 7, "limit": 0}
 CORRUPT = "train/NORMAL/IM-0999-0001.jpeg"
 
 
@@ -64,7 +64,7 @@ def test_write_report_writes_all_files_and_keys(tmp_path, classes, history):
     c = on_disk["confusion"]
     assert c["tp"] + c["fn"] == int((y != 0).sum())  # NORMAL is index 0: everything else is positive
     md = (tmp_path / "report.md").read_text()
-    assert "| AUC (ROC) |" in md and "95% CI" in md and "0.4000" in md
+    assert "| AUC (ROC) |" in md and "95% CI" in md and "threshold **0.4**" in md
     assert "chosen on validation data only, never on test" in md
     for name in expected_pngs:
         assert f"]({name})" in md
@@ -137,7 +137,7 @@ def test_split_parameters_come_from_training_config_unless_given():
     training = {"config": dict(TRAIN_SPLIT)}
     assert split_parameters(training, ["NORMAL", "PNEUMONIA"]) == TRAIN_SPLIT
     assert split_parameters({}, ["NORMAL", "BACTERIA", "VIRUS"]) == {
-        "label_set": "three_class", "val_frac": 0.1, "test_frac": 0.1, "seed": 0}
+        "label_set": "three_class", "val_frac": 0.1, "test_frac": 0.1, "seed": 0, "limit": 0}
     assert split_parameters(training, ["NORMAL", "PNEUMONIA"], seed=3)["seed"] == 3
     with pytest.raises(ValueError, match="valid: binary, three_class"):
         split_parameters({}, ["CAT", "DOG"])

@@ -11,12 +11,18 @@ are tiny random-weight seed_cnn models. Serve is shut down at module teardown.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
+import json
 import os
+import re
 import shutil
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -84,6 +90,10 @@ def test_health_ready_and_openapi(served):
         body = paths["/v1/predict"]["post"]["requestBody"]["content"]
         assert {"multipart/form-data", "image/jpeg", "image/png", "application/dicom"} <= set(body)
         assert c.get("/docs").status_code == 200
+        doc = c.get("/openapi.json").json()
+    # every $ref resolves in the live document (ReDoc refuses to render one that does not)
+    refs = set(re.findall(r'"\$ref": "#/components/schemas/([^"]+)"', json.dumps(doc)))
+    assert refs and refs <= set(doc["components"]["schemas"]), refs - set(doc["components"]["schemas"])
 
 
 def test_predict_contract_matches_predictor(served):
@@ -604,13 +614,24 @@ def test_replica_killed_under_load_costs_under_1_percent(served):
 # ---------------------------------------------------------------- the web page in real Chromium
 
 
-def test_browser_upload_shows_label_and_heatmap(served, tmp_path):
+@contextlib.contextmanager
+def _offline_page() -> Iterator[tuple[Any, list[str]]]:
+    """A headless Chromium page that can reach localhost only: every other request is aborted (and
+    listed), as on a hospital network without internet."""
     if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
         pytest.skip(f"Debian chromium not found at {CHROMIUM} (`make browser` installs it as root)")
     from playwright.sync_api import sync_playwright
 
-    image = tmp_path / "xray.png"
-    image.write_bytes(_png(200, 160, seed=3))
+    blocked: list[str] = []
+
+    def route(r: Any) -> None:
+        url = urlsplit(r.request.url)
+        if url.scheme in ("data", "blob") or url.hostname in ("127.0.0.1", "localhost"):  # blob: ReDoc's worker
+            r.continue_()
+        else:
+            blocked.append(r.request.url)
+            r.abort()
+
     with sync_playwright() as pw:
         browser = pw.chromium.launch(
             executable_path=CHROMIUM if os.path.exists(CHROMIUM) else shutil.which("chromium"),
@@ -619,18 +640,60 @@ def test_browser_upload_shows_label_and_heatmap(served, tmp_path):
         )
         try:
             page = browser.new_page()
-            page.goto(served.url + "/")
-            assert "pneumo" in page.title()
-            page.set_input_files("#file", str(image))
-            page.click("#submit")
-            page.wait_for_selector("#result:not([hidden])", timeout=30_000)
-            label = page.inner_text("#label").strip()
-            probability = page.inner_text("#probability").strip()
-            page.wait_for_selector("#overlay-figure:not([hidden])", timeout=10_000)
-            overlay_src = page.get_attribute("#overlay", "src") or ""
-            natural_width = page.eval_on_selector("#overlay", "img => img.naturalWidth")
+            page.route("**/*", route)
+            yield page, blocked
         finally:
             browser.close()
+
+
+def test_browser_upload_shows_label_heatmap_model_quality_and_drift(served, tmp_path):
+    from helpers import SERVE_RED_FLAGS
+
+    image = tmp_path / "xray.png"
+    image.write_bytes(_png(200, 160, seed=3))
+    with _offline_page() as (page, blocked):
+        page.goto(served.url + "/")
+        assert "pneumo" in page.title()
+        page.set_input_files("#file", str(image))
+        page.click("#submit")
+        page.wait_for_selector("#result:not([hidden])", timeout=30_000)
+        label = page.inner_text("#label").strip()
+        probability = page.inner_text("#probability").strip()
+        page.wait_for_selector("#overlay-figure:not([hidden])", timeout=10_000)
+        overlay_src = page.get_attribute("#overlay", "src") or ""
+        natural_width = page.eval_on_selector("#overlay", "img => img.naturalWidth")
+        page.wait_for_selector("#red-flags:not([hidden])", timeout=10_000)
+        quality = (page.inner_text("#val-sensitivity"), page.inner_text("#val-specificity"))
+        flags = page.inner_text("#red-flag-list")
+        drift = page.inner_text("#drift")
     assert label in ("NORMAL", "PNEUMONIA")
     assert probability.endswith("%") and 0 <= float(probability[:-1]) <= 100
     assert overlay_src.startswith("data:image/png;base64,") and natural_width == SPEC_KW["size"]
+    assert quality == ("87.5%", "12.5%")  # the bundle's val sensitivity and specificity
+    assert SERVE_RED_FLAGS[0] in flags
+    assert drift.startswith(("drift: ", "DRIFT: ", "not monitored")), drift  # DriftReport.line, from /v1/model
+    assert blocked == []
+
+
+REDOCLY_LOGO = "https://cdn.redoc.ly/redoc/logo-mini.svg"
+
+
+@pytest.mark.parametrize("path, operation", [("/docs", ".opblock-summary-path"), ("/redoc", "text=Classify one X-ray")])
+def test_api_docs_render_offline(served, path, operation):
+    """Swagger UI and ReDoc come from the package: with every non-localhost request aborted, the
+    page still renders its operation list."""
+    with _offline_page() as (page, blocked):
+        page.goto(served.url + path)
+        page.wait_for_selector(operation, timeout=30_000)
+        text = page.inner_text("body")
+    assert "/v1/predict" in text and "/v1/model" in text
+    # no script or style asked of a CDN; only ReDoc's "API docs by Redocly" footer logo, an <img>
+    # that hides itself when it cannot load
+    assert all(u == REDOCLY_LOGO for u in blocked), blocked
+
+
+def test_favicon_is_served(served):
+    with served.client() as c:
+        r = c.get("/favicon.ico")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/x-icon"
+    assert r.content[:4] == b"\x00\x00\x01\x00"  # an ICO file

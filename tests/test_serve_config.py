@@ -347,3 +347,42 @@ def test_admission_refuses_by_predicted_wait_and_always_admits_into_an_idle_repl
     rate = a.rate
     assert rate is not None and 5 < rate < 40, rate
     assert a.admit(int(rate * 0.5)) and not a.admit(int(rate))  # ~1.5 s of work would wait: refused
+
+
+def test_pneumo_serve_says_serving_only_once_the_app_is_ready(tmp_path):
+    """A real `pneumo serve` (its own local Ray): the moment "serving at" is printed, /readyz is 200
+    and /favicon.ico is there; SIGTERM stops it cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    import httpx
+    from helpers import free_port, make_serve_bundle
+
+    make_serve_bundle(tmp_path / "b", seed=1)
+    port = free_port()
+    pneumo = Path(sys.executable).with_name("pneumo")
+    env = {**{k: v for k, v in os.environ.items() if k not in ("PNEUMO_API_KEY", "RAY_ADDRESS")}}
+    proc = subprocess.Popen([str(pneumo), "serve", str(tmp_path / "b"), "--port", str(port), "--num-cpus", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+                            start_new_session=True)
+    timer = threading.Timer(400, proc.kill)  # a hung start fails the test, never the suite
+    timer.start()
+    try:
+        line = next((ln for ln in proc.stdout if "serving" in ln), "")
+        assert f"at http://127.0.0.1:{port}/" in line, line
+        ready = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=30)  # at once, no retry
+        icon = httpx.get(f"http://127.0.0.1:{port}/favicon.ico", timeout=30)
+        assert ready.status_code == 200 and ready.json() == {"status": "ready"}
+        assert icon.status_code == 200 and icon.headers["content-type"] == "image/x-icon"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        finally:
+            timer.cancel()
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0

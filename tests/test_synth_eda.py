@@ -230,3 +230,24 @@ def test_eda_on_the_real_train_split(shared_data: Path, tmp_path: Path) -> None:
     assert report["width"] == {"min": 224, "mean": 224.0, "max": 224}
     dup_names = {Path(p).name for g in report["duplicates"] for p in g["paths"]}
     assert {"person1430_bacteria_3695.jpeg", "person1430_bacteria_3696.jpeg"} <= dup_names
+
+
+@pytest.mark.parametrize("log_paths, flag, listed", [
+    (False, [], False), (True, [], True), (False, ["--show-paths"], True), (True, ["--show-paths"], True)])
+def test_eda_lists_duplicate_groups_files_for_the_operator(messy_copy: Path, tmp_path: Path, capsys,  # noqa: ANN001
+                                                           monkeypatch: pytest.MonkeyPatch, log_paths: bool,
+                                                           flag: list[str], listed: bool) -> None:
+    """PNEUMO_LOG_PATHS=1 or --show-paths list every duplicate group's files by full path on the
+    console; eda.json keeps salted hashes unless PNEUMO_LOG_PATHS=1."""
+    if log_paths:
+        monkeypatch.setenv("PNEUMO_LOG_PATHS", "1")
+    else:
+        monkeypatch.delenv("PNEUMO_LOG_PATHS", raising=False)
+    out = tmp_path / "eda"
+    assert cli_main(["eda", str(messy_copy), "--out", str(out), "--samples", "1", *flag]) == 0
+    text = capsys.readouterr().out
+    copy = str(messy_copy / "train" / "NORMAL" / "IM-9999-0001.jpeg")
+    first = str(sorted((messy_copy / "train" / "NORMAL").iterdir())[0])
+    assert ("duplicate group 1 (sha256 " in text and f"  {first}\n" in text and f"  {copy}" in text) == listed
+    saved = (out / "eda.json").read_text()
+    assert ("IM-9999" in saved) == log_paths and "duplicate_files" not in saved

@@ -48,6 +48,14 @@ def faulted(ray_local, synth_data, tmp_path_factory):  # noqa: ANN001
         return cfg, run(cfg), marker
 
 
+@pytest.fixture(scope="module")
+def learned_nothing(ray_local, synth_data, tmp_path_factory):  # noqa: ANN001
+    """One epoch of two steps at lr 0: the random initial weights, exported as if trained."""
+    out = tmp_path_factory.mktemp("nothing") / "run"
+    cfg = _cfg(synth_data, out, "--image-size", "48", "--epochs", "1", "--lr", "0", "--max-steps-per-epoch", "2")
+    return cfg, run(cfg)
+
+
 def _manifest(summary: dict) -> dict:
     return json.loads(Path(summary["bundle"], "manifest.json").read_text())
 
@@ -122,3 +130,24 @@ def test_early_stopping_triggers(faulted):
     _, summary, _ = faulted
     assert summary["early_stopped"] is True
     assert summary["epochs_run"] == 3 < 6
+
+
+@pytest.mark.parametrize("which", ["learned", "learned_nothing"])
+def test_report_summary_and_console_say_when_a_model_is_no_good(which, request):
+    """A run that learned nothing is flagged in summary.json, the console summary, report.md and
+    the bundle (what serving shows); a run that learned carries no flag but its small val split's."""
+    from pneumo.train.export import summary_text
+
+    cfg, summary = request.getfixturevalue(which)
+    flags = summary["red_flags"]
+    assert json.loads((Path(cfg.out) / "summary.json").read_text())["red_flags"] == flags
+    assert _manifest(summary)["training"]["red_flags"] == flags
+    model_flags = [f for f in flags if not f.startswith("too few val images")]
+    md = (Path(cfg.out) / "report" / "val" / "report.md").read_text().split("## Metrics")[0]
+    if which == "learned":
+        assert model_flags == [], flags
+        return
+    assert model_flags, flags  # AUC below 0.7 or chance, one class predicted, an edge threshold...
+    assert any(w in f for f in model_flags for w in ("AUC", "is 0", "predicted", "edge")), flags
+    assert f"RED FLAGS ({len(flags)})" in summary_text(summary)
+    assert "Red flags: this model is no good" in md and all(f in md for f in model_flags)

@@ -177,15 +177,45 @@ def split_by_patient(
     return [replace(r, split=assignment[r.patient_id or patient_id(r.path)]) for r in records]
 
 
+def limit_sample(records: Sequence[ImageRecord], n: int, seed: int = 0) -> list[ImageRecord]:
+    """About `n` of `records`: whole patients (a patient's images stay together), the same share
+    of each stratum's images (split folder x the patient's majority label), so the class ratio holds.
+    Written here because scikit-learn's group splitters (GroupShuffleSplit, StratifiedGroupKFold) size
+    a sample in patients, not images: a seeded patient order per stratum is cut nearest its image share."""
+    import numpy as np
+
+    records = list(records)
+    if n <= 0 or n >= len(records):
+        return records
+    by_patient: dict[tuple[str, str], list[int]] = {}
+    for i, r in enumerate(records):
+        by_patient.setdefault((r.split or "", r.patient_id or patient_id(r.path)), []).append(i)
+    strata: dict[tuple[str, str], list[list[int]]] = {}
+    for (split, _), idx in sorted(by_patient.items()):
+        labels = [records[i].label or "" for i in idx]
+        strata.setdefault((split, max(sorted(set(labels)), key=labels.count)), []).append(idx)
+    rng = np.random.default_rng(seed)
+    chosen: list[int] = []
+    for _, patients in sorted(strata.items()):
+        target = sum(map(len, patients)) * n / len(records)
+        order = rng.permutation(len(patients))
+        taken = np.r_[0, np.cumsum([len(patients[o]) for o in order])]
+        for o in order[: int(np.argmin(np.abs(taken - target)))]:
+            chosen += patients[o]
+    return [records[i] for i in sorted(chosen)]
+
+
 def labelled_splits(
     location: Location | str,
     label_set: str = "binary",
     val_frac: float = 0.1,
     test_frac: float = 0.1,
     seed: int = 0,
+    limit: int = 0,
 ) -> list[ImageRecord]:
-    """Discover a labelled dataset; carve missing val/test splits out of train by patient."""
-    records = discover(location, label_set)
+    """Discover a labelled dataset; carve missing val/test splits out of train by patient. With
+    `limit`, first a patient-grouped, class-stratified sample of about that many images (`limit_sample`)."""
+    records = limit_sample(discover(location, label_set), limit, seed)
     present = {r.split for r in records}
     if {"val", "test"} <= present:
         return records
@@ -234,6 +264,7 @@ def split_parameters(
         "val_frac": float(val_frac if val_frac is not None else cfg.get("val_frac", 0.1)),
         "test_frac": float(test_frac if test_frac is not None else cfg.get("test_frac", 0.1)),
         "seed": int(seed if seed is not None else cfg.get("seed", 0)),
+        "limit": int(cfg.get("limit") or 0),  # training's sample: the same patients, so the same carve-out
     }
     if out["label_set"] not in LABEL_SETS:
         raise DataError(f"cannot tell the label set for classes {list(classes)}; pass label_set "

@@ -92,7 +92,8 @@ def _stats(values: list[int]) -> dict[str, float]:
     return {"min": int(arr.min()), "mean": round(float(arr.mean()), 1), "max": int(arr.max())}
 
 
-def _duplicates(records: list[ImageRecord], facts: list[FileFacts]) -> list[dict[str, Any]]:
+def _duplicates(records: list[ImageRecord], facts: list[FileFacts], reveal: bool = False) -> list[dict[str, Any]]:
+    """Groups of identical files; `paths` redacted (`pneumo.privacy`) unless `reveal` (the console's --show-paths)."""
     by_hash: dict[str, list[ImageRecord]] = {}
     for rec, f in zip(records, facts):
         if f.sha256:  # files that could not be read have no content to compare
@@ -102,7 +103,7 @@ def _duplicates(records: list[ImageRecord], facts: list[FileFacts]) -> list[dict
         if len(recs) > 1:
             groups.append({
                 "sha256": digest,
-                "paths": [redact(r.path) for r in recs],
+                "paths": [r.path if reveal else redact(r.path) for r in recs],
                 "cross_split": len({r.split for r in recs}) > 1,
                 "cross_patient": len({r.patient_id for r in recs}) > 1,
                 "cross_label": len({r.label for r in recs}) > 1,
@@ -112,9 +113,11 @@ def _duplicates(records: list[ImageRecord], facts: list[FileFacts]) -> list[dict
 
 def describe(
     location: Location | str, label_set: str = "binary", workers: int = 8,
-    records: list[ImageRecord] | None = None,
+    records: list[ImageRecord] | None = None, show_paths: bool = False,
 ) -> dict[str, Any]:
-    """Counts, patients, sizes, modes, formats, unreadable files and duplicates of a labelled data set."""
+    """Counts, patients, sizes, modes, formats, unreadable files and duplicates of a labelled data set.
+    With `show_paths`, `duplicate_files` holds each duplicate group's real paths: for the console
+    only (`main` never writes it to eda.json)."""
     store = Location.of(location)
     records = records if records is not None else discover(store, label_set)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -141,6 +144,7 @@ def describe(
         "unreadable": redact_errors({"path": f.path, "error": f.error} for f in facts if f.error),
         "duplicates": dups,
         "n_duplicate_copies": sum(len(g["paths"]) - 1 for g in dups),
+        **({"duplicate_files": _duplicates(records, facts, reveal=True)} if show_paths or log_paths() else {}),
     }
 
 
@@ -197,6 +201,9 @@ class EdaConfig:
     resize: str = field(default="squash", metadata={"choices": list(RESIZE_MODES), "help": "resize mode"})
     equalize: str = field(default="none", metadata={"choices": list(EQUALIZE_MODES), "help": "equalisation"})
     workers: int = field(default=8, metadata={"help": "threads reading files"})
+    show_paths: bool = field(default=False, metadata={
+        "help": "list every duplicate group's files by full path on this console (file names carry patient "
+                "ids: eda.json keeps salted hashes unless PNEUMO_LOG_PATHS=1)"})
 
 
 def format_report(report: dict[str, Any]) -> str:
@@ -233,6 +240,9 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append(f"  {names}" + (f"  [{', '.join(flags)}]" if flags else ""))
     if len(dups) > 20:
         lines.append(f"  ... and {len(dups) - 20} more groups (see eda.json)")
+    for i, g in enumerate(report.get("duplicate_files") or [], 1):
+        lines.append(f"duplicate group {i} (sha256 {g['sha256'][:12]}), {len(g['paths'])} files:")
+        lines += [f"  {p}" for p in g["paths"]]
     return "\n".join(lines)
 
 
@@ -241,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = Location.resolve(cfg.data, cfg.s3_endpoint)
         records = discover(data, cfg.label_set)
-        report = describe(data, cfg.label_set, workers=cfg.workers, records=records)
+        report = describe(data, cfg.label_set, workers=cfg.workers, records=records, show_paths=cfg.show_paths)
     except DataError as exc:
         print(f"pneumo eda: {exc}", file=sys.stderr)
         return 2
@@ -252,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     balance = plots.class_balance(report["counts"], out / "class_balance.png",
                                   title=f"{Path(cfg.data.rstrip('/')).name}: images per split and class",
                                   labels=report["classes"])
-    (out / "eda.json").write_text(json.dumps(report, indent=2))
+    saved = {k: v for k, v in report.items() if k != "duplicate_files"}  # the real paths: console only
+    (out / "eda.json").write_text(json.dumps(saved, indent=2))
     print(format_report(report))
     print(f"\nwrote {out / 'eda.json'}, {grid}, {balance}")
     return 0

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from pneumo.config import UserError
-from pneumo.io.storage import Location, escape_path, s3_client
+from pneumo.io.storage import Location, StorageError, escape_path, s3_client
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpeg", ".jpg", ".png", ".dcm", ".dicom")
 LISTING_SCHEMA = pa.schema([("path", pa.string()), ("size_bytes", pa.int64()), ("mtime_ns", pa.int64()),
@@ -100,13 +100,32 @@ def _s3_entry(loc: Location, key: str, size: int, modified, etag: str | None) ->
     return f"s3://{loc.bucket_key[0]}/{key}", int(size or 0), mtime, -1, -1, (etag or "").strip('"') or None
 
 
+def _pages(loc: Location, pages: Iterable[dict]) -> Iterator[dict]:
+    """boto3's listing pages; an endpoint that does not answer, no credentials or no bucket is a
+    StorageError that says so (one line for the user), not botocore's traceback."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        yield from pages
+    except ClientError as exc:
+        code = exc.response.get("Error", {}).get("Code", "error")
+        if code in ("NoSuchKey", "404"):
+            return
+        raise StorageError(f"{loc}: S3 refused the listing ({code}: {exc.response.get('Error', {}).get('Message', '')}); "
+                           "check the bucket name and the AWS credentials") from exc
+    except BotoCoreError as exc:
+        where = loc.endpoint or "the AWS default endpoint"
+        raise StorageError(f"{loc}: cannot list it on {where} ({exc}); check --s3-endpoint and the AWS "
+                           "credentials (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)") from exc
+
+
 def _walk_s3(loc: Location) -> Iterator[Entry]:
     """Every object under the prefix (or the one object `loc` names), one listing page at a time."""
     client = s3_client(loc.endpoint)
     bucket, key = loc.bucket_key
     prefix = key.rstrip("/") + "/" if key else ""
     listed = False
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+    for page in _pages(loc, client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)):
         for obj in page.get("Contents", []):
             listed = True
             rel = obj["Key"][len(prefix):]

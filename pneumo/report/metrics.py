@@ -333,9 +333,9 @@ def multiclass_metrics(
 def group_metrics(y_true: Any, score: Any, groups: Sequence[str], threshold: float) -> dict[str, Any]:
     """Metrics per group (e.g. acquisition series) at `threshold`, and the worst group beside the mean.
 
-    A group of negatives only (a NORMAL series) gets its specificity and the AUC of its negatives
-    against every positive; a group of positives only gets its sensitivity and the AUC of its
-    positives against every negative; a mixed group gets all of them. `worst` is the lowest of
+    A group of negatives only (a NORMAL series) gets its specificity, a group of positives only
+    its sensitivity, and only a group holding both classes an AUC (`auc` None otherwise: an AUC
+    needs both classes; report.md writes "n/a: one class"). `worst` is the lowest of
     each metric over the groups that have it; `mean` their unweighted mean.
     """
     y, s = as_binary(y_true, score)
@@ -347,11 +347,9 @@ def group_metrics(y_true: Any, score: Any, groups: Sequence[str], threshold: flo
         row: dict[str, Any] = {"n": int(mask.sum()), "positives": int(yg.sum())}
         if (~yg).any():
             row["specificity"] = float(np.mean(sg[~yg] < threshold))
-            row["auc"] = roc_auc(np.r_[np.zeros((~yg).sum()), np.ones(y.sum())], np.r_[sg[~yg], s[y]])
         if yg.any():
             row["sensitivity"] = float(np.mean(sg[yg] >= threshold))
-            auc_pos = roc_auc(np.r_[np.zeros((~y).sum()), np.ones(yg.sum())], np.r_[s[~y], sg[yg]])
-            row["auc"] = auc_pos if "auc" not in row else min(row["auc"], auc_pos)
+        row["auc"] = roc_auc(yg, sg) if yg.any() and (~yg).any() else None  # None: one class only
         out[name] = row
     summary: dict[str, Any] = {"worst": {}, "mean": {}}
     for key in ("auc", "sensitivity", "specificity"):

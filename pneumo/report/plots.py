@@ -13,6 +13,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from pneumo.report.flags import format_threshold
 from pneumo.report.metrics import (
     average_precision,
     binary_metrics,
@@ -110,7 +111,7 @@ def roc_plot(
     if threshold is not None:
         m = binary_metrics(y_true, score, threshold)
         ax.plot(1 - m["specificity"], m["sensitivity"], "o", color="C3", ms=8,
-                label=f"threshold {threshold:.3f}: sens {m['sensitivity']:.3f}, spec {m['specificity']:.3f}")
+                label=f"threshold {format_threshold(threshold)}: sens {m['sensitivity']:.3f}, spec {m['specificity']:.3f}")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="1 - specificity (false positive rate)",
            ylabel="sensitivity (true positive rate)", title=title)
     ax.set_aspect("equal")
@@ -138,7 +139,7 @@ def pr_plot(
     if threshold is not None:
         m = binary_metrics(y_true, score, threshold)
         ax.plot(m["sensitivity"], m["ppv"], "o", color="C3", ms=8,
-                label=f"threshold {threshold:.3f}: recall {m['sensitivity']:.3f}, precision {m['ppv']:.3f}")
+                label=f"threshold {format_threshold(threshold)}: recall {m['sensitivity']:.3f}, precision {m['ppv']:.3f}")
     ax.set(xlim=(-0.01, 1.01), ylim=(-0.01, 1.01), xlabel="recall (sensitivity)", ylabel="precision (PPV)",
            title=title)
     ax.grid(alpha=0.3)
@@ -221,8 +222,31 @@ def training_curves(
     out_path: str | os.PathLike,
     metrics: Sequence[str] = ("loss", "auc", "accuracy"),
     title: str = "Training curves",
+    best_epoch: int | None = None,
 ) -> Path:
-    """One panel per metric (loss, AUC, accuracy), train vs val per epoch.
+    """One panel per metric (loss, AUC, accuracy), train vs val per epoch (`training_figure`)."""
+    return _save(training_figure(history, metrics, title, best_epoch), out_path)
+
+
+def best_val_epoch(series: Mapping[str, Sequence[float]]) -> int | None:
+    """The epoch training checkpoints as best: the highest val AUC (the first on ties), else the lowest val loss."""
+    n = len(next(iter(series.values()), []))
+    epochs = series.get("epoch") or list(range(1, n + 1))
+    for key, pick in (("val_auc", np.nanargmax), ("val_loss", np.nanargmin)):
+        values = np.asarray(series.get(key, []), dtype=float)
+        if values.size and np.isfinite(values).any():
+            return int(epochs[int(pick(values))])
+    return None
+
+
+def training_figure(
+    history: Sequence[Mapping[str, float]] | Mapping[str, Sequence[float]],
+    metrics: Sequence[str] = ("loss", "auc", "accuracy"),
+    title: str = "Training curves",
+    best_epoch: int | None = None,
+) -> Figure:
+    """The training curves' figure: one panel per metric, train vs val per epoch, and one best
+    epoch marked on every panel: `best_epoch` (the checkpointed one) or `best_val_epoch`.
 
     `history` is a list of per-epoch dicts such as `{"epoch": 1, "train_loss": .., "val_loss": ..,
     "val_auc": ..}` (or a dict of lists). Keys `train_<m>` / `val_<m>` (or `<m>` for train) are
@@ -237,6 +261,7 @@ def training_curves(
                  if key in series}
         if lines:
             panels.append((m, lines))
+    best = best_epoch if best_epoch is not None else best_val_epoch(series)
     fig = Figure(figsize=(4.0 * max(1, len(panels)), 3.6))
     fig.suptitle(title)
     for i, (m, lines) in enumerate(panels):
@@ -244,16 +269,15 @@ def training_curves(
         for name, values in lines.items():
             ax.plot(epochs[: len(values)], values, "o-" if len(values) < 30 else "-", ms=3, label=name,
                     color="C0" if name == "train" else "C1")
-        if "val" in lines and np.isfinite(lines["val"]).any():
-            best = int(np.nanargmin(lines["val"]) if m == "loss" else np.nanargmax(lines["val"]))
-            ax.axvline(epochs[best], ls=":", color="0.5", lw=1, label=f"best val (epoch {epochs[best]:g})")
+        if best is not None:
+            ax.axvline(best, ls=":", color="0.5", lw=1, label=f"best (epoch {best:g}, by val AUC)")
         ax.set(xlabel="epoch", ylabel=m, title=m)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     if not panels:
         fig.text(0.5, 0.5, "no per-epoch history", ha="center", va="center")
     fig.tight_layout()
-    return _save(fig, out_path)
+    return fig
 
 
 # ---------------------------------------------------------------- drift
@@ -281,7 +305,7 @@ def drift_plot(
     if len(run):
         ax.hist(run, bins=bins, density=True, alpha=0.45, color="C1", label=f"this run (n={len(run):,})")
     if threshold is not None:
-        ax.axvline(threshold, ls="--", color="C3", lw=1, label=f"threshold {threshold:.3f}")
+        ax.axvline(threshold, ls="--", color="C3", lw=1, label=f"threshold {format_threshold(threshold)}")
     ax.set(xlim=(0, 1), xlabel="positive score", ylabel="density", title="scores")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -24,6 +24,7 @@ from pneumo.labels import negative_index, positive_score
 from pneumo.privacy import redact_errors
 from pneumo.report import metrics as M
 from pneumo.report import plots
+from pneumo.report.flags import flags_lines, flags_markdown, format_threshold, red_flags
 from pneumo.report.thresholds import THRESHOLD_METHODS
 
 REPORT_METRICS: tuple[str, ...] = ("auc", "accuracy", "sensitivity", "specificity", "ppv", "npv", "f1",
@@ -70,7 +71,7 @@ def _threshold_text(threshold: Mapping[str, Any], split: str) -> str:
         how = f"maximising Youden's J (sensitivity + specificity - 1) on {where}"
     else:
         how = f"method `{method}` (not tuned on data)"
-    text = (f"Decision threshold **{value:.4f}** on the positive score 1 - P(NORMAL) (pneumonia when "
+    text = (f"Decision threshold **{format_threshold(value)}** on the positive score 1 - P(NORMAL) (pneumonia when "
             f"score >= threshold), chosen by {how}.")
     if chosen_on == "val":
         text += " It is chosen on validation data only, never on test."
@@ -101,7 +102,7 @@ def where_figures_hold(extra: Mapping[str, Any] | None) -> str:
 def _markdown(report: dict[str, Any], threshold: Mapping[str, Any]) -> str:
     split, classes = report["split"], report["classes"]
     level = int(round(100 * report["ci_level"]))
-    lines = [f"# Evaluation: `{split}` split", ""]
+    lines = [f"# Evaluation: `{split}` split", "", *flags_markdown(report.get("red_flags") or [])]
     if report.get("bundle"):
         b = report["bundle"]
         lines += [f"Model `{b.get('model')}`, bundle `{b.get('location')}` (version `{b.get('version')}`).", ""]
@@ -155,13 +156,18 @@ def _markdown(report: dict[str, Any], threshold: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _group_auc(row: Mapping[str, Any]) -> str:
+    """A group's AUC, only where the group holds both classes."""
+    return "n/a: one class" if row["positives"] in (0, row["n"]) else _fmt(row.get("auc"))
+
+
 def _groups_markdown(g: Mapping[str, Any]) -> list[str]:
     lines = ["## Per acquisition group", "",
              "Pooled figures hide a weak series; the worst group is the figure to plan with.", "",
              "| group | n | positives | sensitivity | specificity | AUC |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for name, row in g["groups"].items():
         lines.append(f"| {name} | {row['n']} | {row['positives']} | {_fmt(row.get('sensitivity'))} | "
-                     f"{_fmt(row.get('specificity'))} | {_fmt(row.get('auc'))} |")
+                     f"{_fmt(row.get('specificity'))} | {_group_auc(row)} |")
     for key in ("sensitivity", "specificity", "auc"):
         if key in g["worst"]:
             w = g["worst"][key]
@@ -185,6 +191,7 @@ def write_report(
     seed: int = 0,
     alpha: float = 0.05,
     groups: Sequence[str] | None = None,
+    best_epoch: int | None = None,
 ) -> dict[str, Any]:
     """Write `report.json`, `report.md` and the PNGs for one split; returns the report dict.
 
@@ -195,7 +202,9 @@ def write_report(
     evaluated, as {path, kind, reason}) are listed in the report; `extra` is stored as is.
     With `groups` (one name per image, e.g. its acquisition series from
     `pneumo.data.datasets.acquisition_group`), metrics per group and the worst group are added: a
-    validation that flatters less than the pooled figures.
+    validation that flatters less than the pooled figures. `red_flags`
+    (`pneumo.report.flags.red_flags`) say when the model is no good; `best_epoch` (the checkpointed
+    one) is marked on every panel of the training curves.
     """
     classes = list(classes)
     out = Path(out_dir)
@@ -205,7 +214,7 @@ def write_report(
     value = float(threshold["value"])
     y, score = y_idx != negative_index(classes), positive_score(probs, classes)
     multi = M.multiclass_metrics(y_idx, probs, classes, threshold=value)
-    report = _figures(y, score, value, n_boot, seed, alpha)
+    report = figures(y, score, value, n_boot, seed, alpha)
     errors = redact_errors(errors or [])  # file names carry patient ids (pneumo.privacy)
     report.update(split=split, n_errors=len(errors), classes=classes, errors=errors, threshold=dict(threshold),
                   counts={c: int((y_idx == i).sum()) for i, c in enumerate(classes)},
@@ -215,18 +224,19 @@ def write_report(
         report["groups"] = M.group_metrics(y, score, list(groups), value)
     if len(classes) > 2:
         report["multiclass"] = {k: multi[k] for k in ("accuracy", "macro_auc", "per_class")}
+    report["red_flags"] = red_flags(report)
     report["where_figures_hold"] = where_figures_hold(extra)
     if extra:
         report["bundle"] = extra.get("bundle")
         report["extra"] = {k: v for k, v in extra.items() if k != "bundle"}
-    report["plots"] = _plots(out, split, y, score, value, multi["confusion_matrix"], classes, history)
+    report["plots"] = _plots(out, split, y, score, value, multi["confusion_matrix"], classes, history, best_epoch)
     report = _clean(report)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(report, threshold))
     return report
 
 
-def _figures(y: np.ndarray, score: np.ndarray, threshold: float, n_boot: int, seed: int,
+def figures(y: np.ndarray, score: np.ndarray, threshold: float, n_boot: int, seed: int,
              alpha: float) -> dict[str, Any]:
     """The pneumonia-vs-normal figures of a report: metrics, bootstrap CIs, confusion, calibration."""
     binary = M.binary_metrics(y, score, threshold)
@@ -244,7 +254,8 @@ def _figures(y: np.ndarray, score: np.ndarray, threshold: float, n_boot: int, se
 
 
 def _plots(out: Path, split: str, y: np.ndarray, score: np.ndarray, threshold: float, confusion: Any,
-           classes: list[str], history: Sequence[Mapping[str, Any]] | None) -> dict[str, str]:
+           classes: list[str], history: Sequence[Mapping[str, Any]] | None,
+           best_epoch: int | None = None) -> dict[str, str]:
     """The report's PNGs (none for an empty split but the training curves): {name: file name}."""
     made: dict[str, str] = {}
     if y.size:
@@ -255,9 +266,10 @@ def _plots(out: Path, split: str, y: np.ndarray, score: np.ndarray, threshold: f
         made["calibration"] = plots.calibration_plot(
             y, np.clip(score, 0.0, 1.0), out / PLOTS["calibration"], title=f"Reliability, {split} split").name
         made["confusion"] = plots.confusion_plot(confusion, classes, out / PLOTS["confusion"],
-                                                 title=f"Confusion matrix, {split} split (threshold {threshold:.3f})").name
+                                                 title=f"Confusion matrix, {split} split (threshold {format_threshold(threshold)})").name
     if history:
-        made["training_curves"] = plots.training_curves(history, out / PLOTS["training_curves"]).name
+        made["training_curves"] = plots.training_curves(history, out / PLOTS["training_curves"],
+                                                          best_epoch=best_epoch).name
     return made
 
 
@@ -267,7 +279,8 @@ def summary_table(report: Mapping[str, Any]) -> str:
     t = report["threshold"]
     lines = [f"[pneumo evaluate] {report['split']} split: {report['n']} images"
              + (f", {report['n_errors']} not evaluated (unreadable/undecodable)" if report["n_errors"] else ""),
-             f"  threshold {float(t['value']):.4g} ({t.get('method', 'default')}"
+             *flags_lines(report.get("red_flags") or []),
+             f"  threshold {format_threshold(t['value'])} ({t.get('method', 'default')}"
              + (f", target sensitivity {t['target']}" if t.get("target") else "") + ")",
              f"  {'metric':<22}{'value':>8}   {level}% CI"]
     for key in REPORT_METRICS:

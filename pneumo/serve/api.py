@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel
 
 from pneumo import __version__
@@ -42,10 +42,14 @@ def errors(*codes: int, v2: bool = False) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": model, "description": ERROR_TEXT[code]} for code in codes}
 
 
-api = H.install(FastAPI(
+# FastAPIOffline: Swagger UI and ReDoc's JS/CSS come from the fastapi-offline package, not a CDN,
+# so /docs renders on a hospital network without internet
+api = H.install(FastAPIOffline(
     title="pneumo",
     version=__version__,
     description=("Pneumonia classification of chest X-rays (JPEG, PNG, DICOM). Not a medical device. "
                  "/v1: pneumo's own API; /v2: the Open Inference Protocol (KServe v2 / Triton HTTP)."),
     docs_url="/docs",
+    redoc_url="/redoc",
+    favicon_url="favicon.ico",
 ))

@@ -135,6 +135,9 @@ def serve_http_host() -> str | None:
 # ---------------------------------------------------------------- the deployment
 
 
+install_openapi(api)  # before @serve.ingress, which freezes a copy of the app: later changes never reach it
+
+
 @serve.deployment(name=DEPLOYMENT_NAME, **DEPLOYMENT_DEFAULTS)
 @serve.ingress(api)
 class PneumoService(OpenInference):
@@ -292,6 +295,10 @@ class PneumoService(OpenInference):
     def script(self) -> FileResponse:
         return FileResponse(STATIC_DIR / "app.js", media_type="text/javascript")
 
+    @api.get("/favicon.ico", include_in_schema=False)
+    def favicon(self) -> FileResponse:
+        return FileResponse(STATIC_DIR / "favicon.ico", media_type="image/x-icon")
+
     @api.get("/healthz", summary="Liveness: the HTTP server answers")
     def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
@@ -310,6 +317,7 @@ class PneumoService(OpenInference):
         loaded, a = self._loaded, self.args
         info = loaded.predictor.describe()
         info["metrics"] = loaded.predictor.manifest.metrics
+        info["red_flags"] = loaded.predictor.manifest.training.get("red_flags")  # None: not judged (older bundle)
         info["batching"] = dict(self._batching)
         info["batches_run"] = {"batches": self._batches, "images": self._batched_images,
                                "mean_batch_size": round(self._batched_images / max(self._batches, 1), 2)}
@@ -375,9 +383,6 @@ class PneumoService(OpenInference):
             self._admission.done(held[0])
         return {"results": out, "count": len(out), "errors": sum(1 for r in out if "error" in r),
                 "latency_ms": round((time.perf_counter() - t0) * 1000, 2)}
-
-
-install_openapi(api)
 
 
 # ---------------------------------------------------------------- builder and CLI

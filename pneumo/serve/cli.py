@@ -11,15 +11,20 @@ help), plus the CLI's own keys (host, port, num_cpus, address, serve_config). Wi
 
 Locked by default: without an API key (`--api-key-file` or `PNEUMO_API_KEY`) it listens on
 127.0.0.1 only; `--host 0.0.0.0` (or any address that is not loopback) without a key exits 2,
-before Ray starts, saying what to set, unless `--allow-anonymous`. The proxy's backstop
+before Ray starts, saying what to set, unless `--allow-anonymous`. The bundle's manifest is read
+before Ray starts too (`pneumo.bundle.manifest.read_manifest`, no torch): a missing or malformed
+bundle exits 2 with one line. The proxy's backstop
 (`http_options.request_timeout_s`) is the same with or without `--serve-config`.
 """
 
 import signal
 import sys
+import time
+import urllib.request
 from dataclasses import field, make_dataclass
 from typing import Any, Literal
 
+from pneumo.bundle.manifest import read_manifest
 from pneumo.config import load_yaml, parse_config
 from pneumo.serve.config import (
     DEPLOYMENT_NAME,
@@ -30,6 +35,8 @@ from pneumo.serve.config import (
 )
 
 __all__ = ["ServeConfig", "serve_args", "deployment_options", "http_options", "refusal", "main"]
+
+READY_TIMEOUT_S = 300.0  # a cold start on two busy cores loads the model and scores a probe image
 
 CLI_ONLY = [
     ("host", str, field(default="127.0.0.1", metadata={"help": "HTTP host (0.0.0.0: all interfaces)"})),
@@ -110,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"pneumo serve: {problem}", file=sys.stderr)
         return 2
+    read_manifest(args.location)  # a missing or bad bundle: BundleError, one line, before Ray starts
     # start-up time: Ray, Serve and torch only once the flags are known to be good
     import ray
     from ray import serve
@@ -120,13 +128,35 @@ def main(argv: list[str] | None = None) -> int:
         ray.init(address=cfg.address, num_cpus=cfg.num_cpus, include_dashboard=False)
     serve.start(http_options=http_options(cfg, app_cfg))
     app = bind(args, **deployment_options(app_cfg))
-    print(f"pneumo: serving {args.bundle} at http://{cfg.host}:{cfg.port}/ (API docs at /docs); Ctrl-C stops")
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a parent shell ignored it
     signal.signal(signal.SIGTERM, _interrupt)  # `kill PID` stops Serve cleanly too
     try:
-        serve.run(app, name="pneumo", route_prefix="/", blocking=True)
+        serve.run(app, name="pneumo", route_prefix="/", blocking=False)
+        wait_ready(cfg.host, cfg.port)
+        print(f"pneumo: serving {args.bundle} at http://{cfg.host}:{cfg.port}/ (API docs at /docs); Ctrl-C stops",
+              flush=True)
+        while True:
+            time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
         serve.shutdown()
     return 0
+
+
+def wait_ready(host: str, port: int, timeout_s: float = READY_TIMEOUT_S) -> None:
+    """Poll the app's `/readyz` over HTTP until it answers 200 (the model scores a probe image):
+    "serving at" is printed only then."""
+    probe_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{probe_host}:{port}/readyz"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:  # not listening yet, or a 503 while the replica starts
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the app did not become ready at {url} within {timeout_s:.0f}s")
+        time.sleep(0.2)

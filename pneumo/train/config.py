@@ -92,6 +92,9 @@ class TrainConfig:
     val_frac: float = 0.1
     test_frac: float = 0.1
     seed: int = 0
+    limit: int = field(default=0, metadata={
+        "help": "train on a sample of about this many images, whole patients, class ratio kept, drawn "
+                "before the split (0: all)"})
     num_workers: int = 2
     cpus_per_worker: int = 1
     gpus_per_worker: float = field(default=0.0, metadata={"help": "> 0 trains on GPU with AMP"})
@@ -131,7 +134,17 @@ class TrainConfig:
     register: str = field(default="", metadata={"help": "register the bundle as a version of this registered model"})
 
     def validate(self) -> None:
-        # start-up time: torch only once the flags parsed (a bad --model is refused without it)
+        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
+            raise ConfigError("epochs, batch_size and num_workers must be >= 1")
+        if not 0 <= self.head_epochs < self.epochs and self.head_epochs:
+            raise ConfigError(f"head_epochs={self.head_epochs} must be < epochs={self.epochs}")
+        if not 0 < self.target_sensitivity < 1:
+            raise ConfigError(f"target_sensitivity={self.target_sensitivity} must be in (0, 1)")
+        if self.limit < 0:
+            raise ConfigError(f"limit={self.limit}: a number of images >= 0 (0: all)")
+        if self.lr < 0 or self.weight_decay < 0:
+            raise ConfigError("lr and weight_decay must be >= 0")
+        # start-up time: torch only once the numbers are good (a bad --model or --limit is refused without it)
         from pneumo.models.weights import WeightsUnavailable, default_weights, locate_pretrained
 
         if self.weights == "auto":
@@ -145,14 +158,6 @@ class TrainConfig:
             raise ConfigError(f"weights={self.weights!r}: no such file; valid: auto, pretrained, none or a PATH")
         if JOB_PLACEHOLDER in self.name:  # resolved once, in the driver: workers get the final name
             self.name = self.name.replace(JOB_PLACEHOLDER, job_submission_id())
-        if self.epochs < 1 or self.batch_size < 1 or self.num_workers < 1:
-            raise ConfigError("epochs, batch_size and num_workers must be >= 1")
-        if not 0 <= self.head_epochs < self.epochs and self.head_epochs:
-            raise ConfigError(f"head_epochs={self.head_epochs} must be < epochs={self.epochs}")
-        if not 0 < self.target_sensitivity < 1:
-            raise ConfigError(f"target_sensitivity={self.target_sensitivity} must be in (0, 1)")
-        if self.lr < 0 or self.weight_decay < 0:
-            raise ConfigError("lr and weight_decay must be >= 0")
         if not 0 <= self.label_smoothing < 0.5 or not 0 <= self.ema < 1:
             raise ConfigError(f"label_smoothing in [0, 0.5) and ema in [0, 1) (got {self.label_smoothing}, {self.ema})")
         if self.ema and self.cache_features:

@@ -88,7 +88,7 @@ def _ingest(cfg: TrainConfig, classes: list[str], spec: InputSpec) -> tuple[list
     """The labelled records (checked before Ray starts: data problems are config errors too) and
     their preprocessed splits on Ray Data."""
     data = cfg.data_location
-    records = labelled_splits(data, cfg.label_set, cfg.val_frac, cfg.test_frac, cfg.seed)
+    records = labelled_splits(data, cfg.label_set, cfg.val_frac, cfg.test_frac, cfg.seed, cfg.limit)
     if not any(r.split == "val" for r in records):
         raise ConfigError("no validation images: set val_frac > 0 or provide <data>/val/")
     ensure_ray()
@@ -176,9 +176,11 @@ def _export(cfg: TrainConfig, model: Any, last_state: dict, best_state: dict, re
                                   calibration_images(train, counts["train"], cfg.seed))
     threshold, metrics, probs = scored.threshold, scored.metrics, scored.probs
     out.join("config.yaml").write_bytes(config_text(cfg).encode())
-    reports = write_reports(out, splits, probs, classes, threshold, history, skipped) if cfg.report else {}
+    reports = (write_reports(out, splits, probs, classes, threshold, history, skipped, best_state["epoch"])
+               if cfg.report else {})
     summary = {"bundle": str(bundle), "version": manifest.version, "model": cfg.model, "threshold": threshold,
-               "metrics": metrics, "epochs_run": last_state["epoch"], "best_epoch": best_state["epoch"],
+               "metrics": metrics, "red_flags": scored.red_flags,
+               "epochs_run": last_state["epoch"], "best_epoch": best_state["epoch"],
                "early_stopped": bool(last_state.get("stopped")), "skipped_files": len(ingest.errors),
                "run": {"name": cfg.run_name, "storage_path": cfg.storage}, "wall_s": time.perf_counter() - t0,
                "engine": scored.engine, "onnx": bool(manifest.has_onnx),

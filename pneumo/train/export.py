@@ -9,7 +9,9 @@
    chosen on the very numbers those paths will produce.
 3. Optionally calibrate on val (Platt or temperature scaling, folded into the head's weights, so
    every engine outputs calibrated probabilities), then re-export and re-score.
-4. Choose the threshold on val only; metrics for val and test at that threshold.
+4. Choose the threshold on val only; metrics for val and test at that threshold, and the val
+   split's red flags (`pneumo.report.flags`: the model is no good), kept in the manifest's
+   `training.red_flags` for serving to show.
 5. Run the reduced-precision gates on val (`pneumo.bundle.gates`: OpenVINO fp32 and bf16, int8
    calibrated on training images on ONNX Runtime and OpenVINO), so the bundle is ready for the
    fastest engine that passed; their figures go in the manifest (`gates`).
@@ -38,13 +40,14 @@ from pneumo.bundle.store import save_bundle
 from pneumo.data.datasets import acquisition_group
 from pneumo.io.preprocess import InputSpec
 from pneumo.io.storage import Location, put_tree
-from pneumo.labels import positive_score
+from pneumo.labels import is_positive, positive_score
 from pneumo.models.calibration import fit_calibration, fold_calibration
 from pneumo.models.onnx import ExportError, export_checked
 from pneumo.monitor.drift import DriftReference
+from pneumo.report.flags import flags_lines, format_threshold, red_flags
 from pneumo.report.metrics import split_metrics
 from pneumo.report.thresholds import threshold_record
-from pneumo.report.writer import write_report
+from pneumo.report.writer import figures, write_report
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,7 @@ class RunOutputs:
     threshold: dict[str, Any]
     metrics: dict[str, dict[str, float]]
     engine: str
+    red_flags: list[str]
 
 
 def _engine_pass(cfg: Any, model: nn.Module, classes: list[str], spec: InputSpec,
@@ -92,6 +96,8 @@ def export_run(cfg: Any, model: nn.Module, classes: list[str], spec: InputSpec,
     threshold = threshold_record(splits["val"]["label"], probs["val"], classes, cfg.threshold_method,
                                  cfg.target_sensitivity)
     metrics = {s: split_metrics(splits[s]["label"], probs[s], classes, threshold["value"]) for s in splits}
+    flags = val_red_flags(splits["val"]["label"], probs["val"], classes, threshold, getattr(cfg, "seed", 0))
+    training_info = {**training_info, "red_flags": flags}
     extra_files = drift_reference_files(scored["val"][1], positive_score(probs["val"], classes), threshold["value"],
                                         getattr(cfg, "seed", 0))
     gates: dict[str, Any] = {}
@@ -107,7 +113,15 @@ def export_run(cfg: Any, model: nn.Module, classes: list[str], spec: InputSpec,
                            training=training_info, onnx=onnx, model_options=getattr(cfg, "model_options", dict)(),
                            extra_files=extra_files, extra={"calibration": calibration, "gates": gates})
     return manifest, RunOutputs(probs, {s: f for s, (_, f) in scored.items()}, threshold, metrics,
-                                predictor.engine)
+                                predictor.engine, flags)
+
+
+def val_red_flags(labels: np.ndarray, probs: np.ndarray, classes: list[str], threshold: dict[str, Any],
+                  seed: int = 0) -> list[str]:
+    """The val split's red flags at the chosen threshold (bootstrap CIs as in its report)."""
+    y, score = is_positive(labels, classes), positive_score(probs, classes)
+    return red_flags({**figures(y, score, float(threshold["value"]), 1000, seed, 0.05), "split": "val",
+                      "threshold": threshold})
 
 
 def drift_reference_files(features: np.ndarray, scores: np.ndarray, threshold: float, seed: int = 0) -> dict[str, bytes]:
@@ -122,7 +136,7 @@ def drift_reference_files(features: np.ndarray, scores: np.ndarray, threshold: f
 
 def write_reports(out: Location, splits: dict[str, dict[str, np.ndarray]], probs: dict[str, np.ndarray],
                   classes: list[str], threshold: dict, history: list[dict],
-                  skipped: list[dict] | None = None) -> dict[str, Any]:
+                  skipped: list[dict] | None = None, best_epoch: int | None = None) -> dict[str, Any]:
     """The evaluation helper's JSON + Markdown + PNG report for val (and test) under `<out>/report/`
     (written locally, then copied when `out` is s3://)."""
     errors = [{"path": e["path"], "split": e["split"], "kind": e["error"].split(":")[0],
@@ -132,7 +146,7 @@ def write_reports(out: Location, splits: dict[str, dict[str, np.ndarray]], probs
         for split, data in splits.items():
             write_report(local / "report" / split, data["label"], probs[split], classes, threshold,
                          split, history, {"source": "pneumo train"}, errors=[e for e in errors if e["split"] == split],
-                         groups=[acquisition_group(str(p)) for p in data.get("path", [])])
+                         groups=[acquisition_group(str(p)) for p in data.get("path", [])], best_epoch=best_epoch)
         if out.is_s3:
             put_tree(Path(tmp), out)
     return {s: str(out.join("report", s)) for s in splits}
@@ -142,7 +156,8 @@ def summary_text(s: dict[str, Any]) -> str:
     lines = [f"[pneumo train] done in {s['wall_s']:.0f}s: {s['epochs_run']} epoch(s)"
              + (" (early stopped)" if s["early_stopped"] else "") + f", best epoch {s['best_epoch']}",
              f"  bundle    {s['bundle']} (version {s['version']})",
-             f"  threshold {s['threshold']['value']:.4g} ({s['threshold']['method']}"
+             *flags_lines(s.get("red_flags") or []),
+             f"  threshold {format_threshold(s['threshold']['value'])} ({s['threshold']['method']}"
              + (f", target sensitivity {s['threshold']['target']}" if s["threshold"].get("target") else "")
              + ", chosen on val)"]
     for split, m in s["metrics"].items():

@@ -146,7 +146,7 @@ def check_data(c: TrainConfig) -> None:
     """The data is there and gives a val split (as `pneumo train` checks before Ray starts)."""
     from pneumo.data.datasets import labelled_splits
 
-    records = labelled_splits(c.data_location, c.label_set, c.val_frac, c.test_frac, c.seed)
+    records = labelled_splits(c.data_location, c.label_set, c.val_frac, c.test_frac, c.seed, c.limit)
     if not any(r.split == "val" for r in records):
         raise ConfigError("no validation images: set val_frac > 0 or provide <data>/val/")
 

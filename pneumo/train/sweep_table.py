@@ -7,7 +7,8 @@ A row: the trial's options; `status` (ok: finished and exported; stopped: stoppe
 no bundle; error: the trial failed, `error` says why; unfinished: the sweep was interrupted); `epochs`; `rank_value` (the sweep metric's best
 epoch on val: the highest val AUC or lowest val loss, what the trial is ranked by); for finished
 trials the val report's AUC / sensitivity / specificity at the bundle's threshold with their
-bootstrap 95% CIs and the worst acquisition group (lowest per-group AUC,
+bootstrap 95% CIs and the worst acquisition group (lowest per-group AUC; where every group holds one
+class, the lowest per-group sensitivity or specificity,
 `pneumo.report.metrics.group_metrics`); the bundle and the MLflow run. Only the val split is read:
 the carved test split is never used to choose. The best trial is the best-ranked one with a bundle;
 its bundle is copied to `<out>/bundle`.
@@ -68,9 +69,13 @@ def _val_report(row: dict[str, Any], out: Path) -> None:
         ci = report.get("ci", {}).get(key)
         row[f"val_{key}_ci"] = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
     row["threshold"] = report.get("threshold", {}).get("value")
-    worst = (report.get("groups") or {}).get("worst", {}).get("auc")
-    if worst:
-        row["worst_group"], row["worst_group_auc"] = worst["group"], worst["value"]
+    worst = (report.get("groups") or {}).get("worst", {})
+    if worst.get("auc"):
+        row["worst_group"], row["worst_group_auc"] = worst["auc"]["group"], worst["auc"]["value"]
+    else:  # one class per group (no group AUC): the group with the lowest sensitivity or specificity
+        rates = [(w["value"], f"{w['group']} ({key} {w['value']:.3f})") for key, w in worst.items()]
+        if rates:
+            row["worst_group"] = min(rates)[1]
 
 
 def tune_statuses(experiment_path: str) -> dict[str, str]:

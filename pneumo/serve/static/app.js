@@ -14,6 +14,23 @@
     }
   });
 
+  const percent = (v) => (typeof v === "number" ? (100 * v).toFixed(1) + "%" : "?");
+
+  // The model's val sensitivity and specificity, its red flags and the drift state, next to the answer.
+  async function showModel(headers) {
+    const resp = await fetch("v1/model", { headers });
+    if (!resp.ok) { $("drift").textContent = "unknown (model info: " + resp.status + ")"; return; }
+    const info = await resp.json();
+    const val = (info.metrics || {}).val || {};
+    $("val-sensitivity").textContent = percent(val.sensitivity);
+    $("val-specificity").textContent = percent(val.specificity);
+    const flags = info.red_flags || [];
+    const list = $("red-flag-list");
+    list.replaceChildren(...flags.map((f) => { const li = document.createElement("li"); li.textContent = f; return li; }));
+    $("red-flags").hidden = flags.length === 0;
+    $("drift").textContent = info.drift ? info.drift.line : "not monitored (the bundle has no drift reference)";
+  }
+
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const f = $("file").files[0];
@@ -53,6 +70,7 @@
         $("overlay-figure").hidden = true;
       }
       $("result").hidden = false;
+      await showModel(headers);
     } catch (err) {
       status.className = "error";
       status.textContent = "Request failed: " + err;
