@@ -107,7 +107,7 @@ def test_predict_contract_matches_predictor(served):
     assert r.status_code == 200, r.text
     d = r.json()
     assert set(d) >= {"label", "probability", "probabilities", "threshold", "model", "latency_ms"}
-    assert d["model"] == {"name": "seed_cnn", "version": served.sha1[:12], "sha256": served.sha1}
+    assert d["model"] == {"name": "seed_cnn", "version": served.sha1[:12], "sha256": served.sha1, "uri": None}  # uri: models:/ only
     assert set(d["probabilities"]) == {"NORMAL", "PNEUMONIA"}
     assert abs(sum(d["probabilities"].values()) - 1) < 1e-4
     assert d["threshold"] == 0.5 and d["latency_ms"] > 0

@@ -143,6 +143,7 @@ class BundlePredictor:
         # and ~400 MB per actor before), and its engine choice is cached per machine
         from pneumo.bundle.predict import Predictor
 
+        bundle = Location.of(bundle)
         self.predictor = Predictor(bundle, engine=engine, precision=precision, channels_last=channels_last,
                                    threads=threads)
         self.run_id = run_id
