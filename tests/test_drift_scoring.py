@@ -195,11 +195,14 @@ def test_adapt_moves_the_prevalence_estimate_toward_the_truth(ray_local, trained
     assert json.loads((Path(result.run_dir) / "drift.json").read_text())["n"] == 100
 
 
-def test_adapt_refuses_the_onnx_engine() -> None:
+def test_adabn_refuses_the_onnx_engine() -> None:
     from pneumo.config import ConfigError
 
-    for bad in ({"engine": "onnxruntime"}, {"precision": "int8"}, {"adapt_sample": 1}, {"adapt_methods": "em,tta"}):
+    adabn = {"adapt_methods": "adabn"}
+    for bad in ({"engine": "onnxruntime", **adabn}, {"precision": "int8", **adabn}, {"adapt_sample": 1},
+                {"adapt_methods": "em,tta"}):
         with pytest.raises(ConfigError, match="torch engine|adapt_sample|adapt_methods"):
             ScoreConfig(data="d", bundle="b", out="o", adapt=True, **bad).validate()
-    ScoreConfig(data="d", bundle="b", out="o", adapt=True, engine="torch").validate()
-    ScoreConfig(data="d", bundle="b", out="o", adapt=True, engine="onnxruntime", adapt_methods="em").validate()
+    ScoreConfig(data="d", bundle="b", out="o", adapt=True, engine="torch", **adabn).validate()
+    for methods in ("em", "align", "align,em"):  # the head and the probabilities: any engine
+        ScoreConfig(data="d", bundle="b", out="o", adapt=True, engine="onnxruntime", adapt_methods=methods).validate()
