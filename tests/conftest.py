@@ -51,10 +51,17 @@ TEST_AWS_ENV = {
 }
 # The engine choice's micro-benchmark cache (`pneumo.bundle.engines`): one per test session, never
 # the user's; set before Ray starts so its workers and Serve replicas share it.
+_OWN_CACHE = "PNEUMO_CACHE_DIR" not in os.environ
 os.environ.setdefault("PNEUMO_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"),
                                                        f"pneumo-test-cache-{os.getpid()}"))
 SYNTH_N = 120
 SYNTH_SIZE = (256, 384)
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:  # noqa: ANN001
+    """The session's own cache (OpenVINO's compiled graphs: over a GB) goes with the session."""
+    if _OWN_CACHE:
+        shutil.rmtree(os.environ["PNEUMO_CACHE_DIR"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

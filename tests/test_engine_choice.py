@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -213,3 +214,16 @@ def _norm(images: np.ndarray) -> np.ndarray:
     from pneumo.io.preprocess import to_array
 
     return to_array(images, SPEC)
+
+
+def test_the_compiled_graph_cache_keeps_the_newest_files_under_its_cap(tmp_path) -> None:
+    from pneumo.models.runtime import prune_cache
+
+    for age, name in enumerate(["newest", "middle", "oldest"]):
+        path = tmp_path / name
+        path.write_bytes(b"x" * 1024)
+        os.utime(path, (1_000_000 - age * 100, 1_000_000 - age * 100))
+    prune_cache(tmp_path, cap_gb=2048 / 2**30)             # room for two of the three
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["middle", "newest"]
+    prune_cache(tmp_path, cap_gb=0)
+    assert list(tmp_path.iterdir()) == []

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import (
-    SERVE_CONFIG,
     deploy,
+    deploy_config,
     free_port,
     jpeg_bytes,
     make_serve_bundle,
@@ -154,20 +154,10 @@ def test_evaluate_takes_a_registry_uri(registry, ray_local, synth_data, tmp_path
 
 
 def _one_app(bundle: str, uri: str, user_config: dict | None = None) -> dict:
-    """serve_app/config.yaml's app alone, one small replica, on `bundle` (a registry URI)."""
-    import yaml
-    from helpers import REPO
-
-    cfg = yaml.safe_load(SERVE_CONFIG.read_text())
-    (app,) = cfg["applications"]
-    app["args"].update(bundle=bundle, tracking_uri=uri, drift_window=0)
-    app["runtime_env"] = {"env_vars": {"PYTHONPATH": str(REPO)}}
-    (dep,) = app["deployments"]
-    dep["autoscaling_config"] = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
-    dep["ray_actor_options"] = {"num_cpus": 0.25}
-    if user_config is not None:
-        dep["user_config"] = user_config
-    return {"applications": [app]}
+    """serve_app/config.yaml's open app alone, one small replica, on `bundle` (a registry URI)."""
+    cfg = deploy_config(bundle, "", user_config, apps=("",))
+    cfg["applications"][0]["args"].update(tracking_uri=uri, drift_window=0)
+    return cfg
 
 
 def test_promote_then_reconfigure_swaps_the_served_version_under_load(registry, ray_local):  # noqa: ANN001

@@ -27,6 +27,8 @@ OUTPUT_NAMES = ("probs", "features")
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}  # int8: QDQ ops int8, the rest f32
 
 CACHE_ENV = "PNEUMO_CACHE_DIR"
+OV_CACHE_CAP_ENV = "PNEUMO_OPENVINO_CACHE_GB"  # compiled graphs kept on disk (default 2 GB, oldest go first)
+OV_CACHE_CAP_GB = 2.0
 
 _CACHE: dict[tuple[str, str, str, int], Any] = {}
 _LOCK = threading.Lock()
@@ -82,11 +84,36 @@ def ov_compiled(model: bytes, precision: str = "fp32", threads: int = 0) -> Any:
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     try:
-        (cache_dir() / "openvino").mkdir(parents=True, exist_ok=True)
-        config["CACHE_DIR"] = str(cache_dir() / "openvino")
+        ov_cache = cache_dir() / "openvino"
+        ov_cache.mkdir(parents=True, exist_ok=True)
+        prune_cache(ov_cache, float(os.environ.get(OV_CACHE_CAP_ENV, OV_CACHE_CAP_GB)))
+        config["CACHE_DIR"] = str(ov_cache)
     except OSError:  # a read-only home: compiled every time, nothing else lost
         pass
     return OVModel(core.compile_model(core.read_model(model), "CPU", config))
+
+
+def prune_cache(folder: Path, cap_gb: float) -> None:
+    """Delete the least recently written files of `folder` until it holds at most `cap_gb`.
+
+    OpenVINO's model cache never evicts (one blob of ~100 MB per graph and precision, for every
+    bundle ever scored); by hand because OpenVINO has no cap. A blob deleted under a running
+    process is only compiled again by the next one.
+    """
+    files = []
+    for entry in os.scandir(folder):
+        if entry.is_file(follow_symlinks=False):
+            stat = entry.stat(follow_symlinks=False)
+            files.append((stat.st_mtime, stat.st_size, entry.path))
+    total, cap = sum(size for _, size, _ in files), cap_gb * 2**30
+    for _, size, path in sorted(files):
+        if total <= cap:
+            break
+        try:
+            os.remove(path)
+        except FileNotFoundError:  # another process pruned it first
+            pass
+        total -= size
 
 
 class OVModel:
