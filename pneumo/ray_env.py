@@ -74,3 +74,17 @@ def cluster_cpus_per_node() -> list[float]:
     import ray
 
     return [n["Resources"]["CPU"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+
+
+def wait_for_free_cpu(timeout_s: float = 30.0) -> bool:
+    """Wait (at most `timeout_s`) until the cluster has a free CPU: a finished TorchTrainer gives its
+    workers' CPUs back a moment after `fit()` returns, and a Dataset started before then warns that it
+    "will hang". True when a CPU is free; False on timeout (the Dataset then waits on its own)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

@@ -41,7 +41,7 @@ from pneumo.io.preprocess import InputSpec
 from pneumo.labels import LABEL_SETS
 from pneumo.models.factory import get_model
 from pneumo.privacy import redact_errors
-from pneumo.ray_env import ensure_ray
+from pneumo.ray_env import ensure_ray, wait_for_free_cpu
 from pneumo.train.checkpoints import load_weights, read_state
 from pneumo.train.config import TrainConfig
 from pneumo.train.export import export_run, summary_text, write_reports
@@ -146,6 +146,7 @@ def run(cfg: TrainConfig, callbacks: Sequence[Any] = (), tags: dict[str, Any] | 
         result = fit(cfg, datasets, classes, spec, class_weights_for(counts["train"], classes),
                      run_config(tracker), callbacks)
         model, last_state, best_state = _best_model(cfg, result, classes, spec)
+        wait_for_free_cpu()  # the export's datasets (val/test, int8 calibration) need the workers' CPUs back
         summary = _export(cfg, model, last_state, best_state, records, ingest, classes, spec, t0, datasets["train"])
     except BaseException:
         tracker.finish("FAILED")
