@@ -7,7 +7,8 @@ load, and a replica killed under load.
    64 queued per proxy, 503 + Retry-After beyond), `--uploads` requests from `--overload-c` (256)
    concurrent clients with a 30 s client timeout: counts of 200 / 503 (with `Retry-After`) /
    anything else / client failures, p50/p99 of each, and the replica's RSS before and at peak.
-   Expect 503s, nothing else, p99 of the answered <= 5 s, bounded memory.
+   Expect 503s, nothing else, p99 of the answered <= 5 s, bounded memory. Beside it, the floor:
+   the same client against a Serve app with no model and the same queue limits (ratio printed).
 2. **Isolation.** The same replica with an API key: a `/readyz` flood (c=64, no key), 8 concurrent
    `explain=true` requests and c=16 scoring, for `--seconds`: the probe's latency (p50/p99), every
    code, and whether a replica was restarted (its actor and process before and after).
@@ -172,6 +173,29 @@ def overload(base: str, images: list[bytes], a: argparse.Namespace) -> dict:
     return out
 
 
+def overload_floor(base: str, images: list[bytes], a: argparse.Namespace) -> dict:
+    """The baseline: the same client against a Serve app that reads the body and answers at once
+    (no model), with pneumo's queue limits: what Serve's proxy and the client cost on this machine."""
+    from ray import serve
+    from starlette.responses import JSONResponse
+
+    from pneumo.serve.config import DEPLOYMENT_DEFAULTS
+
+    @serve.deployment(max_ongoing_requests=DEPLOYMENT_DEFAULTS["max_ongoing_requests"],
+                      max_queued_requests=DEPLOYMENT_DEFAULTS["max_queued_requests"],
+                      backpressure_config=DEPLOYMENT_DEFAULTS["backpressure_config"])
+    class NoModel:
+        async def __call__(self, request):  # noqa: ANN001, ANN204
+            await request.body()
+            return JSONResponse({"latency_ms": 0.0})
+
+    serve.run(NoModel.bind(), name="pneumo", route_prefix="/")
+    wait_http(base + "/v1/predict")
+    out = summarise(asyncio.run(_drive(base + "/v1/predict", images, a.overload_c, total=a.uploads, timeout=30)))
+    out.update(loadavg_1m=round(os.getloadavg()[0], 1))
+    return out
+
+
 def isolation(base: str, images: list[bytes], key: str, seconds: float) -> dict:
     """/readyz flood (c=64, no key) + 8 explain=true + c=16 scoring, all at once."""
     auth = {"authorization": f"Bearer {key}"}
@@ -279,7 +303,14 @@ def main(argv: list[str] | None = None) -> int:
             result["overload"] = overload(base, images, a)
             print(f"overload (c={a.overload_c}, {a.uploads} uploads, 1 replica, deployment defaults):",
                   json.dumps(result["overload"]), flush=True)
+            result["overload_floor"] = floor = overload_floor(base, images, a)
+            print("overload floor (the same client, a Serve app with no model):", json.dumps(floor), flush=True)
+            p99, floor_p99 = result["overload"].get("200_p99_ms"), floor.get("200_p99_ms")
+            if p99 and floor_p99:
+                print(f"p99 of the answered: pneumo {p99 / 1000:.1f} s, no-model floor {floor_p99 / 1000:.1f} s "
+                      f"(ratio {p99 / floor_p99:.2f}x; target 5 s)", flush=True)
         if "isolation" not in skip:
+            serve.delete("pneumo")
             serve.run(bind(ServeArgs(bundle=bundle, api_key_file=str(key_file)), autoscaling_config=one,
                            ray_actor_options={"num_cpus": 2}), name="pneumo", route_prefix="/")
             wait_http(base + "/readyz")
