@@ -132,6 +132,8 @@ def test_a_killed_sweep_resumes_without_rerunning_finished_trials(ray_local, swe
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
         log.close()
+    printed = (tmp_path / "first.log").read_text()
+    assert "[pneumo sweep]" in printed and "Configuration for experiment" not in printed, printed[-3000:]  # quiet
     first = done[0]
     stamp, starts = first.stat().st_mtime_ns, json.loads(first.read_text())["bundle"]
     assert len(list(out.glob("trials/*/summary.json"))) < 3  # killed with work left
