@@ -208,8 +208,9 @@ def finish_sweep(cfg: Any, plan: dict[str, Any], results: Any, parent: Tracker) 
         parent.finish()
     if cfg.register and best is not None:
         summary["registered"] = _register(cfg, plan, best)
+    resume = " (run again to resume)" if counts["unfinished"] else ""
     print(f"[pneumo sweep] {plan['name']}: {counts['ok']} finished, {counts['stopped']} stopped early, "
-          f"{counts['error']} failed, {counts['unfinished']} unfinished (run again to resume); best {best['trial_id'] if best else 'none'} "
+          f"{counts['error']} failed, {counts['unfinished']} unfinished{resume}; best {best['trial_id'] if best else 'none'} "
           f"({cfg.metric} {_fmt(best['rank_value']) if best else 'n/a'} on val)\n"
           f"  table  {files['md']} (+ trials.csv, trials.png)" + (f"\n  bundle {files['bundle']}" if best else ""),
           flush=True)
