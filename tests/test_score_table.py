@@ -205,3 +205,25 @@ def test_verify_content_rescores_a_file_whose_bytes_changed_under_an_unchanged_l
                       "committed_sha256": [hashlib.sha256(b"now").hexdigest(), hashlib.sha256(b"then").hexdigest()]})
     changed = changed_files(batch, Location.of(tmp_path))
     assert changed.num_rows == 1 and changed.column_names == ["path", "size_bytes", "mtime_ns", "ctime_ns", "inode", "etag"]
+
+
+@pytest.mark.parametrize("limit", [10_000, 25])
+def test_the_drift_sample_holds_only_ok_rows_all_of_them_up_to_its_limit(ray_local, tmp_path, limit: int) -> None:  # noqa: ANN001
+    """`ok_sample` reads the run's files: every ok row (and no error row) when they fit the limit
+    (read in the driver), a uniform sample of about `limit` when they do not (Ray Data's tasks)."""
+    import pyarrow.parquet as pq
+
+    from pneumo.score.parts import ok_sample
+
+    parts = []
+    for k in range(3):
+        status = ["ok"] * 30 + ["error"] * 5
+        pq.write_table(pa.table({"status": status, "probability": [0.01 * i for i in range(35)],
+                                 "embedding": [[float(k), float(i)] for i in range(35)]}), tmp_path / f"p{k}.parquet")
+        parts.append({"path": f"p{k}.parquet"})
+    sample = ok_sample(Location.of(str(tmp_path)), parts, ["probability", "embedding"], n_ok=90, limit=limit)
+    assert set(sample.column("status").to_pylist()) == {"ok"}
+    if limit >= 90:
+        assert sample.num_rows == 90 and sorted({e[0] for e in sample.column("embedding").to_pylist()}) == [0.0, 1.0, 2.0]
+    else:
+        assert 5 <= sample.num_rows <= 60, sample.num_rows
