@@ -111,11 +111,13 @@ def test_predict_contract_matches_predictor(served):
     assert set(d["probabilities"]) == {"NORMAL", "PNEUMONIA"}
     assert abs(sum(d["probabilities"].values()) - 1) < 1e-4
     assert d["threshold"] == 0.5 and d["latency_ms"] > 0
-    p = Predictor(str(served.root / "b1"), device="cpu", precision="fp32")
+    with served.client() as c:  # the replica's own engine choice (auto: its threads, its micro-benchmark)
+        model = c.get("/v1/model").json()
+    assert (d["engine"], d["precision"]) == (model["engine"], model["precision"])
+    p = Predictor(str(served.root / "b1"), device="cpu", engine=d["engine"], precision=d["precision"])
     probs = p.predict(load_image(png, "", p.spec)[None])
     assert d["probability"] == pytest.approx(float(p.positive_probability(probs)[0]), abs=1e-4)
     assert d["label"] == p.labels(probs)[0]
-    assert (d["engine"], d["precision"]) == (p.engine, p.precision)
     assert "explanation" not in d
 
 
