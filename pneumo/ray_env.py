@@ -2,7 +2,7 @@
 
     ensure_ray()                  # RAY_ADDRESS (e.g. under `ray job submit`) or an embedded local Ray
     ensure_ray(address="local", num_cpus=2, include_dashboard=False)
-    quiet_ray()                   # Ray Data's progress reports off in non-interactive runs
+    quiet_ray()                   # Ray Data's and Tune's progress output off in non-interactive runs
     job_submission_id()           # the Ray job this driver runs in (KubeRay: one per RayJob)
 
 In a non-interactive run (CI, `ray job submit`, cron: stdout is not a TTY) Ray Data would print
@@ -52,6 +52,7 @@ def quiet_ray() -> None:
 
     warnings.filterwarnings("ignore", message="Use 'expr' instead of 'fn'")  # Ray Data's advice on filter()
     ray.data.DataContext.get_current().enable_progress_bars = False
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # Tune's new output prints header boxes even at verbose=0
     log_once("ray_data_progress_manager_disabled")  # Ray's "progress bars disabled" notice: deliberate here
     for handler in logging.getLogger("ray.data").handlers:
         if not hasattr(handler, "baseFilename") and type(handler).__name__ != "SessionFileHandler":

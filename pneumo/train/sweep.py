@@ -29,7 +29,6 @@ import os
 import sys
 from typing import Any
 
-from pneumo import logs
 from pneumo.config import ConfigError, from_dict, parse_config, to_dict
 from pneumo.data.listing import DataError
 from pneumo.io.storage import is_s3
@@ -252,8 +251,6 @@ def run_sweep(cfg: SweepConfig) -> dict[str, Any]:
     tuner, restored = _tuner(cfg, plan, _progress())
     print(f"[pneumo sweep] {cfg.sweep_name}: {'resuming' if restored else 'starting'}; trials in "
           f"{os.path.join(plan['out'], TRIALS_DIR)}", flush=True)
-    if not logs.interactive():  # Tune's new output prints its header boxes even at verbose=0
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     results = tuner.fit()
     return {**finish_sweep(cfg, plan, results, parent), "restored": restored}
 
