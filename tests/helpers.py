@@ -532,7 +532,8 @@ def png16_bytes(width: int, height: int) -> bytes:
 
 def make_fragile_bundle(out: Path) -> str:
     """A seed_cnn bundle (64 px) whose first convolution overflows on bright images: their
-    probabilities are NaN (the model fails on them), while a black image scores normally."""
+    probabilities are NaN on ONNX Runtime and torch (the model fails on them), while a black image
+    scores normally. OpenVINO saturates the overflow to finite numbers instead: pin the engine."""
     from pneumo.bundle.store import save_bundle
     from pneumo.io.preprocess import InputSpec
     from pneumo.models.factory import get_model
