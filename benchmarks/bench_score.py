@@ -24,7 +24,10 @@ with `num_cpus` = the machine's cores:
 Prints images/s of each and the ratios pneumo/(a), pneumo/(b), pneumo/(c), in wall time and at
 CPU cost (`CPUMeter`: CPU seconds of the process tree, Ray's included, so a machine shared with
 other work does not distort the comparison: images/s that the cores, fully used, would give);
-`--json` writes them.
+`--json` writes them. `--timeline FILE` also records Ray's profiling events of the last run
+(`RAY_PROFILING=1`, `ray.timeline`: every task and actor call, on every worker), writes them
+for chrome://tracing or Perfetto, and prints where the run's worker time went, by task name,
+and how busy the model actor was between its first and last batch.
 """
 
 from __future__ import annotations
@@ -267,6 +270,28 @@ def _first_row(out: Path) -> dict:
         return {"engine": f"? ({type(exc).__name__})", "precision": "?"}
 
 
+def timeline_summary(events: list[dict], t0: float, t1: float) -> dict:
+    """Where a run's worker time went: busy seconds per Ray task/actor-call name (top-level
+    `task::` spans only, so nothing is counted twice), and per worker process its busy share of
+    the run and of its own first-to-last span, from `ray.timeline()` events inside [t0, t1]."""
+    spans = [e for e in events if e.get("ph") == "X" and str(e.get("cat", "")).startswith("task::")
+             and t0 * 1e6 <= e["ts"] <= t1 * 1e6]
+    by_name: dict[str, list[float]] = {}
+    by_worker: dict[str, list[tuple[float, float]]] = {}
+    for e in spans:
+        by_name.setdefault(e["cat"].removeprefix("task::"), []).append(e["dur"] / 1e6)
+        by_worker.setdefault(f"{e['pid']}/{e['tid']}", []).append((e["ts"] / 1e6, e["dur"] / 1e6))
+    names = {n: {"calls": len(d), "busy_s": round(sum(d), 2)} for n, d in by_name.items()}
+    workers = {}
+    for w, iv in by_worker.items():
+        start, end = min(s for s, _ in iv), max(s + d for s, d in iv)
+        busy = sum(d for _, d in iv)
+        workers[w] = {"first_s": round(start - t0, 2), "last_s": round(end - t0, 2), "busy_s": round(busy, 2),
+                      "busy_of_own_span": round(busy / max(end - start, 1e-9), 3)}
+    return {"run_s": round(t1 - t0, 2), "by_name": dict(sorted(names.items(), key=lambda kv: -kv[1]["busy_s"])),
+            "by_worker": workers}
+
+
 def machine() -> dict:
     import subprocess
 
@@ -291,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     ap.add_argument("--pneumo-args", default="", help="extra `pneumo score` flags, e.g. '--engine onnxruntime'")
     ap.add_argument("--json", default=None, help="write the figures here")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--timeline", default=None, help="write Ray's profiling events of the last run here (JSON)")
     args = ap.parse_args(argv)
+    if args.timeline:  # before Ray starts: its workers inherit them
+        os.environ["RAY_PROFILING"] = "1"
+        os.environ["RAY_task_events_report_interval_ms"] = "0"
 
     cores = os.cpu_count() or 2
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -341,8 +370,21 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
               f"engine {results['warm']['engine']} {results['warm']['precision']}", flush=True)
         results["pneumo"] = []
         for n in sizes:
+            t_run = time.time()
             r = bench_pneumo(build_workload(files, work, n), bundle, work / f"out_{n}", extra)
             r["load_avg"] = os.getloadavg()
+            if args.timeline and n == sizes[-1]:
+                time.sleep(2)  # the workers' last events reach the GCS
+                events = ray.timeline()
+                Path(args.timeline).write_text(json.dumps(events))
+                results["timeline"] = tl = timeline_summary(events, t_run, time.time())
+                print(f"timeline of the {n}-image run ({tl['run_s']} s; {args.timeline}), busy seconds by task:",
+                      flush=True)
+                for name, d in list(tl["by_name"].items())[:12]:
+                    print(f"  {d['busy_s']:8.2f} s  {d['calls']:5d} calls  {name}")
+                for w, d in sorted(tl["by_worker"].items(), key=lambda kv: -kv[1]["busy_s"])[:6]:
+                    print(f"  worker {w}: busy {d['busy_s']} s from {d['first_s']} s to {d['last_s']} s "
+                          f"({d['busy_of_own_span']:.0%} of its span)")
             results["pneumo"].append(r)
             print(f"pneumo score, {n} images: {r['images_per_s']:.1f} images/s ({r['wall_s']:.1f} s, "
                   f"{r['images_per_s_at_cpu_cost']:.1f} at CPU cost: {r['cpu_s']:.0f} CPU-s; engine "

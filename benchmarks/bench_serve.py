@@ -1,5 +1,5 @@
 """Serving benchmark: pneumo on Ray Serve (/v1 and the Open Inference Protocol /v2) vs a plain
-FastAPI + ONNX Runtime process on the same model.onnx, in one run.
+FastAPI process on the same engine, precision and graph, in one run.
 
     nice -n 10 .venv/bin/python benchmarks/bench_serve.py                   # default ensemble, c=1,8,32
     nice -n 10 .venv/bin/python benchmarks/bench_serve.py --levels 32 --requests 160 --skip-autoscale
@@ -10,13 +10,17 @@ default recipe's model: Lite0+1+2 with their packaged ImageNet weights, hist equ
 model.onnx). Every side decodes with `pneumo.io.preprocess.load_image`:
 
 - (a) pneumo `/v1/predict`: `pneumo.serve.app.bind` on a local Ray, one `PneumoService` replica
-  (FastAPI ingress + `@serve.batch`), engine auto (ONNX Runtime fp32 on CPU);
+  (FastAPI ingress + `@serve.batch`), `--precision auto` and engine auto: the fastest gated
+  (engine, precision) on this CPU, as `pneumo serve` picks it;
 - (a2) pneumo `/v2/models/pneumo/infer` driven by tritonclient's asyncio client with the binary
   tensor data extension (its default): the encoded JPEG as a BYTES tensor;
-- (c) plain: one uvicorn process, one FastAPI endpoint, `onnxruntime.InferenceSession` on the
-  bundle's model.onnx (intra-op threads = the cores, no spin-waiting, as pneumo's sessions), one
-  image per forward pass (a sync endpoint in FastAPI's thread pool);
-- (b) with `--baselines ort,torch`: the same plain process on eager torch.
+- (c) plain: one uvicorn process, one FastAPI endpoint on the engine and precision pneumo picked,
+  used directly: an `openvino` compiled model (its inference-precision hint, one infer request per
+  thread) or an `onnxruntime.InferenceSession` (no spin-waiting, as pneumo's sessions) on the
+  bundle's model.onnx (model.int8.onnx at int8), threads = the replica's CPUs, one image per
+  forward pass (a sync endpoint in FastAPI's thread pool);
+- with `--baselines engine,ort,torch`: also the same plain process on ONNX Runtime fp32, and on
+  eager torch.
 
 Load: asyncio clients on loopback posting real JPEGs from ../shared/data/chest_xray_224
 (synthetic when absent); requests/s and p50/p95/p99 per concurrency, then the ratios. Then a
@@ -97,9 +101,10 @@ def load_images(n: int) -> tuple[list[bytes], str]:
 # ---------------------------------------------------------------- (c) the plain process
 
 
-def baseline_app(bundle: str, precision: str, engine: str = "onnxruntime"):  # noqa: ANN201
+def baseline_app(bundle: str, precision: str, engine: str = "onnxruntime", threads: int = 0):  # noqa: ANN201
     """One FastAPI endpoint: decode with load_image, one forward pass per request. `onnxruntime`:
-    a plain InferenceSession on the bundle's model.onnx (default options); `torch`: pneumo's Predictor."""
+    a plain InferenceSession; `openvino`: a plain compiled model (both on the bundle's graph at
+    `precision`, `threads` threads); `torch`: pneumo's Predictor on eager torch."""
     from fastapi import FastAPI, Request
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import JSONResponse
@@ -109,21 +114,38 @@ def baseline_app(bundle: str, precision: str, engine: str = "onnxruntime"):  # n
 
     manifest = read_manifest(bundle)
     spec = manifest.input
+    graph = str(Path(bundle) / ("model.int8.onnx" if precision == "int8" else "model.onnx"))
+    threads = threads or os.cpu_count() or 1
+    mean = np.array(spec.mean, np.float32).reshape(1, -1, 1, 1)
+    std = np.array(spec.std, np.float32).reshape(1, -1, 1, 1)
+
+    def normalise(image: np.ndarray) -> np.ndarray:
+        return (np.repeat(image[None, None].astype(np.float32) / 255.0, spec.channels, axis=1) - mean) / std
+
     if engine == "onnxruntime":
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = os.cpu_count() or 1
+        opts.intra_op_num_threads = threads
         # as pneumo's sessions: ORT's spin-waiting threads would make the peer lose to the CPU, not to pneumo
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        session = ort.InferenceSession(str(Path(bundle) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
         name = session.get_inputs()[0].name
-        mean = np.array(spec.mean, np.float32).reshape(1, -1, 1, 1)
-        std = np.array(spec.std, np.float32).reshape(1, -1, 1, 1)
 
         def forward(image: np.ndarray) -> np.ndarray:
-            x = np.repeat(image[None, None].astype(np.float32) / 255.0, spec.channels, axis=1)
-            return session.run(["probs"], {name: (x - mean) / std})[0]
+            return session.run(["probs"], {name: normalise(image)})[0]
+    elif engine == "openvino":
+        import openvino as ov
+
+        hint = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}[precision]  # int8: the QDQ graph's own int8 ops
+        compiled = ov.Core().compile_model(graph, "CPU", {"INFERENCE_PRECISION_HINT": hint,
+                                                          "INFERENCE_NUM_THREADS": threads})
+        local = threading.local()  # an infer request is not thread-safe; FastAPI's pool has many threads
+
+        def forward(image: np.ndarray) -> np.ndarray:
+            if not hasattr(local, "request"):
+                local.request = compiled.create_infer_request()
+            return np.array(local.request.infer({0: normalise(image)})["probs"])
     else:
         from pneumo.bundle.predict import Predictor
 
@@ -150,17 +172,17 @@ def baseline_app(bundle: str, precision: str, engine: str = "onnxruntime"):  # n
     return app
 
 
-def run_baseline_server(bundle: str, port: int, precision: str, engine: str) -> None:
+def run_baseline_server(bundle: str, port: int, precision: str, engine: str, threads: int) -> None:
     import uvicorn
 
-    uvicorn.run(baseline_app(bundle, precision, engine), host="127.0.0.1", port=port, log_level="warning",
+    uvicorn.run(baseline_app(bundle, precision, engine, threads), host="127.0.0.1", port=port, log_level="warning",
                 workers=1)
 
 
-def start_baseline(bundle: str, precision: str, engine: str) -> tuple[subprocess.Popen, str]:
+def start_baseline(bundle: str, precision: str, engine: str, threads: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--baseline-server", "--bundle", bundle,
-                             "--port", str(port), "--precision", precision, "--engine", engine])
+    proc = subprocess.Popen([sys.executable, __file__, "--baseline-server", "--bundle", bundle, "--port", str(port),
+                             "--precision", precision, "--engine", engine, "--threads", str(threads)])
     url = f"http://127.0.0.1:{port}"
     wait_http(url + "/docs", proc=proc)
     return proc, url + "/predict"
@@ -416,9 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="efficientnet_lite_ensemble", help="registry model for the built bundle")
     p.add_argument("--requests", type=int, default=240, help="requests per level at concurrency > 1")
     p.add_argument("--levels", default="1,8,32")
-    p.add_argument("--baselines", default="ort", help="plain processes: ort (the peer), torch (eager), or both")
-    p.add_argument("--precision", default="fp32", choices=["auto", "fp32", "bf16", "int8"])
+    p.add_argument("--baselines", default="engine",
+                   help="plain processes, comma-separated: engine (the peer: pneumo's engine and precision), "
+                        "ort (ONNX Runtime fp32), torch (eager)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "int8"],
+                   help="pneumo's precision (auto: the fastest gated one); the peer runs what it resolves to")
     p.add_argument("--engine", default="onnxruntime", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--ray-cpus", type=int, default=4, help="logical CPUs for the local Ray")
     p.add_argument("--replica-cpus", type=float, default=2, help="CPUs (= engine threads) of the model replica")
     p.add_argument("--max-batch-size", type=int, default=16)
@@ -431,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.baseline_server:
-        run_baseline_server(a.bundle, a.port, a.precision, a.engine)
+        run_baseline_server(a.bundle, a.port, a.precision, a.engine, a.threads)
         return 0
 
     levels = [int(x) for x in a.levels.split(",")]
@@ -443,11 +469,20 @@ def main(argv: list[str] | None = None) -> int:
     print(f"bundle: {bundle} ({a.bundle and 'given' or a.model}); inputs: {source}")
     result: dict = {"machine": {"cpu": cpu, "cores": os.cpu_count()}, "inputs": source, "args": vars(a), "runs": []}
 
-    for engine in [{"ort": "onnxruntime", "torch": "torch"}[b] for b in a.baselines.split(",")]:
-        name = "plain-ort" if engine == "onnxruntime" else "plain-torch"
-        print(f"({'c' if engine == 'onnxruntime' else 'b'}) {name}: plain FastAPI + uvicorn, one process, one image "
-              f"per forward pass, {engine}")
-        proc, url = start_baseline(bundle, a.precision, engine)
+    threads = max(1, int(a.replica_cpus))
+    from pneumo.bundle.predict import Predictor
+
+    chosen = Predictor(bundle, device="cpu", precision=a.precision, threads=threads)  # what the replica will pick
+    pick = (chosen.engine, chosen.precision)
+    del chosen
+    print(f"pneumo's choice at {threads} threads: {pick[0]} {pick[1]} (the peer runs the same)")
+    result["engine"] = {"engine": pick[0], "precision": pick[1], "threads": threads}
+    peers = {"engine": ("plain", *pick), "ort": ("plain-ort", "onnxruntime", "fp32"),
+             "torch": ("plain-torch", "torch", "fp32")}
+    for name, engine, precision in dict.fromkeys(peers[b] for b in a.baselines.split(",")):
+        print(f"({'c' if name == 'plain' else 'b'}) {name}: plain FastAPI + uvicorn, one process, one image "
+              f"per forward pass, {engine} {precision}")
+        proc, url = start_baseline(bundle, precision, engine, threads)
         try:
             result["runs"] += measure(name, lambda c, url=url: httpx_sender(url, c), images, levels, a.requests)
         finally:
@@ -461,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     base = start_serve(a.ray_cpus)
     try:
         # a capacity comparison: no shedding by predicted wait (the plain process sheds nothing either)
-        args = {"precision": "auto" if a.precision == "fp32" else a.precision, "max_queue_wait_s": 600}
+        args = {"precision": a.precision, "max_queue_wait_s": 600}
         batching = {"max_batch_size": a.max_batch_size, "batch_wait_timeout_s": a.batch_wait_s}
         one = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
         url = deploy(base, bundle, args, user_config=batching, ray_actor_options={"num_cpus": a.replica_cpus},
@@ -477,9 +512,12 @@ def main(argv: list[str] | None = None) -> int:
 
         by = {(r["system"], r["concurrency"]): r for r in result["runs"]}
         result["ratio"] = {}
-        print("ratio pneumo / plain ONNX Runtime process (requests/s):")
+        served = httpx.get(base + "/v1/model", timeout=30).json()
+        result["engine"]["served"] = [served.get("engine"), served.get("precision")]
+        print(f"ratio pneumo ({served.get('engine')} {served.get('precision')}) / plain process on "
+              f"{pick[0]} {pick[1]} (requests/s):")
         for c in levels:
-            peer = max(by[("plain-ort", c)]["rps"], 1e-9) if ("plain-ort", c) in by else None
+            peer = max(by[("plain", c)]["rps"], 1e-9) if ("plain", c) in by else None
             row = {s: round(by[(s, c)]["rps"] / peer, 2) for s in ("pneumo-v1", "pneumo-v2") if peer}
             result["ratio"][c] = row
             print(f"  c={c:<3} " + "   ".join(f"{s} {v:.2f}x" for s, v in row.items()))
