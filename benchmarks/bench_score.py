@@ -56,6 +56,9 @@ from pneumo.models.runtime import run  # noqa: E402
 from pneumo.models.zoo import get_spec  # noqa: E402
 from pneumo.precision import cpu_bf16_native  # noqa: E402
 
+sys.path.insert(0, str(REPO / "benchmarks"))
+from cpumeter import CPUMeter  # noqa: E402
+
 MODEL = "efficientnet_lite_ensemble"
 CLASSES = ["NORMAL", "PNEUMONIA"]
 
@@ -85,61 +88,6 @@ def build_workload(files: list[tuple[Path, int]], work: Path, n: int) -> Path:
 
 
 # ---------------------------------------------------------------- CPU time, which load does not distort
-
-
-class CPUMeter:
-    """CPU seconds (user + system) used by this process and all its descendants (DataLoader
-    workers; the local Ray's raylet, workers and actors) while open, sampled from /proc every
-    0.2 s so processes that exit in between still count (up to their last sample). On a shared
-    machine wall time depends on what else runs; CPU seconds per image much less."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self.seen: dict[int, float] = {}
-        self.start: dict[int, float] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    @staticmethod
-    def _tree() -> dict[int, float]:
-        tick = os.sysconf("SC_CLK_TCK")
-        stats = {}
-        for d in os.listdir("/proc"):
-            if d.isdigit():
-                try:
-                    fields = open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()
-                except OSError:
-                    continue
-                stats[int(d)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)
-        mine, todo = {}, [os.getpid()]
-        while todo:
-            pid = todo.pop()
-            if pid in stats and pid not in mine:
-                mine[pid] = stats[pid][1]
-                todo += [c for c, (ppid, _) in stats.items() if ppid == pid]
-        return mine
-
-    def _loop(self) -> None:
-        while not self._stop.wait(0.2):
-            for pid, cpu in self._tree().items():
-                self.seen[pid] = cpu
-
-    def __enter__(self) -> CPUMeter:
-        self.start = self._tree()
-        self.seen = dict(self.start)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        for pid, cpu in self._tree().items():
-            self.seen[pid] = cpu
-
-    @property
-    def seconds(self) -> float:
-        return sum(cpu - self.start.get(pid, 0.0) for pid, cpu in self.seen.items())
 
 
 def per_cpu(images: int, meter: CPUMeter, cores: int) -> float:
@@ -256,7 +204,8 @@ def bench_pneumo(data: Path, bundle: Path, out: Path, extra: list[str]) -> dict:
     rows = _first_row(out)
     return {"images": r.n_scored, "ok": r.counts["ok"], "errors": r.counts["error"], "wall_s": r.wall_s,
             "images_per_s": r.images_per_s, "stages": r.stages, "cpu_s": meter.seconds, "load_avg_start": load,
-            "images_per_s_at_cpu_cost": per_cpu(r.n_scored, meter, os.cpu_count() or 2), **rows}
+            "images_per_s_at_cpu_cost": per_cpu(r.n_scored, meter, os.cpu_count() or 2),
+            "cpu_s_by_process": meter.by_process(), **rows}
 
 
 def _first_row(out: Path) -> dict:
@@ -319,8 +268,7 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
     ap.add_argument("--timeline", default=None, help="write Ray's profiling events of the last run here (JSON)")
     args = ap.parse_args(argv)
     if args.timeline:  # before Ray starts: its workers inherit them
-        os.environ["RAY_PROFILING"] = "1"
-        os.environ["RAY_task_events_report_interval_ms"] = "0"
+        os.environ["RAY_PROFILING"] = "1"  # (ray.timeline's docs also say to set the task-event interval to 0: that turns events off)
 
     cores = os.cpu_count() or 2
     sizes = [int(s) for s in args.sizes.split(",") if s]
@@ -389,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:  # noqa: C901 - one linear scrip
             print(f"pneumo score, {n} images: {r['images_per_s']:.1f} images/s ({r['wall_s']:.1f} s, "
                   f"{r['images_per_s_at_cpu_cost']:.1f} at CPU cost: {r['cpu_s']:.0f} CPU-s; engine "
                   f"{r['engine']} {r['precision']}, {r['errors']} errors; stages {r['stages']})", flush=True)
+            print("  CPU-s by process: " + ", ".join(f"{k} {v}" for k, v in list(r["cpu_s_by_process"].items())[:8]),
+                  flush=True)
         ray.shutdown()
 
         last = results["pneumo"][-1]

@@ -49,6 +49,9 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from cpumeter import CPUMeter  # noqa: E402
+
 SHARED = Path(os.environ.get("PNEUMO_SHARED_DATA") or REPO.parent / "shared" / "data")
 
 
@@ -293,10 +296,16 @@ def measure(name: str, make_sender: Callable[[int], object], images: list[bytes]
     for c in levels:
         load(make_sender, images, c, n=max(2 * c, 8))  # warm-up (and batches of this size) at this level
         n = max(requests if c > 1 else requests // 4, 2 * c)
-        row = {"system": name, **load(make_sender, images, c, n=n), "loadavg_1m": loadavg()}
+        with CPUMeter() as meter:  # every process of the run: the client, the server(s), Ray's own
+            result = load(make_sender, images, c, n=n)
+        per_request = {k: round(1000 * v / max(result["requests"], 1), 1) for k, v in meter.by_process().items()}
+        row = {"system": name, **result, "loadavg_1m": loadavg(), "cpu_ms_per_request": per_request,
+               "cpu_ms_per_request_total": round(1000 * meter.seconds / max(result["requests"], 1), 1)}
         print(f"  {name:<9} c={c:<3} {row['requests']:>4} req  {row['rps']:>7.2f} req/s  p50 {row['p50_ms']:>7.1f}  "
               f"p95 {row['p95_ms']:>7.1f}  p99 {row['p99_ms']:>7.1f} ms  errors {row['errors']}  "
               f"(load avg {row['loadavg_1m']})", flush=True)
+        print(f"    CPU ms per request {row['cpu_ms_per_request_total']}: "
+              + ", ".join(f"{k} {v}" for k, v in list(per_request.items())[:6]), flush=True)
         out.append(row)
     return out
 
@@ -514,10 +523,12 @@ def main(argv: list[str] | None = None) -> int:
         result["ratio"] = {}
         served = httpx.get(base + "/v1/model", timeout=30).json()
         result["engine"]["served"] = [served.get("engine"), served.get("precision")]
+        peer_engine = "{} {}".format(*pick) if "engine" in a.baselines.split(",") else "onnxruntime fp32"
         print(f"ratio pneumo ({served.get('engine')} {served.get('precision')}) / plain process on "
-              f"{pick[0]} {pick[1]} (requests/s):")
+              f"{peer_engine} (requests/s):")
+        peer_name = "plain" if any(s == "plain" for s, _ in by) else "plain-ort"  # --baselines ort: that one
         for c in levels:
-            peer = max(by[("plain", c)]["rps"], 1e-9) if ("plain", c) in by else None
+            peer = max(by[(peer_name, c)]["rps"], 1e-9) if (peer_name, c) in by else None
             row = {s: round(by[(s, c)]["rps"] / peer, 2) for s in ("pneumo-v1", "pneumo-v2") if peer}
             result["ratio"][c] = row
             print(f"  c={c:<3} " + "   ".join(f"{s} {v:.2f}x" for s, v in row.items()))
