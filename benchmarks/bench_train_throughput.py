@@ -1,9 +1,10 @@
 """Throughput: the Ray Train loop vs a plain single-process torch loop, same model/batch/threads, one run.
 
     .venv/bin/python benchmarks/bench_train_throughput.py [--model efficientnet_lite0] [--size 128]
-        [--batch 32] [--images 256] [--epochs 4] [--threads 2]
+        [--batch 32] [--images 256] [--epochs 4] [--threads 2] [--finetune full|partial|head]
+        [--n-blocks 2] [--precision fp32|bf16]
 
-Ray side: `pneumo.training.fit` (TorchTrainer, one worker with `--threads` CPUs, the dataset
+Ray side: `pneumo.train.driver.fit` (TorchTrainer, one worker with `--threads` CPUs, the dataset
 shard from Ray Data, `train_one_epoch`, per-epoch val + report + rank-0 checkpoint); its
 `train_images_per_s` covers the training pass (data iteration, to_tensor, forward, backward,
 step), with the workers at the plain loop's niceness (0; Ray nices its workers by default). Plain side:
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--finetune", default="full", help="full, partial (the last --n-blocks) or head")
+    ap.add_argument("--n-blocks", type=int, default=2)
+    ap.add_argument("--precision", default="fp32", help="fp32, bf16, or auto (bf16 where native, as training)")
     args = ap.parse_args(argv)
 
     import ray
@@ -53,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = from_dict(TrainConfig, {
         "data": "unused", "out": run_dir, "name": f"thr-{int(time.time())}", "model": args.model, "weights": "none",
         "image_size": args.size, "epochs": args.epochs, "batch_size": args.batch, "patience": 0,
-        "num_workers": 1, "cpus_per_worker": args.threads, "threads": args.threads, "precision": "fp32",
+        "num_workers": 1, "cpus_per_worker": args.threads, "threads": args.threads, "precision": args.precision,
+        "finetune": args.finetune, "n_blocks": args.n_blocks,
     })
     spec = cfg.input_spec()
 
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                     "label": torch.from_numpy(labels[order[i:i + args.batch]])}
                    for i in range(0, args.images, args.batch))
         model.train()
-        r = train_one_epoch(model, batches, optimizer, loss_fn, spec, 2, device, precision_for("fp32", device))
+        r = train_one_epoch(model, batches, optimizer, loss_fn, spec, 2, device, precision_for(args.precision, device))
         plain.append(r["images"] / r["seconds"])
         print(f"plain epoch {epoch + 1}: {plain[-1]:.1f} img/s", flush=True)
 
@@ -92,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ray   epoch {h['epoch']}: {h['train_images_per_s']:.1f} img/s", flush=True)
 
     p, r = statistics.median(plain[1:] or plain), statistics.median(ray_ips[1:] or ray_ips)
-    print(f"\n{args.model} {args.size}px batch {args.batch}, {args.threads} threads, {args.images} images/epoch, "
+    print(f"\n{args.model} {args.size}px batch {args.batch}, finetune {args.finetune}"
+          f"{f' (last {args.n_blocks} blocks)' if args.finetune == 'partial' else ''}, {args.precision}, "
+          f"{args.threads} threads, {args.images} images/epoch, "
           f"median of epochs 2..{args.epochs}")
     print(f"plain torch loop : {p:8.1f} img/s")
     print(f"Ray Train loop   : {r:8.1f} img/s")
