@@ -113,17 +113,15 @@ def baseline_app(bundle: str, precision: str, engine: str = "onnxruntime", threa
     from fastapi.responses import JSONResponse
 
     from pneumo.bundle.manifest import read_manifest
-    from pneumo.io.preprocess import DecodeError, load_image
+    from pneumo.io.preprocess import DecodeError, load_image, to_array
 
     manifest = read_manifest(bundle)
     spec = manifest.input
     graph = str(Path(bundle) / ("model.int8.onnx" if precision == "int8" else "model.onnx"))
     threads = threads or os.cpu_count() or 1
-    mean = np.array(spec.mean, np.float32).reshape(1, -1, 1, 1)
-    std = np.array(spec.std, np.float32).reshape(1, -1, 1, 1)
 
-    def normalise(image: np.ndarray) -> np.ndarray:
-        return (np.repeat(image[None, None].astype(np.float32) / 255.0, spec.channels, axis=1) - mean) / std
+    def normalise(image: np.ndarray) -> np.ndarray:  # pneumo's one normalisation, as every side's decode
+        return to_array(image[None], spec)
 
     if engine == "onnxruntime":
         import onnxruntime as ort
