@@ -122,6 +122,41 @@ def test_acquisition_augmentation_runs_before_equalisation():
         Augment(gamma=0.5)
 
 
+def test_alternate_views_take_turns_between_the_photometric_and_the_field_of_view_family(capsys):
+    """`aug_families: alternate`: the first cached copy of a batch is only exposure-shifted and noisy
+    (no dark border anywhere), the second only bordered (grey levels untouched elsewhere), the third
+    photometric again; every copy equalised when the batch was read un-equalised."""
+    from pneumo.train.feature_cache import augmented_views
+
+    aug = Augment(gamma=1.8, noise=0.1, border=0.3)
+    photometric, field = aug.families()
+    assert photometric == Augment(gamma=1.8, noise=0.1) and field == Augment(border=0.3)
+    images = torch.full((16, 40, 40), 128, dtype=torch.uint8)
+    batches = [{"image": images.numpy(), "label": np.zeros(16, np.int64)}]
+    plain, *copies = [b["image"] for b in augmented_views(batches, aug, 3, torch.Generator().manual_seed(0),
+                                                           "none", alternate=True)]
+    def banded(x: torch.Tensor) -> bool:  # a whole dark row or column in some image
+        dark = x == 0
+        return bool(dark.all(dim=1).any() or dark.all(dim=2).any())
+
+    assert torch.equal(plain, images) and len(copies) == 3
+    assert not banded(copies[0]) and copies[0].float().std() > 5  # noise, no border
+    assert not banded(copies[2]) and copies[2].float().std() > 5
+    assert set(copies[1].unique().tolist()) <= {0, 128} and banded(copies[1])  # border, nothing else
+    together = [b["image"] for b in augmented_views(batches, aug, 1, torch.Generator().manual_seed(0), "none")][1]
+    assert banded(together) and together.float().std() > 5  # one copy with both families
+    raw = [{"image": np.random.default_rng(2).integers(0, 120, (4, 40, 40), dtype=np.uint8), "label": np.zeros(4)}]
+    geometric = Augment(noise=0.1, rotation=10)  # its second family is geometry only, no acquisition change
+    _, _, turned = [b["image"] for b in augmented_views(raw, geometric, 2, torch.Generator().manual_seed(0), "hist",
+                                                        alternate=True)]
+    assert (turned.amax(dim=(1, 2)) == 255).all()  # read un-equalised (grey levels < 120): equalised all the same
+    for bad in (["--aug-views", "1"], ["--aug-views", "2", "--aug-border", "0"]):  # one copy, or one family only
+        with pytest.raises(SystemExit):
+            parse_config(TrainConfig, ["DATA", "--cache-features", "--finetune", "head", "--aug-noise", "0.1",
+                                       "--aug-border", "0.1", "--aug-families", "alternate", *bad], prog="t")
+        assert "aug_families=alternate" in capsys.readouterr().err
+
+
 def test_label_smoothing_moves_binary_targets_toward_one_half():
     logits, y = torch.tensor([8.0, -8.0]), torch.tensor([1.0, 0.0])
     plain, smooth = make_loss(2), make_loss(2, label_smoothing=0.2)

@@ -23,7 +23,7 @@ equalises each image after the augmentations, with the same `pneumo.io.preproces
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 from pneumo.io.preprocess import InputSpec, equalize_array
@@ -32,7 +32,8 @@ if TYPE_CHECKING:  # torch where batches are augmented: TrainConfig builds an Au
     import torch
 
 GEOMETRY = ("rotation", "shift", "zoom", "hflip")
-ACQUISITION = ("gamma", "window", "blur", "sharpen", "noise", "crop", "aspect", "border")
+PHOTOMETRIC = ("gamma", "window", "blur", "sharpen", "noise")
+ACQUISITION = (*PHOTOMETRIC, "crop", "aspect", "border")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,13 @@ class Augment:
     def enabled(self) -> bool:
         return self.geometric or self.acquisition
 
+    def families(self) -> tuple[Augment, Augment]:
+        """(the photometric augmentations only, the field of view and geometry only): `aug_families:
+        alternate` gives cached augmented copies one family at a time."""
+        off = {f.name: f.default for f in fields(self)}
+        return (replace(self, **{n: off[n] for n in off if n not in PHOTOMETRIC}),
+                replace(self, **{n: off[n] for n in PHOTOMETRIC}))
+
     def raw_spec(self, spec: InputSpec) -> InputSpec:
         """The spec training ingest reads the train split with: un-equalised when the acquisition
         augmentations must run before the equaliser, else the model's own."""
@@ -89,9 +97,11 @@ class Augment:
                  equalize: str = "none") -> torch.Tensor:
         """`uint8[N, S, S]` -> augmented `uint8[N, S, S]` (a new tensor; identity when disabled), then
         equalised with `equalize` (the model's mode) when the batch was read un-equalised."""
-        if not self.enabled or len(images) == 0:
-            return images
         import torch  # start-up time (see above)
+
+        if not self.enabled or len(images) == 0:  # a family of `families()` may be empty
+            return images if equalize == "none" or len(images) == 0 else torch.stack(
+                [torch.from_numpy(equalize_array(x.numpy(), equalize)) for x in images])
 
         if images.ndim != 3:
             raise ValueError(f"expected uint8[N, H, W], got shape {tuple(images.shape)}")
@@ -104,7 +114,7 @@ class Augment:
             if self.geometric:
                 img = self._geometry(img, u[i])
             out[i] = img[0]
-        if self.acquisition and equalize != "none":
+        if equalize != "none":
             out = torch.stack([torch.from_numpy(equalize_array(x.numpy(), equalize)) for x in out])
         return out
 

@@ -23,6 +23,7 @@ from pneumo.report.thresholds import THRESHOLD_METHODS
 from pneumo.train.augment import Augment
 
 BALANCE = ("none", "weighted_loss", "oversample")
+AUG_FAMILIES = ("together", "alternate")
 
 
 JOB_PLACEHOLDER = "{job}"
@@ -85,6 +86,10 @@ class TrainConfig:
     aug_views: int = field(default=0, metadata={
         "help": "cache_features: augmented copies of each training image whose frozen features are cached too, "
                 "so the head learns from augmented views (0: off)"})
+    aug_families: str = field(default="together", metadata={"choices": list(AUG_FAMILIES), "help": (
+        "aug_views: `together` (every copy draws every augmentation) or `alternate` (copies take turns: "
+        "the photometric family (gamma, window, blur, sharpen, noise), then the field of view (crop, aspect, "
+        "border, geometry); needs aug_views >= 2 and both families)")})
     label_smoothing: float = field(default=0.0, metadata={"help": "targets moved this far toward uniform (0: off)"})
     ema: float = field(default=0.0, metadata={
         "help": "exponential moving average of the weights with this decay per step, evaluated and exported "
@@ -181,6 +186,10 @@ class TrainConfig:
         if self.aug_views < 0 or (self.aug_views and not self.cache_features):
             raise ConfigError(f"aug_views={self.aug_views}: >= 0, and only with cache_features (fine-tuning "
                               "augments every batch anyway)")
+        if self.aug_families == "alternate" and (self.aug_views < 2 or not all(f.enabled for f in augment.families())):
+            raise ConfigError(f"aug_families=alternate: copies take turns between the photometric and the field-of-view "
+                              f"augmentations, so it needs aug_views >= 2 (got {self.aug_views}) and at least one "
+                              "augmentation of each family set")
         if self.cache_features and get_spec(self.model).family not in ("timm", "ensemble"):
             raise ConfigError(f"cache_features works with timm models (forward_features/forward_head); "
                               f"{self.model} is not one")

@@ -206,17 +206,20 @@ def evaluate_head(head: nn.Module, feats: torch.Tensor, labels: torch.Tensor, lo
             "loss_sum": loss_sum, "n": len(labels)}
 
 
-def augmented_views(batches: Any, augment: Any, views: int, generator: torch.Generator, equalize: str) -> Any:
+def augmented_views(batches: Any, augment: Any, views: int, generator: torch.Generator, equalize: str,
+                    alternate: bool = False) -> Any:
     """Each training batch, then `views` augmented copies of it (`aug_views`): the frozen backbone's
     features of augmented images are cached once, and the head learns from all of them. `equalize`
-    is the model's mode when the batches were read un-equalised (acquisition augmentations)."""
+    is the model's mode when the batches were read un-equalised (acquisition augmentations). With
+    `alternate` (`aug_families`), copies take turns: photometric, then field of view, and so on."""
+    turns = augment.families() if alternate else (augment,)
     for batch in batches:
         images = torch.as_tensor(np.asarray(batch["image"]))
         plain = images if equalize == "none" else torch.stack(
             [torch.from_numpy(equalize_array(x.numpy(), equalize)) for x in images])
         yield {"image": plain, "label": batch["label"]}
-        for _ in range(views):
-            yield {"image": augment(images, generator, equalize), "label": batch["label"]}
+        for k in range(views):
+            yield {"image": turns[k % len(turns)](images, generator, equalize), "label": batch["label"]}
 
 
 class FeatureLoop:
@@ -242,7 +245,8 @@ class FeatureLoop:
                 batches = shard.iter_torch_batches(batch_size=64)
                 total = self.sizes[name] // ts.world if self.sizes.get(name) else None
                 if name == "train" and cfg.aug_views:
-                    batches = augmented_views(batches, augment, cfg.aug_views, ts.generator, equalize)
+                    batches = augmented_views(batches, augment, cfg.aug_views, ts.generator, equalize,
+                                              cfg.aug_families == "alternate")
                     total = total * (1 + cfg.aug_views) if total else None
                 self.cache[name] = backbone_features(
                     ts.model, batches, ts.spec, ts.device,
