@@ -2,7 +2,7 @@
 from the training data only (benchmarks/proxies.py); and which label-free adaptation never hurts.
 
     python benchmarks/ablate_external.py train NAME --recipe ray_jobs/recipes/X.yaml [--loso "IM series"]
-    python benchmarks/ablate_external.py evaluate NAME=BUNDLE [NAME=BUNDLE ...] [--adabn]
+    python benchmarks/ablate_external.py evaluate NAME=BUNDLE [NAME=BUNDLE ...] [--adabn] [--engine E --precision P]
     python benchmarks/ablate_external.py report          # the tables in benchmarks/ablation_external.md
 
 - `train` runs the real `pneumo train` on ../shared/data/chest_xray_224 (the canonical carve:
@@ -113,12 +113,12 @@ def _adapted(method: str, probs: np.ndarray, feats: np.ndarray, head: tuple, ref
     return p[:, 1], refused
 
 
-def evaluate(name: str, bundle: str, adabn: bool) -> dict:
+def evaluate(name: str, bundle: str, adabn: bool, engine: str = "auto", precision: str = "auto") -> dict:
     from pneumo.bundle.predict import Predictor
     from pneumo.bundle.store import load_model
     from pneumo.models.calibration import head_matrix
 
-    p = Predictor(bundle)
+    p = Predictor(bundle, engine=engine, precision=precision)
     manifest, t = p.manifest, p.threshold
     ref = p.drift_reference()
     head = head_matrix(load_model(bundle, manifest), manifest.model)
@@ -130,17 +130,19 @@ def evaluate(name: str, bundle: str, adabn: bool) -> dict:
         loso = ABLATE / "runs" / f"{name}-loso-{series.split()[0]}" / "bundle"
         if loso.exists():
             sets.append(("loso", str(loso), series))
-    out: dict = {"name": name, "bundle": bundle, "model": manifest.model, "threshold": t, "sets": {}}
+    out: dict = {"name": name, "bundle": bundle, "model": manifest.model, "threshold": t, "sets": {},
+                 "engine": f"{p.engine} {p.precision}"}  # what `auto` picked: how the bundle scores
     for s in sets:
         if isinstance(s, tuple):  # a LOSO bundle: its own threshold, its held-out series
-            q = Predictor(s[1])
+            q = Predictor(s[1], engine=engine, precision=precision)
             ls = PX.loso_set(q.spec, s[2])
             score = q.positive_probability(q.predict(ls.images))
             out["sets"][ls.name] = {"family": "loso", "none": figures(ls.labels, score, q.threshold)}
             continue
         t0 = time.perf_counter()
         probs, feats = p.predict_with_features(s.images)
-        row = {"family": s.family, "none": figures(s.labels, probs[:, 1], t), "seconds": time.perf_counter() - t0}
+        row = {"family": s.family, "none": figures(s.labels, probs[:, 1], t), "seconds": time.perf_counter() - t0,
+               "labels": s.labels.tolist(), "scores": [round(float(x), 7) for x in probs[:, 1]]}  # for `paired`
         for method in ("align!", "align", "em", "align+em"):
             score, refused = _adapted(method, probs, feats, head, ref, manifest)
             row[method] = {**figures(s.labels, score, t), "refused": refused}
@@ -160,6 +162,29 @@ def evaluate(name: str, bundle: str, adabn: bool) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1, default=float))
     return out
+
+
+PAIRED = ("auc", "sensitivity", "specificity", "J")
+
+
+def paired(y: np.ndarray, new: np.ndarray, t_new: float, ref: np.ndarray, t_ref: float, n: int = 1000) -> dict:
+    """Candidate minus reference on the same images: AUC, and sensitivity, specificity and Youden's J
+    (sensitivity + specificity - 1) each at its own val-chosen threshold, with paired percentile
+    bootstrap 95% CIs (`scipy.stats.bootstrap`, images resampled jointly for both)."""
+    from scipy.stats import bootstrap
+    from sklearn.metrics import roc_auc_score
+
+    def one(yy: np.ndarray, s: np.ndarray, t: float) -> np.ndarray:
+        sens, spec = (s[yy == 1] >= t).mean(), (s[yy == 0] < t).mean()
+        return np.array([roc_auc_score(yy, s), sens, spec, sens + spec - 1])
+
+    def delta(yy: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return one(yy, a, t_new) - one(yy, b, t_ref)
+
+    ci = bootstrap((y, new, ref), delta, paired=True, vectorized=False, n_resamples=n, method="percentile",
+                   random_state=0).confidence_interval
+    point = delta(y, new, ref)
+    return {k: (float(point[i]), float(ci.low[i]), float(ci.high[i])) for i, k in enumerate(PAIRED)}
 
 
 def _prevalence_subsample(labels: np.ndarray, prevalence: float, seed: int = 0) -> np.ndarray:
@@ -184,6 +209,10 @@ def _adabn_scores(bundle: str, manifest, images: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- report
 
 
+def _md(text: str) -> str:
+    return text.replace("|", "\\|")  # `gamma-0.45|2.2` inside a Markdown table
+
+
 def _cell(f: tuple) -> str:
     return f"{f[0]:.3f} ({f[1]:.3f}-{f[2]:.3f})"
 
@@ -202,7 +231,8 @@ def report() -> str:
         for s in names:
             fam = next((r["sets"][s]["family"] for r in results if s in r["sets"]), "")
             cells = [_cell(r["sets"][s]["none"][key]) if s in r["sets"] else "" for r in results]
-            lines.append(f"| {s} | {fam} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_md(s)} | {fam} | " + " | ".join(cells) + " |")
+    lines += paired_report(results)
     lines += ["", "### Label-free adaptation against none (change in specificity / sensitivity / AUC; "
               "`refused` when its own diagnostics refuse it, and then it changes nothing; `align!`: align "
               "applied regardless of its refusal; the last two columns: the same proxy subsampled to 20% "
@@ -229,9 +259,53 @@ def report() -> str:
                     continue
                 delta = [low[m][k][0] - low["none"][k][0] for k in ("specificity", "sensitivity", "auc")]
                 cells.append(("refused; " if low[m].get("refused") else "") + " / ".join(f"{x:+.3f}" for x in delta))
-            lines.append(f"| {s} | " + " | ".join(cells) + " |")
+            lines.append(f"| {_md(s)} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
+
+
+def paired_report(results: list[dict], reference: str = "default0") -> list[str]:
+    """Each candidate against `reference` on the same images (`paired`): the change in AUC and in J at
+    each one's own val threshold, marked where its 95% CI excludes 0; and the verdict: a candidate
+    beats the reference when neither is significantly lower on val or on any proxy (AUC: the ranking;
+    J: the operating point, sensitivity and specificity together) and it is significantly better somewhere."""
+    ref = next((r for r in results if r["name"] == reference), None)
+    others = [r for r in results if r is not ref and ref is not None]
+    if not others:
+        return []
+    lines = ["", f"### Paired against {reference}: change in AUC / J (sensitivity + specificity - 1) at each "
+             "one's own val threshold, 95% paired bootstrap CI; ▲ / ▼ where the CI excludes 0", "",
+             "| proxy | family | " + " | ".join(r["name"] for r in others) + " |", "| --- | --- |" + " ---: |" * len(others)]
+    verdicts: dict[str, dict[str, list[str]]] = {r["name"]: {"worse": [], "better": [], "sens": []} for r in others}
+    for s, v in ref["sets"].items():
+        if "scores" not in v:
+            continue
+        cells = []
+        for r in others:
+            w = r["sets"].get(s)
+            if not w or "scores" not in w or w["labels"] != v["labels"]:
+                cells.append("")
+                continue
+            d = paired(np.array(v["labels"]), np.array(w["scores"]), r["threshold"], np.array(v["scores"]),
+                       ref["threshold"])
+            marks = []
+            for k in PAIRED:
+                mark = "▲" if d[k][1] > 0 else "▼" if d[k][2] < 0 else ""
+                if k in ("auc", "J") and mark:
+                    verdicts[r["name"]]["worse" if mark == "▼" else "better"].append(f"{s} {k}")
+                if k == "sensitivity" and mark == "▼":
+                    verdicts[r["name"]]["sens"].append(s)
+                marks.append(mark)
+            cells.append(f"{d['auc'][0]:+.3f}{marks[0]} / {d['J'][0]:+.3f}{marks[3]}")
+        lines.append(f"| {_md(s)} | {v['family']} | " + " | ".join(cells) + " |")
+    lines += [""]
+    for name, vd in verdicts.items():
+        beats = not vd["worse"] and bool(vd["better"])
+        lines.append(f"- **{name}**: {'beats' if beats else 'does not beat'} {reference} "
+                     f"(significantly worse: {', '.join(vd['worse']) or 'nowhere'}; better: "
+                     f"{', '.join(vd['better']) or 'nowhere'}; sensitivity alone significantly lower on: "
+                     f"{', '.join(vd['sens']) or 'nowhere'})")
+    return lines
 
 
 def write_report() -> None:
@@ -251,6 +325,8 @@ def main() -> int:
     e = sub.add_parser("evaluate")
     e.add_argument("bundles", nargs="+", help="NAME=BUNDLE")
     e.add_argument("--adabn", action="store_true")
+    e.add_argument("--engine", default="auto", help="the engine every bundle scores on (auto: its own choice)")
+    e.add_argument("--precision", default="auto", help="fp32 compares recipes apart from their precision gates")
     sub.add_parser("report")
     a, extra = ap.parse_known_args()  # train: further flags go to pneumo train
     if a.cmd == "train":
@@ -258,7 +334,7 @@ def main() -> int:
     elif a.cmd == "evaluate":
         for item in a.bundles:
             name, _, bundle = item.partition("=")
-            evaluate(name, bundle, a.adabn)
+            evaluate(name, bundle, a.adabn, a.engine, a.precision)
     else:
         write_report()
     return 0
