@@ -100,8 +100,7 @@ class Augment:
         import torch  # start-up time (see above)
 
         if not self.enabled or len(images) == 0:  # a family of `families()` may be empty
-            return images if equalize == "none" or len(images) == 0 else torch.stack(
-                [torch.from_numpy(equalize_array(x.numpy(), equalize)) for x in images])
+            return equalize_batch(images, equalize)
 
         if images.ndim != 3:
             raise ValueError(f"expected uint8[N, H, W], got shape {tuple(images.shape)}")
@@ -114,9 +113,7 @@ class Augment:
             if self.geometric:
                 img = self._geometry(img, u[i])
             out[i] = img[0]
-        if equalize != "none":
-            out = torch.stack([torch.from_numpy(equalize_array(x.numpy(), equalize)) for x in out])
-        return out
+        return equalize_batch(out, equalize)
 
     def _geometry(self, img: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as F
@@ -159,6 +156,16 @@ class Augment:
         if self.border and float(u[15]) < 0.5:
             x = _borders(x, self.border, float(u[15]) * 2, generator)
         return (x.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
+
+
+def equalize_batch(images: torch.Tensor, equalize: str) -> torch.Tensor:
+    """`uint8[N, S, S]` equalised image by image with the shared `equalize_array` (`none`, or an
+    empty batch: the same tensor)."""
+    import torch
+
+    if equalize == "none" or len(images) == 0:
+        return images
+    return torch.stack([torch.from_numpy(equalize_array(x.numpy(), equalize)) for x in images])
 
 
 def _borders(x: torch.Tensor, most: float, draw: float, generator: torch.Generator | None) -> torch.Tensor:

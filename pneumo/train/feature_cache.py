@@ -21,12 +21,13 @@ from torch import nn
 from pneumo import logs
 from pneumo.bundle.manifest import ONNX_FILE, Manifest
 from pneumo.bundle.predict import Predictor
-from pneumo.io.preprocess import InputSpec, equalize_array, to_tensor
+from pneumo.io.preprocess import InputSpec, to_tensor
 from pneumo.models.adapt import adapt_batchnorm
 from pneumo.models.graph import probabilities as logits_to_probs
 from pneumo.models.graph import scoring_module
 from pneumo.models.onnx import ExportError, export_onnx
 from pneumo.precision import autocast
+from pneumo.train.augment import equalize_batch
 from pneumo.train.parts import TrainState, compute_loss, unwrap
 
 log = logging.getLogger(__name__)
@@ -215,9 +216,7 @@ def augmented_views(batches: Any, augment: Any, views: int, generator: torch.Gen
     turns = augment.families() if alternate else (augment,)
     for batch in batches:
         images = torch.as_tensor(np.asarray(batch["image"]))
-        plain = images if equalize == "none" else torch.stack(
-            [torch.from_numpy(equalize_array(x.numpy(), equalize)) for x in images])
-        yield {"image": plain, "label": batch["label"]}
+        yield {"image": equalize_batch(images, equalize), "label": batch["label"]}
         for k in range(views):
             yield {"image": turns[k % len(turns)](images, generator, equalize), "label": batch["label"]}
 
